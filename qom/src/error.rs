@@ -1,0 +1,133 @@
+//! The one error type of the object model.
+//!
+//! Every front end maps it to its own error form in exactly one function (QMP classes and
+//! texts, D-Bus error names), so each variant carries the structured facts a front end needs
+//! rather than a preformatted sentence.
+
+use crate::kind::Kind;
+use crate::property::PhasePolicy;
+
+/// Errors of tree operations.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// No object at this path.
+    #[error("no object at path '{path}'")]
+    NotFound { path: String },
+    /// A partial path matched more than one object.
+    #[error("path '{path}' is ambiguous")]
+    Ambiguous { path: String },
+    /// The object has no property (or notifier) of this name.
+    #[error("property '{typename}.{property}' not found")]
+    PropertyNotFound { typename: String, property: String },
+    /// No type of this name is registered.
+    #[error("type '{typename}' not found")]
+    TypeNotFound { typename: String },
+    /// A type cannot be registered (duplicate name, unknown parent, ...).
+    #[error("cannot register type '{typename}': {reason}")]
+    InvalidType { typename: String, reason: String },
+    /// An abstract type was asked to make an object.
+    #[error("type '{typename}' is abstract and cannot be instantiated")]
+    AbstractType { typename: String },
+    /// A value does not have the kind the property or argument declares.
+    #[error("'{name}' expects {expected}, got {got}")]
+    WrongType {
+        name: String,
+        expected: String,
+        got: String,
+    },
+    /// An integer is outside the declared range.
+    #[error("'{name}' must be between {min} and {max}, got {value}")]
+    OutOfRange {
+        name: String,
+        value: String,
+        min: String,
+        max: String,
+    },
+    /// A string is not one of an enum's values.
+    #[error("'{name}' must be one of {allowed}, got '{value}'")]
+    InvalidEnum {
+        name: String,
+        value: String,
+        allowed: String,
+    },
+    /// A read-only property was written.
+    #[error("property '{property}' of '{path}' is read-only")]
+    ReadOnly { path: String, property: String },
+    /// A property was written in a phase its policy does not allow.
+    #[error("property '{property}' of '{path}' can only be set {}; {current}", policy.describe_when())]
+    WrongPhase {
+        path: String,
+        property: String,
+        policy: PhasePolicy,
+        current: String,
+    },
+    /// The object's type has no action of this name.
+    #[error("'{typename}' has no action '{action}'")]
+    ActionNotFound { typename: String, action: String },
+    /// A required argument is missing.
+    #[error("parameter '{argument}' is missing")]
+    MissingArgument { action: String, argument: String },
+    /// An argument the action does not declare was given.
+    #[error("parameter '{argument}' is unexpected")]
+    UnexpectedArgument { action: String, argument: String },
+    /// A child of this name already exists.
+    #[error("'{path}' already has a property or child named '{name}'")]
+    DuplicateName { path: String, name: String },
+    /// A name cannot be used for an object.
+    #[error("'{name}' is not a valid object name: {reason}")]
+    InvalidName { name: String, reason: String },
+    /// The object cannot be deleted while it has children.
+    #[error("'{path}' has children (such as '{child}'); delete them first")]
+    HasChildren { path: String, child: String },
+    /// The object cannot be deleted by a client.
+    #[error("'{path}' cannot be deleted")]
+    NotDeletable { path: String },
+    /// A link target has the wrong type.
+    #[error("link '{property}' needs an object of type '{expected}', '{target}' is '{actual}'")]
+    LinkTypeMismatch {
+        property: String,
+        expected: String,
+        target: String,
+        actual: String,
+    },
+    /// A subscription belongs to another client.
+    #[error("subscription '{path}' belongs to '{owner}'")]
+    NotOwner { path: String, owner: String },
+    /// Reading a notifier property subscribes, which needs a subscriber to own the result.
+    #[error("reading notifier '{property}' subscribes to it and needs a client connection")]
+    NeedsSubscriber { property: String },
+    /// The subscriber (its connection) is closed.
+    #[error("the subscriber is closed")]
+    SubscriberClosed,
+    /// The named property is not a notifier, so it cannot be subscribed to.
+    #[error("property '{typename}.{property}' is not a notifier")]
+    NotANotifier { typename: String, property: String },
+    /// The object is not a subscription.
+    #[error("'{path}' is not a subscription")]
+    NotASubscription { path: String },
+    /// An action or accessor of the owning type failed for its own reason.
+    #[error("{0}")]
+    Failed(String),
+    /// The request is valid but not in the current state of the object.
+    #[error("{0}")]
+    InvalidState(String),
+}
+
+impl Error {
+    /// A failure reported by type code, with the text the user should see.
+    pub fn failed(reason: impl Into<String>) -> Self {
+        Error::Failed(reason.into())
+    }
+
+    /// A wrong-type error for a value checked against `kind`.
+    pub(crate) fn wrong_type(name: &str, kind: &Kind, got: &str) -> Self {
+        Error::WrongType {
+            name: name.to_owned(),
+            expected: kind.describe(),
+            got: got.to_owned(),
+        }
+    }
+}
+
+/// Result alias of the object model.
+pub type Result<T> = std::result::Result<T, Error>;
