@@ -1,0 +1,290 @@
+//! `scripts/bench qom`: figures of the object model. Prints `bench: NAME VALUE UNIT` lines
+//! and `ratio: NAME VALUE` where a baseline is measured in the same run.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::hint::black_box;
+use std::sync::atomic::{AtomicIsize, Ordering};
+use std::time::{Duration, Instant};
+
+use qom::{
+    Field, Kind, NotifierDecl, PhasePolicy, Property, SubscribeOptions, Target, Tree, TypeInfo,
+    Value,
+};
+
+/// Counts live heap bytes, to measure the tree's memory per object.
+struct Counting;
+static LIVE_BYTES: AtomicIsize = AtomicIsize::new(0);
+
+// SAFETY: every call is forwarded unchanged to the system allocator; the counter is a
+// plain atomic.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE_BYTES.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        // SAFETY: the caller upholds `GlobalAlloc::alloc`'s contract, which we forward.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE_BYTES.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        // SAFETY: `ptr` was allocated by `System` with `layout`, as the caller guarantees.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LIVE_BYTES.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
+        // SAFETY: forwarded unchanged; the caller upholds `GlobalAlloc::realloc`'s contract.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn bench(name: &str, value: f64, unit: &str) {
+    println!("bench: {name} {value:.1} {unit}");
+}
+
+fn ratio(name: &str, value: f64) {
+    println!("ratio: {name} {value:.2}");
+}
+
+/// A device-like type: three stored properties (one notifying), one computed, a notifier.
+fn bench_tree() -> Tree {
+    let b = Tree::builder();
+    b.register(
+        TypeInfo::new("bench-device", "object")
+            .implements("user-creatable")
+            .property(Property::new("enabled", Kind::Bool).notifying())
+            .property(Property::new("addr", Kind::uint32()).policy(PhasePolicy::BeforeRealize))
+            .property(Property::new("label", Kind::Str))
+            .property(Property::new("answer", Kind::uint8()).getter(|_| Ok(Value::UInt(42))))
+            .notifier(NotifierDecl::new(
+                "tick",
+                Kind::structure("Tick", vec![Field::new("n", Kind::uint64(), "")]),
+            )),
+    )
+    .expect("bench type");
+    b.build().expect("bench tree")
+}
+
+/// A tree of `groups` containers under /objects with `per_group` devices each.
+fn populate(tree: &Tree, groups: usize, per_group: usize) -> Vec<String> {
+    let mut paths = Vec::with_capacity(groups * per_group);
+    for g in 0..groups {
+        tree.create("/objects", &format!("group{g}"), "bench-device", vec![])
+            .expect("group");
+        let parent = format!("/objects/group{g}");
+        for i in 0..per_group {
+            tree.create(&parent, &format!("dev{i}"), "bench-device", vec![])
+                .expect("device");
+            paths.push(format!("{parent}/dev{i}"));
+        }
+    }
+    paths
+}
+
+/// Nanoseconds per lookup of `paths`, best of several rounds.
+fn time_lookups(tree: &Tree, paths: &[String], total: usize) -> f64 {
+    let rounds = 7;
+    let mut best = f64::MAX;
+    for _ in 0..rounds {
+        let start = Instant::now();
+        let mut done = 0;
+        while done < total {
+            for p in paths {
+                black_box(tree.lookup(black_box(p)).expect("lookup"));
+            }
+            done += paths.len();
+        }
+        best = best.min(start.elapsed().as_nanos() as f64 / done as f64);
+    }
+    best
+}
+
+fn emit_no_subscriber() {
+    let tree = bench_tree();
+    let obj = tree
+        .create("/objects", "d", "bench-device", vec![])
+        .expect("device");
+    let tick = obj.notifier("tick").expect("tick");
+    // A subscription elsewhere on the object, so the check is the real one, not a cold path.
+    let client = tree.subscriber("bench");
+    client
+        .subscribe(
+            Target::Object("/objects/d".into()),
+            "property-changed",
+            SubscribeOptions::default(),
+        )
+        .expect("sub");
+    let n = 20_000_000u64;
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let start = Instant::now();
+        for i in 0..n {
+            tick.emit(|| Value::map([("n", Value::UInt(black_box(i)))]));
+        }
+        best = best.min(start.elapsed().as_nanos() as f64 / n as f64);
+    }
+    bench("emit_no_subscriber", best, "ns");
+}
+
+fn emit_with_subscribers(count: usize, name: &str) {
+    let tree = bench_tree();
+    let obj = tree
+        .create("/objects", "d", "bench-device", vec![])
+        .expect("device");
+    let tick = obj.notifier("tick").expect("tick");
+    // One subscriber (connection) per subscription: the most mailboxes to fill.
+    let clients: Vec<_> = (0..count)
+        .map(|i| tree.subscriber(&format!("client{i}")))
+        .collect();
+    for c in &clients {
+        c.subscribe(
+            Target::Object("/objects/d".into()),
+            "tick",
+            SubscribeOptions::default(),
+        )
+        .expect("sub");
+    }
+    let mut samples = Vec::new();
+    let mut delivered = 0;
+    for i in 0..300u64 {
+        let start = Instant::now();
+        tick.emit(|| Value::map([("n", Value::UInt(i))]));
+        samples.push(start.elapsed());
+        if i % 100 == 99 {
+            delivered += clients.iter().map(|c| c.drain().len()).sum::<usize>();
+        }
+    }
+    samples.sort();
+    let median = samples[samples.len() / 2];
+    bench(name, median.as_secs_f64() * 1e6, "us");
+    // Every emission reached every subscription (none dropped): the full cost was measured.
+    assert_eq!(delivered, 300 * count);
+}
+
+fn resolve() {
+    let small = bench_tree();
+    let small_paths = populate(&small, 10, 10);
+    let big = bench_tree();
+    let big_paths = populate(&big, 100, 1000);
+    // The same number of paths, at the same depth, in both trees: the per-request cost
+    // as the tree grows.
+    let sample: Vec<String> = big_paths
+        .iter()
+        .step_by(big_paths.len() / small_paths.len())
+        .cloned()
+        .collect();
+    let t_small = time_lookups(&small, &small_paths, 1_000_000);
+    let t_big = time_lookups(&big, &sample, 1_000_000);
+    bench("resolve_path_100", t_small, "ns");
+    bench("resolve_path_100k", t_big, "ns");
+    ratio("resolve_path_100k/resolve_path_100", t_big / t_small);
+    // Every path of the big tree in turn: mostly cache misses.
+    bench(
+        "resolve_path_100k_all",
+        time_lookups(&big, &big_paths, 1_000_000),
+        "ns",
+    );
+    // A partial path (a unique name) in the big tree.
+    let partial = vec!["group42".to_owned()];
+    bench(
+        "resolve_partial_100k",
+        time_lookups(&big, &partial, 1_000_000),
+        "ns",
+    );
+}
+
+fn subscribe_destroy() {
+    let tree = bench_tree();
+    tree.create("/objects", "d", "bench-device", vec![])
+        .expect("device");
+    let client = tree.subscriber("bench");
+    let n = 100_000;
+    let start = Instant::now();
+    for _ in 0..n {
+        let path = client
+            .subscribe(
+                Target::Object("/objects/d".into()),
+                "tick",
+                SubscribeOptions::default(),
+            )
+            .expect("sub");
+        client.unsubscribe(&path).expect("unsub");
+    }
+    bench(
+        "subscribe_destroy",
+        n as f64 / start.elapsed().as_secs_f64(),
+        "per_s",
+    );
+}
+
+fn memory_per_object() {
+    let tree = bench_tree();
+    let n = 100_000;
+    tree.create("/objects", "group", "bench-device", vec![])
+        .expect("group");
+    let before = LIVE_BYTES.load(Ordering::Relaxed);
+    for i in 0..n {
+        tree.create("/objects/group", &format!("dev{i}"), "bench-device", vec![])
+            .expect("device");
+    }
+    let after = LIVE_BYTES.load(Ordering::Relaxed);
+    bench(
+        "tree_memory_per_object",
+        (after - before) as f64 / n as f64,
+        "bytes",
+    );
+    bench("objects_in_tree", tree.object_count() as f64, "objects");
+}
+
+fn get_property() {
+    let tree = bench_tree();
+    tree.create("/objects", "d", "bench-device", vec![])
+        .expect("device");
+    let n = 1_000_000;
+    let start = Instant::now();
+    for _ in 0..n {
+        black_box(
+            tree.get(black_box("/objects/d"), black_box("label"))
+                .expect("get"),
+        );
+    }
+    bench(
+        "get_property",
+        start.elapsed().as_nanos() as f64 / n as f64,
+        "ns",
+    );
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; any other argument filters by name.
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let run = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
+    let started = Instant::now();
+    if run("emit") {
+        emit_no_subscriber();
+        emit_with_subscribers(1, "emit_1_subscriber");
+        emit_with_subscribers(1000, "emit_1000_subscribers");
+    }
+    if run("resolve") {
+        resolve();
+    }
+    if run("get") {
+        get_property();
+    }
+    if run("subscribe") {
+        subscribe_destroy();
+    }
+    if run("memory") {
+        memory_per_object();
+    }
+    eprintln!(
+        "qom benchmarks took {:.1?}",
+        started.elapsed().max(Duration::ZERO)
+    );
+}
