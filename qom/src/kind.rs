@@ -290,12 +290,84 @@ impl Kind {
         }
     }
 
+    /// Parses a value given as text (a command-line `KEY=VALUE`), as QEMU's option parser
+    /// does: `on`/`off`/`true`/`false`/`yes`/`no` for booleans, decimal or `0x` hex
+    /// integers, sizes with a `k`/`M`/`G`/`T` suffix (powers of 1024), then checks it.
+    ///
+    /// # Errors
+    /// Text that does not parse as the kind, and everything [`Kind::check`] reports.
+    pub fn parse_text(&self, name: &str, text: &str) -> Result<Value> {
+        let value = match self {
+            Kind::Bool => match text {
+                "on" | "true" | "yes" => Value::Bool(true),
+                "off" | "false" | "no" => Value::Bool(false),
+                _ => return Err(Error::wrong_type(name, self, &format!("'{text}'"))),
+            },
+            Kind::Int(_) => {
+                let (negative, digits) = match text.strip_prefix('-') {
+                    Some(rest) => (true, rest),
+                    None => (false, text),
+                };
+                let magnitude = parse_unsigned(digits, false)
+                    .ok_or_else(|| Error::wrong_type(name, self, &format!("'{text}'")))?;
+                let v = i128::from(magnitude) * if negative { -1 } else { 1 };
+                match i64::try_from(v) {
+                    Ok(i) => Value::Int(i),
+                    Err(_) => {
+                        return Err(out_of_range(
+                            name,
+                            &Value::Str(text.to_owned()),
+                            i64::MIN,
+                            i64::MAX,
+                        ));
+                    }
+                }
+            }
+            Kind::UInt(k) => Value::UInt(
+                parse_unsigned(text, k.name == "size")
+                    .ok_or_else(|| Error::wrong_type(name, self, &format!("'{text}'")))?,
+            ),
+            Kind::Str | Kind::Enum(_) | Kind::Any => Value::Str(text.to_owned()),
+            Kind::Path | Kind::Link(_) => Value::Path(text.to_owned()),
+            Kind::Child(_) | Kind::List(_) | Kind::Struct(_) => {
+                return Err(Error::wrong_type(name, self, "text"));
+            }
+        };
+        self.check(name, value)
+    }
+
     /// True if `value` already is in this kind's canonical form (used to check what type
     /// code returns and emits, in debug builds).
     pub fn accepts(&self, value: &Value) -> bool {
         self.check("value", value.clone())
             .is_ok_and(|v| v == *value)
     }
+}
+
+/// Parses a decimal or `0x` hex number, with a binary size suffix if `size`.
+fn parse_unsigned(text: &str, size: bool) -> Option<u64> {
+    let (digits, shift) = match text.char_indices().last() {
+        Some((i, c)) if size && "kKmMgGtT".contains(c) => {
+            let shift = match c.to_ascii_lowercase() {
+                'k' => 10,
+                'm' => 20,
+                'g' => 30,
+                _ => 40,
+            };
+            (&text[..i], shift)
+        }
+        Some((i, 'b' | 'B')) if size => (&text[..i], 0),
+        _ => (text, 0),
+    };
+    let n = match digits
+        .strip_prefix("0x")
+        .or_else(|| digits.strip_prefix("0X"))
+    {
+        Some(hex) => u64::from_str_radix(hex, 16).ok()?,
+        None => digits.parse::<u64>().ok()?,
+    };
+    n.checked_mul(1u64.checked_shl(shift)?)
+        .filter(|v| shift == 0 || v >> shift == n)
 }
 
 fn out_of_range(name: &str, v: &Value, min: impl ToString, max: impl ToString) -> Error {
@@ -355,6 +427,35 @@ mod tests {
         );
         let err = k.check("x", Value::Str("maybe".into())).unwrap_err();
         assert_eq!(err.to_string(), "'x' must be one of on, off, got 'maybe'");
+    }
+
+    #[test]
+    fn text_values_parse_per_kind() {
+        assert_eq!(Kind::Bool.parse_text("x", "on"), Ok(Value::Bool(true)));
+        assert!(Kind::Bool.parse_text("x", "maybe").is_err());
+        assert_eq!(
+            Kind::uint16().parse_text("iobase", "0x3f8"),
+            Ok(Value::UInt(0x3f8))
+        );
+        assert!(matches!(
+            Kind::uint16().parse_text("iobase", "0x10000"),
+            Err(Error::OutOfRange { .. })
+        ));
+        assert_eq!(Kind::int32().parse_text("x", "-5"), Ok(Value::Int(-5)));
+        assert_eq!(
+            Kind::size().parse_text("m", "256M"),
+            Ok(Value::UInt(256 << 20))
+        );
+        assert_eq!(Kind::size().parse_text("m", "2G"), Ok(Value::UInt(2 << 30)));
+        assert!(Kind::size().parse_text("m", "99999999999T").is_err());
+        assert!(
+            Kind::uint32().parse_text("x", "12M").is_err(),
+            "suffixes only for sizes"
+        );
+        assert_eq!(
+            Kind::enumeration("E", &["a"]).parse_text("e", "a"),
+            Ok(Value::Enum("a".into()))
+        );
     }
 
     #[test]
