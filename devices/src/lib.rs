@@ -1,8 +1,55 @@
 //! `devices`: qomu's emulated devices as qom types.
 //!
 //! Each device is plain emulation logic (register reads and writes at an offset, an
-//! interrupt line) wrapped by a qom type that adds properties, actions and notifiers.
-//! The devices arrive with the machine issue; for now the crate only names the base type.
+//! interrupt line; vm-superio's where it has one) wrapped by a qom type that adds
+//! properties, actions and notifiers. Devices reach the machine only through the
+//! [`Platform`] trait, handed to them when their types are registered.
+//!
+//! | type | what |
+//! |---|---|
+//! | `isa-serial` | 16550 UART, console backend, `line` notifier |
+//! | `i8042` | keyboard controller's CPU reset line |
+//! | `isa-debug-exit` | QEMU's debug exit port |
+//! | `mc146818rtc` | CMOS clock and NVRAM |
+//! | `acpi-pm` | ACPI sleep and reset registers |
+//! | `acpi-ged` | ACPI Generic Event Device (power button) |
+//! | `ioport80` | POST code port |
 
-/// The abstract base type of every device.
-pub const DEVICE: &str = "device";
+pub mod acpi_pm;
+pub mod bus;
+pub mod debug_exit;
+pub mod device;
+pub mod ged;
+pub mod i8042;
+pub mod interrupt;
+pub mod platform;
+pub mod port80;
+pub mod rtc;
+pub mod serial;
+
+pub use bus::{Bus, BusDevice, RangeInfo};
+pub use device::{DEVICE, USER_DEVICE};
+pub use interrupt::IrqLine;
+pub use platform::{MachineRequest, Platform, PlatformRef, ShutdownCause};
+
+/// Registers the device types, bound to the machine they will be plugged into.
+///
+/// # Errors
+/// A type is already registered.
+pub fn register_types(builder: &qom::TreeBuilder, platform: &PlatformRef) -> qom::Result<()> {
+    for info in device::base_types() {
+        builder.register(info)?;
+    }
+    for info in [
+        serial::register(platform),
+        i8042::register(platform),
+        debug_exit::register(platform),
+        rtc::register(platform),
+        acpi_pm::register(platform),
+        ged::register(platform),
+        port80::register(platform),
+    ] {
+        builder.register(info)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,83 @@
+//! `acpi-ged`: the ACPI Generic Event Device. One MMIO register holds pending event bits
+//! (reading returns and clears them); raising an event sets its bit and the interrupt line.
+//! The DSDT's `_EVT` method reads the register and notifies the right ACPI objects.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use parking_lot::Mutex;
+use qom::{Kind, Property, TypeInfo, Value};
+
+use crate::bus::BusDevice;
+use crate::device::{DEVICE, Space, claim, instance, release};
+use crate::interrupt::IrqLine;
+use crate::platform::{PlatformRef, upgrade};
+
+pub const TYPE: &str = "acpi-ged";
+pub const MMIO_BASE: u64 = 0xfed0_0000;
+pub const MMIO_LEN: u64 = 4;
+pub const GSI: u32 = 9;
+
+/// Event bits of the status register.
+pub const EVENT_POWER_BUTTON: u32 = 1 << 0;
+
+pub struct Ged {
+    pending: AtomicU32,
+    line: Mutex<Option<Arc<IrqLine>>>,
+}
+
+impl Ged {
+    /// Raises events (bits of the status register) and the interrupt.
+    pub fn raise(&self, events: u32) {
+        self.pending.fetch_or(events, Ordering::SeqCst);
+        if let Some(line) = self.line.lock().as_ref() {
+            line.trigger();
+        }
+    }
+
+    pub fn pending(&self) -> u32 {
+        self.pending.load(Ordering::SeqCst)
+    }
+}
+
+impl BusDevice for Ged {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        let value = if offset == 0 {
+            self.pending.swap(0, Ordering::SeqCst)
+        } else {
+            0
+        };
+        let bytes = value.to_le_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = bytes.get(offset as usize + i).copied().unwrap_or(0);
+        }
+    }
+    fn write(&self, _offset: u64, _data: &[u8]) {}
+    fn reset(&self) {
+        self.pending.store(0, Ordering::SeqCst);
+    }
+}
+
+pub(crate) fn register(platform: &PlatformRef) -> TypeInfo {
+    let (p_realize, p_unrealize) = (platform.clone(), platform.clone());
+    TypeInfo::new(TYPE, DEVICE)
+        .description("ACPI Generic Event Device: power button (and hotplug) events")
+        .property(
+            Property::new("pending", Kind::uint32())
+                .description("Event bits the guest has not read yet")
+                .getter(|o| Ok(Value::UInt(instance::<Ged>(o)?.pending().into()))),
+        )
+        .constructor(|_| {
+            Ok(Arc::new(Ged {
+                pending: AtomicU32::new(0),
+                line: Mutex::new(None),
+            }))
+        })
+        .realize(move |o| {
+            let dev = instance::<Ged>(o)?;
+            *dev.line.lock() = Some(upgrade(&p_realize)?.irq_line(GSI)?);
+            claim(&p_realize, o, Space::Mmio, MMIO_BASE, MMIO_LEN, dev.clone())
+                .inspect_err(|_| *dev.line.lock() = None)
+        })
+        .unrealize(move |o| release(&p_unrealize, o))
+}
