@@ -1,0 +1,17 @@
+/* hello: prints a greeting and its command line, then exits with the code given by
+ * `exit=N` on the command line (default 0): the VMM's exit status is (N << 1) | 1. */
+#include "rt.h"
+
+void guest_main(const u8 *zero_page) {
+    puts("hello from the qomu test guest\n");
+    puts("cmdline: ");
+    puts(cmdline(zero_page));
+    puts("\nram: ");
+    putu(e820_ram(zero_page) >> 20);
+    puts(" MiB\n");
+    u64 code = cmdline_u64(zero_page, "exit", 0);
+    puts("exiting with code ");
+    putu(code);
+    puts("\n");
+    debug_exit((u8)code);
+}

@@ -1,0 +1,22 @@
+//! qomu's guests: small freestanding 64-bit programs (C, integer-only), built from `c/` by
+//! this crate's build script with the system compiler and booted through the same 64-bit
+//! ELF entry as a Linux `vmlinux`.
+//!
+//! - `demo`: bundled in the `qomu` binary; prints a banner and answers commands on the
+//!   serial console.
+//! - `hello`, `reset`, `wild`, `spin`, `bad`: the end-to-end tests' guests, and `pio`,
+//!   the benchmark's (see each file's
+//!   header comment).
+
+use std::path::PathBuf;
+
+/// The demo guest's ELF image.
+pub const DEMO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/demo.elf"));
+
+/// Every guest built.
+pub const NAMES: &[&str] = &["demo", "hello", "reset", "wild", "spin", "bad", "pio"];
+
+/// The path of a built guest image (`hello`, `spin`, ...).
+pub fn path(name: &str) -> PathBuf {
+    PathBuf::from(env!("OUT_DIR")).join(format!("{name}.elf"))
+}
