@@ -1,4 +1,33 @@
-//! `machine`: the KVM virtual machine, boot, run states, and the `qomu` binary.
+//! `machine`: the KVM virtual machine, boot, ACPI, run states, and the `qomu` binary.
 //!
-//! It registers `/machine` and its devices into the qom tree. The VM itself arrives with
-//! the machine issue.
+//! [`Machine::new`] builds the object tree (`/machine` of type `qomu-x86-machine` with the
+//! board devices under `/machine/unattached`) in `prelaunch`; [`Machine::cont`] creates the
+//! VM, loads the guest and runs it. Everything a front end can do goes through `/machine`'s
+//! qom actions and properties.
+//!
+//! ```no_run
+//! use machine::{Machine, MachineConfig};
+//!
+//! let config = MachineConfig { serial: "stdio".into(), ..MachineConfig::default() };
+//! let machine = Machine::new(&config)?; // the bundled demo guest
+//! machine.cont()?;
+//! std::process::exit(machine.wait_for_exit());
+//! # Ok::<(), qom::Error>(())
+//! ```
+
+pub mod acpi;
+pub mod boot;
+pub mod config;
+pub mod layout;
+mod machine;
+mod qom_types;
+pub mod runstate;
+mod stats;
+mod vcpu;
+mod vm;
+
+pub use config::{DeviceSpec, MachineConfig};
+pub use devices::ShutdownCause;
+pub use machine::{MACHINE_TYPE, Machine};
+pub use qom_types::CPU_TYPE;
+pub use runstate::RunState;

@@ -1,0 +1,208 @@
+//! The qom types the machine declares: `/machine` itself and its vCPUs.
+//!
+//! Their closures hold the machine weakly: the machine owns the tree, so the tree's types
+//! must not own the machine.
+
+use std::path::Path;
+use std::sync::{Arc, Weak};
+
+use devices::ShutdownCause;
+use qom::{
+    Action, Args, Error, Field, Kind, NotifierDecl, ObjectRef, PhasePolicy, Property, Result,
+    TreeBuilder, TypeInfo, Value,
+};
+
+use crate::layout::{MAX_CPUS, MAX_MEMORY, MIN_MEMORY};
+use crate::machine::{MACHINE_TYPE, Machine};
+use crate::runstate::RunState;
+
+/// The type of the vCPU objects, `/machine/unattached/cpu[N]`.
+pub const CPU_TYPE: &str = "x86_64-cpu";
+
+fn upgrade(weak: &Weak<Machine>) -> Result<Arc<Machine>> {
+    weak.upgrade()
+        .ok_or_else(|| Error::failed("the machine is shutting down"))
+}
+
+/// An action running `f` on the machine.
+fn machine_action(
+    weak: &Weak<Machine>,
+    name: &str,
+    f: impl Fn(&Machine, &Args) -> Result<Option<Value>> + Send + Sync + 'static,
+) -> Action {
+    let weak = weak.clone();
+    Action::new(name, move |_, args| f(&*upgrade(&weak)?, &args))
+}
+
+/// A read-only property computed from the machine.
+fn machine_property(
+    weak: &Weak<Machine>,
+    name: &str,
+    kind: Kind,
+    f: impl Fn(&Machine) -> Value + Send + Sync + 'static,
+) -> Property {
+    let weak = weak.clone();
+    Property::new(name, kind).getter(move |_| Ok(f(&*upgrade(&weak)?)))
+}
+
+fn run_states() -> Kind {
+    let names: Vec<&str> = RunState::ALL.iter().map(|s| s.name()).collect();
+    Kind::enumeration("RunState", &names)
+}
+
+fn shutdown_causes() -> Kind {
+    let names: Vec<&str> = ShutdownCause::ALL.iter().map(|c| c.name()).collect();
+    Kind::enumeration("ShutdownCause", &names)
+}
+
+fn file_exists(what: &str, v: &Value) -> Result<()> {
+    let path = v.as_str().unwrap_or_default();
+    if path.is_empty() || Path::new(path).is_file() {
+        Ok(())
+    } else {
+        Err(Error::failed(format!(
+            "{what} '{path}' is not a readable file"
+        )))
+    }
+}
+
+fn u64_arg(args: &Args, name: &str) -> u64 {
+    args.get(name).and_then(Value::as_u64).unwrap_or(0)
+}
+
+fn str_arg<'a>(args: &'a Args, name: &str) -> &'a str {
+    args.get(name).and_then(Value::as_str).unwrap_or_default()
+}
+
+pub(crate) fn register(builder: &TreeBuilder, weak: &Weak<Machine>) -> Result<()> {
+    let reason_payload = |name: &str| {
+        Kind::structure(
+            name,
+            vec![
+                Field::new("guest", Kind::Bool, "True if the guest asked for it"),
+                Field::new("reason", shutdown_causes(), "Why"),
+            ],
+        )
+    };
+    let empty = |name: &str| Kind::structure(name, vec![]);
+    let machine = TypeInfo::new(MACHINE_TYPE, qom::MACHINE)
+        .description("An x86-64 KVM machine with ACPI, a 16550 serial port, an i8042 and a CMOS RTC")
+        .property(machine_property(weak, "status", run_states(), |m| Value::Enum(m.run_state().name().to_owned())).notifying().description("The run state"))
+        .property(
+            Property::new("memory-size", Kind::size())
+                .default(256u64 << 20)
+                .policy(PhasePolicy::Prelaunch)
+                .description("Guest RAM in bytes (a multiple of 1 MiB)")
+                .validate(|_, v| {
+                    let size = v.as_u64().unwrap_or(0);
+                    if !(MIN_MEMORY..=MAX_MEMORY).contains(&size) || size % (1 << 20) != 0 {
+                        return Err(Error::failed(format!(
+                            "memory-size must be a multiple of 1 MiB between {} MiB and {} GiB, got {size}",
+                            MIN_MEMORY >> 20,
+                            MAX_MEMORY >> 30
+                        )));
+                    }
+                    Ok(())
+                }),
+        )
+        .property(Property::new("cpus", Kind::uint_range(1, MAX_CPUS)).default(1u32).policy(PhasePolicy::Prelaunch).description("Number of vCPUs"))
+        .property(
+            Property::new("kernel", Kind::Str)
+                .policy(PhasePolicy::Prelaunch)
+                .description("Kernel to boot: a 64-bit ELF (vmlinux) or a bzImage; empty for the built-in demo guest")
+                .validate(|_, v| file_exists("kernel", v)),
+        )
+        .property(
+            Property::new("initrd", Kind::Str)
+                .policy(PhasePolicy::Prelaunch)
+                .description("Initial ramdisk; empty for none")
+                .validate(|_, v| file_exists("initrd", v)),
+        )
+        .property(Property::new("append", Kind::Str).policy(PhasePolicy::Prelaunch).description("Kernel command line"))
+        .property(Property::new("name", Kind::Str).description("The VM's name"))
+        .property(Property::new("no-shutdown", Kind::Bool).description("On guest shutdown, stop in 'shutdown' instead of ending the VMM"))
+        .property(machine_property(weak, "error", Kind::Str, |m| Value::Str(m.error().unwrap_or_default())).description("Why the machine stopped in internal-error"))
+        .property(
+            machine_property(weak, "exit-status", Kind::int32(), |m| Value::Int(m.exit_status().map_or(-1, i64::from)))
+                .description("The VMM's exit status once it is ending, else -1"),
+        )
+        .property(machine_property(weak, "exits", Kind::uint64(), |m| Value::UInt(m.stats().exits())).description("vCPU exits handled (port I/O and MMIO)"))
+        .property(
+            machine_property(weak, "unmapped-pio-accesses", Kind::uint64(), |m| Value::UInt(m.stats().unmapped_pio()))
+                .description("Guest port accesses no device answered"),
+        )
+        .property(
+            machine_property(weak, "unmapped-mmio-accesses", Kind::uint64(), |m| Value::UInt(m.stats().unmapped_mmio()))
+                .description("Guest MMIO accesses no device answered"),
+        )
+        .notifier(NotifierDecl::new("STOP", empty("Stop")).description("The guest stopped"))
+        .notifier(NotifierDecl::new("RESUME", empty("Resume")).description("The guest resumed"))
+        .notifier(NotifierDecl::new("RESET", reason_payload("Reset")).description("The machine was reset"))
+        .notifier(NotifierDecl::new("SHUTDOWN", reason_payload("Shutdown")).description("The guest shut down, or the VMM is ending"))
+        .notifier(NotifierDecl::new("POWERDOWN", empty("Powerdown")).description("The power button was pressed (system_powerdown)"))
+        .action(machine_action(weak, "stop", |m, _| m.stop().map(|()| None)).description("Pause the guest"))
+        .action(machine_action(weak, "cont", |m, _| m.cont().map(|()| None)).description("Start or resume the guest"))
+        .action(
+            machine_action(weak, "system-reset", |m, _| m.reset(ShutdownCause::HostQmpSystemReset).map(|()| None))
+                .description("Reset the machine: the guest restarts from its kernel"),
+        )
+        .action(
+            machine_action(weak, "system-powerdown", |m, _| {
+                m.powerdown();
+                Ok(None)
+            })
+            .description("Press the ACPI power button"),
+        )
+        .action(
+            machine_action(weak, "quit", |m, _| {
+                m.quit();
+                Ok(None)
+            })
+            .description("End the VMM"),
+        )
+        .action(
+            machine_action(weak, "pmemsave", |m, a| {
+                m.pmemsave(u64_arg(a, "val"), u64_arg(a, "size"), Path::new(str_arg(a, "filename"))).map(|()| None)
+            })
+            .description("Save guest physical memory to a file")
+            .arg(Field::new("val", Kind::uint64(), "Physical start address"))
+            .arg(Field::new("size", Kind::uint64(), "Bytes"))
+            .arg(Field::new("filename", Kind::Str, "File to write")),
+        )
+        .action(
+            machine_action(weak, "memsave", |m, a| {
+                let cpu = a.get("cpu-index").and_then(Value::as_u64).unwrap_or(0) as u32;
+                m.memsave(u64_arg(a, "val"), u64_arg(a, "size"), Path::new(str_arg(a, "filename")), cpu).map(|()| None)
+            })
+            .description("Save guest virtual memory, as a vCPU sees it, to a file")
+            .arg(Field::new("val", Kind::uint64(), "Virtual start address"))
+            .arg(Field::new("size", Kind::uint64(), "Bytes"))
+            .arg(Field::new("filename", Kind::Str, "File to write"))
+            .arg(Field::optional("cpu-index", Kind::uint32(), "vCPU whose page tables translate (default 0)")),
+        )
+        .action(
+            machine_action(weak, "query-cpus", |m, _| m.query_cpus().map(|cpus| Some(Value::List(cpus))))
+                .description("Every vCPU with its registers (the guest is paused for the moment of reading)")
+                .returns(Kind::list(Kind::Any)),
+        );
+    builder.register(machine)?;
+
+    let w = weak.clone();
+    let cpu = TypeInfo::new(CPU_TYPE, devices::DEVICE)
+        .description("An x86-64 vCPU")
+        .property(
+            Property::new("cpu-index", Kind::uint32())
+                .policy(PhasePolicy::BeforeRealize)
+                .description("Index of the vCPU"),
+        )
+        .property(
+            Property::new("thread-id", Kind::int64())
+                .description("Host thread running the vCPU")
+                .getter(move |o: &ObjectRef| {
+                    let index = o.get("cpu-index")?.as_u64().unwrap_or(0) as u32;
+                    Ok(Value::Int(upgrade(&w)?.vcpu_thread_id(index)))
+                }),
+        );
+    builder.register(cpu)?;
+    Ok(())
+}

@@ -1,0 +1,298 @@
+//! The KVM virtual machine: VM and vCPU file descriptors, guest memory, the in-kernel
+//! irqchip and PIT, CPUID from the host's supported set, and the register state vCPUs
+//! start (and restart on reset) with.
+
+use devices::IrqLine;
+use kvm_bindings::{
+    CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED,
+    KVM_PIT_SPEAKER_DUMMY, Msrs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
+    kvm_msr_entry, kvm_pit_config, kvm_pit_state2, kvm_regs, kvm_userspace_memory_region,
+    kvm_vcpu_events,
+};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::boot::{self, BootEntry};
+use crate::layout::{TSS_ADDR, ram_regions};
+
+/// Errors creating or resetting the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open /dev/kvm: {0}")]
+    OpenKvm(kvm_ioctls::Error),
+    #[error("KVM: {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot allocate {size} bytes of guest memory: {reason}")]
+    Memory { size: u64, reason: String },
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// The state the in-kernel interrupt controllers and PIT had when the VM was created.
+struct InitialChips {
+    irqchips: Vec<kvm_irqchip>,
+    pit: kvm_pit_state2,
+}
+
+pub struct Vm {
+    _kvm: Kvm,
+    fd: VmFd,
+    memory: GuestMemoryMmap,
+    ram_size: u64,
+    cpuid: CpuId,
+    chips: InitialChips,
+}
+
+const MSR_IA32_TSC: u32 = 0x10;
+const MSR_IA32_SYSENTER_CS: u32 = 0x174;
+const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
+const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
+const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+const MSR_STAR: u32 = 0xc000_0081;
+const MSR_LSTAR: u32 = 0xc000_0082;
+const MSR_CSTAR: u32 = 0xc000_0083;
+const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
+const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+const MISC_ENABLE_FAST_STRING: u64 = 1;
+
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+const APIC_MODE_NMI: u32 = 0x4;
+const APIC_MODE_EXTINT: u32 = 0x7;
+
+impl Vm {
+    /// Creates the VM with `ram_size` bytes of RAM, the in-kernel irqchip and PIT.
+    ///
+    /// # Errors
+    /// KVM is missing or refuses, or the memory cannot be mapped.
+    pub fn create(ram_size: u64) -> Result<Vm, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let fd = kvm.create_vm().map_err(kvm_err("create VM"))?;
+        fd.set_tss_address(TSS_ADDR as usize)
+            .map_err(kvm_err("set TSS address"))?;
+        fd.create_irq_chip().map_err(kvm_err("create irqchip"))?;
+        fd.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(kvm_err("create PIT"))?;
+
+        let ranges: Vec<_> = ram_regions(ram_size)
+            .into_iter()
+            .map(|(a, s)| (GuestAddress(a), s as usize))
+            .collect();
+        let memory = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory {
+            size: ram_size,
+            reason: e.to_string(),
+        })?;
+        for (slot, region) in memory.iter().enumerate() {
+            let host =
+                memory
+                    .get_host_address(region.start_addr())
+                    .map_err(|e| VmError::Memory {
+                        size: ram_size,
+                        reason: e.to_string(),
+                    })?;
+            let mr = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+                flags: 0,
+            };
+            // SAFETY: the region is a live mmap owned by `memory`, which the Vm keeps for
+            // as long as the VM fd exists; the slots do not overlap.
+            unsafe { fd.set_user_memory_region(mr) }.map_err(kvm_err("register guest memory"))?;
+        }
+
+        let mut irqchips = Vec::new();
+        for chip_id in [
+            KVM_IRQCHIP_PIC_MASTER,
+            KVM_IRQCHIP_PIC_SLAVE,
+            KVM_IRQCHIP_IOAPIC,
+        ] {
+            let mut chip = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            fd.get_irqchip(&mut chip)
+                .map_err(kvm_err("read irqchip state"))?;
+            irqchips.push(chip);
+        }
+        let pit = fd.get_pit2().map_err(kvm_err("read PIT state"))?;
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("read supported CPUID"))?;
+        Ok(Vm {
+            _kvm: kvm,
+            fd,
+            memory,
+            ram_size,
+            cpuid,
+            chips: InitialChips { irqchips, pit },
+        })
+    }
+
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    pub fn ram_size(&self) -> u64 {
+        self.ram_size
+    }
+
+    /// Connects an interrupt line: its eventfd injects its GSI.
+    ///
+    /// # Errors
+    /// KVM refuses the irqfd.
+    pub fn register_irq(&self, line: &IrqLine) -> Result<(), VmError> {
+        self.fd
+            .register_irqfd(line.eventfd(), line.gsi())
+            .map_err(kvm_err("register irqfd"))
+    }
+
+    /// Creates vCPU `index` of `count` with its CPUID. It still needs [`Vm::reset_vcpu`].
+    ///
+    /// # Errors
+    /// KVM refuses.
+    pub fn create_vcpu(
+        &self,
+        index: u32,
+        count: u32,
+    ) -> Result<(VcpuFd, kvm_lapic_state), VmError> {
+        let vcpu = self
+            .fd
+            .create_vcpu(u64::from(index))
+            .map_err(kvm_err("create vCPU"))?;
+        vcpu.set_cpuid2(&self.cpuid_for(index, count))
+            .map_err(kvm_err("set CPUID"))?;
+        let lapic = vcpu.get_lapic().map_err(kvm_err("read LAPIC"))?;
+        Ok((vcpu, lapic))
+    }
+
+    /// The host's supported CPUID, with this vCPU's APIC ID and the hypervisor bit.
+    fn cpuid_for(&self, index: u32, count: u32) -> CpuId {
+        let mut cpuid = self.cpuid.clone();
+        for e in cpuid.as_mut_slice() {
+            match e.function {
+                1 => {
+                    e.ebx = (e.ebx & 0x0000_ffff) | (count.min(255) << 16) | (index << 24);
+                    e.ecx |= 1 << 31;
+                }
+                0xb | 0x1f => e.edx = index,
+                _ => {}
+            }
+        }
+        cpuid
+    }
+
+    /// Puts a vCPU in its power-on state: the boot vCPU in long mode at `entry`, the
+    /// others waiting for the boot vCPU's INIT/SIPI.
+    ///
+    /// # Errors
+    /// KVM refuses a register write.
+    pub fn reset_vcpu(
+        &self,
+        vcpu: &VcpuFd,
+        index: u32,
+        initial_lapic: &kvm_lapic_state,
+        entry: BootEntry,
+    ) -> Result<(), VmError> {
+        vcpu.set_vcpu_events(&kvm_vcpu_events::default())
+            .map_err(kvm_err("clear vCPU events"))?;
+        let mut lapic = *initial_lapic;
+        set_lvt(&mut lapic, APIC_LVT0, APIC_MODE_EXTINT);
+        set_lvt(&mut lapic, APIC_LVT1, APIC_MODE_NMI);
+        vcpu.set_lapic(&lapic).map_err(kvm_err("set LAPIC"))?;
+        vcpu.set_fpu(&kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        })
+        .map_err(kvm_err("set FPU"))?;
+        let msrs = [
+            (MSR_IA32_SYSENTER_CS, 0),
+            (MSR_IA32_SYSENTER_ESP, 0),
+            (MSR_IA32_SYSENTER_EIP, 0),
+            (MSR_STAR, 0),
+            (MSR_CSTAR, 0),
+            (MSR_KERNEL_GS_BASE, 0),
+            (MSR_SYSCALL_MASK, 0),
+            (MSR_LSTAR, 0),
+            (MSR_IA32_TSC, 0),
+            (MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
+        ];
+        let entries: Vec<_> = msrs
+            .iter()
+            .map(|&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        let msrs = Msrs::from_entries(&entries).map_err(|_| VmError::Kvm {
+            what: "build MSR list",
+            source: kvm_ioctls::Error::new(libc::EINVAL),
+        })?;
+        let set = vcpu.set_msrs(&msrs).map_err(kvm_err("set MSRs"))?;
+        if set != entries.len() {
+            tracing::debug!("vCPU {index}: KVM set {set} of {} boot MSRs", entries.len());
+        }
+        if index == 0 {
+            let sregs = vcpu
+                .get_sregs()
+                .map_err(kvm_err("read special registers"))?;
+            vcpu.set_sregs(&boot::long_mode_sregs(sregs))
+                .map_err(kvm_err("set special registers"))?;
+            vcpu.set_regs(&boot::boot_regs(entry))
+                .map_err(kvm_err("set registers"))?;
+            vcpu.set_mp_state(kvm_mp_state {
+                mp_state: KVM_MP_STATE_RUNNABLE,
+            })
+            .map_err(kvm_err("set MP state"))?;
+        } else {
+            vcpu.set_regs(&kvm_regs {
+                rflags: 0x2,
+                ..Default::default()
+            })
+            .map_err(kvm_err("set registers"))?;
+            vcpu.set_mp_state(kvm_mp_state {
+                mp_state: KVM_MP_STATE_UNINITIALIZED,
+            })
+            .map_err(kvm_err("set MP state"))?;
+        }
+        Ok(())
+    }
+
+    /// Puts the PICs, IOAPIC and PIT back in the state they were created in.
+    ///
+    /// # Errors
+    /// KVM refuses.
+    pub fn reset_chips(&self) -> Result<(), VmError> {
+        for chip in &self.chips.irqchips {
+            self.fd
+                .set_irqchip(chip)
+                .map_err(kvm_err("reset irqchip"))?;
+        }
+        self.fd
+            .set_pit2(&self.chips.pit)
+            .map_err(kvm_err("reset PIT"))
+    }
+}
+
+fn set_lvt(lapic: &mut kvm_lapic_state, offset: usize, mode: u32) {
+    let mut raw = [0u8; 4];
+    for (i, b) in raw.iter_mut().enumerate() {
+        *b = lapic.regs[offset + i] as u8;
+    }
+    let value = (u32::from_le_bytes(raw) & !0x700) | (mode << 8);
+    for (i, b) in value.to_le_bytes().iter().enumerate() {
+        lapic.regs[offset + i] = *b as _;
+    }
+}
