@@ -25,23 +25,32 @@ pub enum Error {
     /// A type cannot be registered (duplicate name, unknown parent, ...).
     #[error("cannot register type '{typename}': {reason}")]
     InvalidType { typename: String, reason: String },
+    /// The type does not implement `user-creatable`, so clients cannot create it.
+    #[error("type '{typename}' cannot be created by clients")]
+    NotUserCreatable { typename: String },
     /// An abstract type was asked to make an object.
     #[error("type '{typename}' is abstract and cannot be instantiated")]
     AbstractType { typename: String },
-    /// A value does not have the kind the property or argument declares.
+    /// A value does not have the kind the property or argument declares. `json_type` is
+    /// the JSON type expected (`boolean`, `integer`, `string`, `array`, `object`), as QMP
+    /// reports it.
     #[error("'{name}' expects {expected}, got {got}")]
     WrongType {
         name: String,
         expected: String,
         got: String,
+        json_type: &'static str,
     },
-    /// An integer is outside the declared range.
+    /// An integer is outside the declared range. `type_name` is the kind's name (`uint8`)
+    /// and `full_range` says whether the range is that type's whole range.
     #[error("'{name}' must be between {min} and {max}, got {value}")]
     OutOfRange {
         name: String,
         value: String,
         min: String,
         max: String,
+        type_name: &'static str,
+        full_range: bool,
     },
     /// A string is not one of an enum's values.
     #[error("'{name}' must be one of {allowed}, got '{value}'")]
@@ -52,11 +61,16 @@ pub enum Error {
     },
     /// A read-only property was written.
     #[error("property '{property}' of '{path}' is read-only")]
-    ReadOnly { path: String, property: String },
+    ReadOnly {
+        path: String,
+        typename: String,
+        property: String,
+    },
     /// A property was written in a phase its policy does not allow.
     #[error("property '{property}' of '{path}' can only be set {}; {current}", policy.describe_when())]
     WrongPhase {
         path: String,
+        typename: String,
         property: String,
         policy: PhasePolicy,
         current: String,
@@ -125,6 +139,7 @@ impl Error {
             name: name.to_owned(),
             expected: kind.describe(),
             got: got.to_owned(),
+            json_type: kind.json_type(),
         }
     }
 }

@@ -189,6 +189,62 @@ impl Kind {
         }
     }
 
+    /// The JSON type values of this kind travel as: `boolean`, `integer`, `string`,
+    /// `array`, `object`, or `any`.
+    pub fn json_type(&self) -> &'static str {
+        match self {
+            Kind::Bool => "boolean",
+            Kind::Int(_) | Kind::UInt(_) => "integer",
+            Kind::Str | Kind::Enum(_) | Kind::Path | Kind::Link(_) | Kind::Child(_) => "string",
+            Kind::List(_) => "array",
+            Kind::Struct(_) => "object",
+            Kind::Any => "any",
+        }
+    }
+
+    /// The out-of-range error for `value` of this (integer) kind.
+    fn out_of_range(&self, name: &str, value: &Value) -> Error {
+        let (min, max, type_name, full_range) = match self {
+            Kind::Int(k) => {
+                let full: (i64, i64) = match k.name {
+                    "int8" => (i8::MIN.into(), i8::MAX.into()),
+                    "int16" => (i16::MIN.into(), i16::MAX.into()),
+                    "int32" => (i32::MIN.into(), i32::MAX.into()),
+                    _ => (i64::MIN, i64::MAX),
+                };
+                (
+                    k.min.to_string(),
+                    k.max.to_string(),
+                    k.name,
+                    (k.min, k.max) == full,
+                )
+            }
+            Kind::UInt(k) => {
+                let full: u64 = match k.name {
+                    "uint8" => u8::MAX.into(),
+                    "uint16" => u16::MAX.into(),
+                    "uint32" => u32::MAX.into(),
+                    _ => u64::MAX,
+                };
+                (
+                    k.min.to_string(),
+                    k.max.to_string(),
+                    k.name,
+                    k.min == 0 && k.max == full,
+                )
+            }
+            _ => (String::new(), String::new(), "integer", false),
+        };
+        Error::OutOfRange {
+            name: name.to_owned(),
+            value: value.to_string(),
+            min,
+            max,
+            type_name,
+            full_range,
+        }
+    }
+
     /// What the kind accepts, for error messages ("an integer between 1 and 255").
     pub fn describe(&self) -> String {
         match self {
@@ -233,13 +289,13 @@ impl Kind {
             (Kind::Int(k), v @ (Value::Int(_) | Value::UInt(_))) => {
                 match v.as_i64().filter(|i| (k.min..=k.max).contains(i)) {
                     Some(i) => Ok(Value::Int(i)),
-                    None => Err(out_of_range(name, &v, k.min, k.max)),
+                    None => Err(self.out_of_range(name, &v)),
                 }
             }
             (Kind::UInt(k), v @ (Value::Int(_) | Value::UInt(_))) => {
                 match v.as_u64().filter(|u| (k.min..=k.max).contains(u)) {
                     Some(u) => Ok(Value::UInt(u)),
-                    None => Err(out_of_range(name, &v, k.min, k.max)),
+                    None => Err(self.out_of_range(name, &v)),
                 }
             }
             (Kind::Str, Value::Str(s) | Value::Enum(s) | Value::Path(s)) => Ok(Value::Str(s)),
@@ -314,12 +370,7 @@ impl Kind {
                 match i64::try_from(v) {
                     Ok(i) => Value::Int(i),
                     Err(_) => {
-                        return Err(out_of_range(
-                            name,
-                            &Value::Str(text.to_owned()),
-                            i64::MIN,
-                            i64::MAX,
-                        ));
+                        return Err(self.out_of_range(name, &Value::Str(text.to_owned())));
                     }
                 }
             }
@@ -370,15 +421,6 @@ fn parse_unsigned(text: &str, size: bool) -> Option<u64> {
         .filter(|v| shift == 0 || v >> shift == n)
 }
 
-fn out_of_range(name: &str, v: &Value, min: impl ToString, max: impl ToString) -> Error {
-    Error::OutOfRange {
-        name: name.to_owned(),
-        value: v.to_string(),
-        min: min.to_string(),
-        max: max.to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -408,6 +450,37 @@ mod tests {
             Err(Error::OutOfRange { .. })
         ));
         assert_eq!(cpus.type_name(), "uint8");
+    }
+
+    #[test]
+    fn range_errors_say_whether_the_whole_type_range_applies() {
+        let full = Kind::uint8().check("x", Value::UInt(256)).unwrap_err();
+        assert!(matches!(
+            full,
+            Error::OutOfRange {
+                type_name: "uint8",
+                full_range: true,
+                ..
+            }
+        ));
+        let part = Kind::uint_range(1, 100)
+            .check("x", Value::UInt(101))
+            .unwrap_err();
+        assert!(matches!(
+            part,
+            Error::OutOfRange {
+                full_range: false,
+                ..
+            }
+        ));
+        let err = Kind::Bool.check("x", Value::UInt(1)).unwrap_err();
+        assert!(matches!(
+            err,
+            Error::WrongType {
+                json_type: "boolean",
+                ..
+            }
+        ));
     }
 
     #[test]

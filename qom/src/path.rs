@@ -29,6 +29,28 @@ pub fn check_name(name: &str) -> Result<()> {
     })
 }
 
+/// Checks a client-chosen id (`object-add`, `device_add`) as QEMU does: a letter, then
+/// letters, digits, `-`, `.` and `_`.
+///
+/// # Errors
+/// [`Error::InvalidName`].
+pub fn check_id(id: &str) -> Result<()> {
+    let mut chars = id.chars();
+    let ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+        && id.len() <= 128;
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidName {
+            name: id.to_owned(),
+            reason:
+                "an id must start with a letter and hold only letters, digits, '-', '.' and '_'"
+                    .to_owned(),
+        })
+    }
+}
+
 /// The path of a child `name` of the object at `parent`.
 pub fn join(parent: &str, name: &str) -> String {
     if parent == "/" {
@@ -96,6 +118,15 @@ mod tests {
         assert!(check_name("a/b").is_err());
         assert!(check_name("a\nb").is_err());
         assert!(check_name(&"x".repeat(256)).is_err());
+    }
+
+    #[test]
+    fn ids_are_identifiers() {
+        assert!(check_id("rng0").is_ok());
+        assert!(check_id("a.b-c_d").is_ok());
+        assert!(check_id("0rng").is_err());
+        assert!(check_id("a b").is_err());
+        assert!(check_id("").is_err());
     }
 
     #[test]

@@ -375,6 +375,8 @@ impl Tree {
                     value: l.to_string(),
                     min: "1".into(),
                     max: MAX_QUEUE_LIMIT.to_string(),
+                    type_name: "uint32",
+                    full_range: false,
                 })?,
         };
         let (scope, target_name, class, object) = match target {

@@ -326,6 +326,45 @@ impl Tree {
         self.create_object(&parent, name, class, None, properties)
     }
 
+    /// `object-add`: creates a client object of a `user-creatable` type at `/objects/<id>`.
+    ///
+    /// # Errors
+    /// [`Error::TypeNotFound`], [`Error::NotUserCreatable`], [`Error::AbstractType`],
+    /// [`Error::InvalidName`] (not an identifier), [`Error::DuplicateName`], or what
+    /// creating it reports.
+    pub fn add_user_object(
+        &self,
+        typename: &str,
+        id: &str,
+        properties: Vec<(String, Value)>,
+    ) -> Result<ObjectRef> {
+        let class = self.inner.types.get(typename)?;
+        if !class.implements(builtin::USER_CREATABLE) {
+            return Err(Error::NotUserCreatable {
+                typename: typename.to_owned(),
+            });
+        }
+        if class.is_abstract() {
+            return Err(Error::AbstractType {
+                typename: typename.to_owned(),
+            });
+        }
+        path::check_id(id)?;
+        self.create("/objects", id, typename, properties)
+    }
+
+    /// `object-del`: deletes the client object `/objects/<id>`.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] (the path is the id), or what deleting reports.
+    pub fn delete_user_object(&self, id: &str) -> Result<()> {
+        let objects = self.lookup("/objects")?;
+        let obj = objects.child(id).ok_or_else(|| Error::NotFound {
+            path: id.to_owned(),
+        })?;
+        self.delete_object(&obj, true)
+    }
+
     /// Deletes the object at `path` for a client: its type must allow it and it must have no
     /// children. Its unrealize hooks run, and its parent emits `child-removed`.
     ///
@@ -544,6 +583,7 @@ impl Tree {
     fn check_phase(&self, obj: &ObjectRef, prop: &Property) -> Result<()> {
         let wrong_phase = |current: String| Error::WrongPhase {
             path: obj.path().to_owned(),
+            typename: obj.type_name().to_owned(),
             property: prop.name.clone(),
             policy: prop.policy,
             current,
@@ -552,6 +592,7 @@ impl Tree {
             PhasePolicy::Always => Ok(()),
             PhasePolicy::ReadOnly => Err(Error::ReadOnly {
                 path: obj.path().to_owned(),
+                typename: obj.type_name().to_owned(),
                 property: prop.name.clone(),
             }),
             PhasePolicy::BeforeRealize if obj.is_realized() => {
@@ -578,6 +619,7 @@ impl Tree {
             if class.notifier(name).is_some() || self.child_of(&obj.core, name).is_some() {
                 return Err(Error::ReadOnly {
                     path: obj.path().to_owned(),
+                    typename: obj.type_name().to_owned(),
                     property: name.to_owned(),
                 });
             }
@@ -588,6 +630,7 @@ impl Tree {
         match &prop.access {
             Access::Computed { set: None, .. } => Err(Error::ReadOnly {
                 path: obj.path().to_owned(),
+                typename: obj.type_name().to_owned(),
                 property: name.to_owned(),
             }),
             Access::Computed {

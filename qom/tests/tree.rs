@@ -423,7 +423,9 @@ fn property_writes_are_checked_and_refusals_change_nothing() {
             name: "watts".into(),
             value: "101".into(),
             min: "1".into(),
-            max: "100".into()
+            max: "100".into(),
+            type_name: "uint8",
+            full_range: false,
         }
     );
     assert_eq!(lamp.get("watts").unwrap(), Value::UInt(40));
@@ -432,6 +434,7 @@ fn property_writes_are_checked_and_refusals_change_nothing() {
         lamp.set("type", "other").unwrap_err(),
         Error::ReadOnly {
             path: "/objects/lamp".into(),
+            typename: "lamp".into(),
             property: "type".into()
         }
     );
@@ -735,4 +738,41 @@ fn events_carry_order_time_and_type() {
     assert_eq!(events[2].event.data, Value::map([("n", Value::UInt(3))]));
     assert_eq!(&*events[0].subscription, "/subscriptions/1");
     assert_eq!(&*events[0].owner, "t");
+}
+
+#[test]
+fn object_add_and_del_follow_user_creatable() {
+    let tree = test_tree();
+    let sock = tree.add_user_object("socket", "s1", vec![]).unwrap();
+    assert_eq!(sock.path(), "/objects/s1");
+    assert_eq!(
+        tree.add_user_object("nope", "x", vec![]).unwrap_err(),
+        Error::TypeNotFound {
+            typename: "nope".into()
+        }
+    );
+    assert_eq!(
+        tree.add_user_object("container", "x", vec![]).unwrap_err(),
+        Error::NotUserCreatable {
+            typename: "container".into()
+        }
+    );
+    assert!(matches!(
+        tree.add_user_object("socket", "9x", vec![]),
+        Err(Error::InvalidName { .. })
+    ));
+    assert!(matches!(
+        tree.add_user_object("socket", "s1", vec![]),
+        Err(Error::DuplicateName { .. })
+    ));
+    assert!(
+        tree.add_user_object("lamp", "l1", props(&[("watts", Value::UInt(500))]))
+            .is_err()
+    );
+    assert!(tree.lookup("/objects/l1").is_err());
+    tree.delete_user_object("s1").unwrap();
+    assert_eq!(
+        tree.delete_user_object("s1").unwrap_err(),
+        Error::NotFound { path: "s1".into() }
+    );
 }
