@@ -14,6 +14,8 @@
 //! | `acpi-pm` | ACPI sleep and reset registers |
 //! | `acpi-ged` | ACPI Generic Event Device (power button) |
 //! | `ioport80` | POST code port |
+//!
+//! and the entropy backends `rng-builtin` and `rng-random` (user-creatable objects).
 
 pub mod acpi_pm;
 pub mod bus;
@@ -24,6 +26,7 @@ pub mod i8042;
 pub mod interrupt;
 pub mod platform;
 pub mod port80;
+pub mod rng;
 pub mod rtc;
 pub mod serial;
 
@@ -37,7 +40,7 @@ pub use platform::{MachineRequest, Platform, PlatformRef, ShutdownCause};
 /// # Errors
 /// A type is already registered.
 pub fn register_types(builder: &qom::TreeBuilder, platform: &PlatformRef) -> qom::Result<()> {
-    for info in device::base_types() {
+    for info in device::base_types().into_iter().chain(rng::types()) {
         builder.register(info)?;
     }
     for info in [

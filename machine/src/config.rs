@@ -110,21 +110,6 @@ impl std::str::FromStr for DeviceSpec {
     }
 }
 
-/// Checks a device id as QEMU does: a letter, then letters, digits, `-`, `.`, `_`.
-pub fn check_device_id(id: &str) -> Result<(), String> {
-    let mut chars = id.chars();
-    let ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
-        && id.len() <= 128;
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "'{id}' is not a valid device id: it must start with a letter and contain only letters, digits, '-', '.' and '_'"
-        ))
-    }
-}
-
 /// Parses a memory size (`256M`, `1G`, `268435456`), at least 1 MiB.
 pub fn parse_memory(text: &str) -> Result<u64, String> {
     let kind = qom::Kind::size();
@@ -175,9 +160,6 @@ mod tests {
 
     #[test]
     fn ids_sizes_and_counts() {
-        assert!(check_device_id("com2").is_ok());
-        assert!(check_device_id("2com").is_err());
-        assert!(check_device_id("a b").is_err());
         assert_eq!(parse_memory("512"), Ok(512 << 20));
         assert_eq!(parse_memory("1G"), Ok(1 << 30));
         assert_eq!(parse_memory("268435456"), Ok(256 << 20));

@@ -31,7 +31,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::acpi;
 use crate::boot::{self, BootConfig, BootEntry, KernelSource};
-use crate::config::{MachineConfig, check_device_id};
+use crate::config::MachineConfig;
 use crate::layout::IOAPIC_PINS;
 use crate::qom_types;
 use crate::runstate::{RunState, valid_transition};
@@ -49,6 +49,7 @@ pub(crate) struct Notifiers {
     reset: Notifier,
     shutdown: Notifier,
     powerdown: Notifier,
+    device_deleted: Notifier,
 }
 
 /// What exists once the machine has been launched.
@@ -114,7 +115,8 @@ impl Machine {
                         resume: n.clone(),
                         reset: n.clone(),
                         shutdown: n.clone(),
-                        powerdown: n,
+                        powerdown: n.clone(),
+                        device_deleted: n,
                     };
                     (tree, object, notifiers)
                 }
@@ -733,7 +735,7 @@ impl Machine {
     }
 
     /// Adds a device (`--device`, `device_add`): `/machine/peripheral/<id>`, or
-    /// `/machine/peripheral-anon/device[N]` without an id.
+    /// `/machine/peripheral-anon/device[N]` without an id. Errors use QEMU's texts.
     ///
     /// # Errors
     /// Not a device type clients may add, a bad or taken id, a refused property, or the
@@ -749,19 +751,24 @@ impl Machine {
             .types()
             .get(driver)
             .map_err(|_| device_type_error(driver))?;
-        if !class.implements(DEVICE) || !class.implements(USER_DEVICE) || class.is_abstract() {
-            return Err(Error::InvalidState(format!(
-                "'{driver}' is not a device type that can be added"
-            )));
+        if !class.implements(DEVICE) {
+            return Err(device_type_error(driver));
         }
-        if self.state.lock().launched.is_some() {
-            return Err(Error::InvalidState(format!(
-                "device '{driver}' cannot be hot-plugged: add it with --device before the machine starts"
-            )));
+        if class.is_abstract() {
+            return Err(Error::InvalidState(
+                "Parameter 'driver' expects a non-abstract device type".into(),
+            ));
+        }
+        if !class.implements(USER_DEVICE) || self.state.lock().launched.is_some() {
+            return Err(Error::InvalidState(
+                "Parameter 'driver' expects a pluggable device type".into(),
+            ));
         }
         let (parent, name) = match id {
             Some(id) => {
-                check_device_id(id).map_err(Error::InvalidState)?;
+                qom::path::check_id(id).map_err(|_| {
+                    Error::InvalidState("Parameter 'id' expects an identifier".into())
+                })?;
                 ("/machine/peripheral", id.to_owned())
             }
             None => (
@@ -772,7 +779,130 @@ impl Machine {
                 ),
             ),
         };
-        self.tree.create(parent, &name, driver, props)
+        self.tree
+            .create(parent, &name, driver, props)
+            .map_err(|e| match e {
+                Error::DuplicateName { name, .. } => {
+                    Error::InvalidState(format!("Duplicate device ID '{name}'"))
+                }
+                e => e,
+            })
+    }
+
+    /// `device_add` from a front end: property values may be JSON values or, as QEMU's
+    /// keyval parser allows, text ("0x2f8" for an integer).
+    ///
+    /// # Errors
+    /// As [`Machine::add_device`]; a `bus` other than none (qomu has no buses yet).
+    pub fn device_add(
+        &self,
+        driver: &str,
+        id: Option<&str>,
+        bus: Option<&str>,
+        props: &Value,
+    ) -> Result<ObjectRef> {
+        if let Some(bus) = bus {
+            return Err(Error::InvalidState(format!("Bus '{bus}' not found")));
+        }
+        let class = self
+            .tree
+            .types()
+            .get(driver)
+            .map_err(|_| device_type_error(driver))?;
+        let mut values = Vec::new();
+        for (key, value) in props.as_map().into_iter().flatten() {
+            let prop = class.property(key).ok_or_else(|| Error::PropertyNotFound {
+                typename: driver.to_owned(),
+                property: key.clone(),
+            })?;
+            let value = match value {
+                Value::Str(text)
+                    if !matches!(
+                        prop.kind(),
+                        qom::Kind::Str | qom::Kind::Enum(_) | qom::Kind::Path | qom::Kind::Link(_)
+                    ) =>
+                {
+                    prop.kind().parse_text(key, text)?
+                }
+                v => v.clone(),
+            };
+            values.push((key.clone(), value));
+        }
+        self.add_device(driver, id, values)
+    }
+
+    /// `device_del`: removes a device added by a client, by id or QOM path. Until the guest
+    /// has started this deletes it at once (DEVICE_DELETED); afterwards the device must
+    /// support hot-unplug.
+    ///
+    /// # Errors
+    /// No such device (`Device 'x' not found`), or one that cannot be unplugged.
+    pub fn device_del(&self, id: &str) -> Result<()> {
+        let dev = if id.starts_with('/') {
+            self.tree.lookup(id).ok()
+        } else {
+            self.tree
+                .lookup("/machine/peripheral")
+                .ok()
+                .and_then(|p| p.child(id))
+        };
+        let dev = dev
+            .filter(|d| d.class().implements(DEVICE))
+            .ok_or_else(|| Error::NotFound {
+                path: id.to_owned(),
+            })?;
+        let user_added = dev.parent().is_some_and(|p| {
+            matches!(p.path(), "/machine/peripheral" | "/machine/peripheral-anon")
+        });
+        if !user_added || self.state.lock().launched.is_some() {
+            return Err(Error::InvalidState(format!(
+                "Device '{}' does not support hotplugging",
+                dev.type_name()
+            )));
+        }
+        let device = dev
+            .path()
+            .starts_with("/machine/peripheral/")
+            .then(|| dev.name().to_owned());
+        self.tree.delete_subtree(&dev)?;
+        self.notifiers.device_deleted.emit(|| {
+            let mut fields = vec![("path", Value::Str(dev.path().to_owned()))];
+            if let Some(d) = device {
+                fields.push(("device", Value::Str(d)));
+            }
+            Value::map(fields)
+        });
+        Ok(())
+    }
+
+    /// `query-cpus-fast`: each vCPU's index, QOM path and host thread (once started).
+    pub fn query_cpus_fast(&self) -> Vec<Value> {
+        let st = self.state.lock();
+        let Some(l) = &st.launched else {
+            return Vec::new();
+        };
+        l.vcpus
+            .iter()
+            .map(|v| {
+                Value::map([
+                    ("cpu-index", Value::UInt(v.index().into())),
+                    (
+                        "qom-path",
+                        Value::Str(format!("/machine/unattached/cpu[{}]", v.index())),
+                    ),
+                    ("thread-id", Value::Int(v.thread_id())),
+                    ("target", Value::Enum("x86_64".into())),
+                    (
+                        "props",
+                        Value::map([
+                            ("socket-id", Value::Int(v.index().into())),
+                            ("core-id", Value::Int(0)),
+                            ("thread-id", Value::Int(0)),
+                        ]),
+                    ),
+                ])
+            })
+            .collect()
     }
 }
 
@@ -846,6 +976,7 @@ fn build_tree(weak: &Weak<Machine>) -> Result<(Tree, ObjectRef, Notifiers)> {
         reset: n("RESET")?,
         shutdown: n("SHUTDOWN")?,
         powerdown: n("POWERDOWN")?,
+        device_deleted: n("DEVICE_DELETED")?,
     };
     Ok((tree, object, notifiers))
 }

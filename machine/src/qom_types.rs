@@ -140,6 +140,19 @@ pub(crate) fn register(builder: &TreeBuilder, weak: &Weak<Machine>) -> Result<()
         .notifier(NotifierDecl::new("RESET", reason_payload("Reset")).description("The machine was reset"))
         .notifier(NotifierDecl::new("SHUTDOWN", reason_payload("Shutdown")).description("The guest shut down, or the VMM is ending"))
         .notifier(NotifierDecl::new("POWERDOWN", empty("Powerdown")).description("The power button was pressed (system_powerdown)"))
+        .notifier(
+            NotifierDecl::new(
+                "DEVICE_DELETED",
+                Kind::structure(
+                    "DeviceDeleted",
+                    vec![
+                        Field::optional("device", Kind::Str, "The device's id, if it has one"),
+                        Field::new("path", Kind::Str, "The device's QOM path"),
+                    ],
+                ),
+            )
+            .description("A device is gone"),
+        )
         .action(machine_action(weak, "stop", |m, _| m.stop().map(|()| None)).description("Pause the guest"))
         .action(machine_action(weak, "cont", |m, _| m.cont().map(|()| None)).description("Start or resume the guest"))
         .action(
@@ -179,6 +192,29 @@ pub(crate) fn register(builder: &TreeBuilder, weak: &Weak<Machine>) -> Result<()
             .arg(Field::new("size", Kind::uint64(), "Bytes"))
             .arg(Field::new("filename", Kind::Str, "File to write"))
             .arg(Field::optional("cpu-index", Kind::uint32(), "vCPU whose page tables translate (default 0)")),
+        )
+        .action(
+            machine_action(weak, "device-add", |m, a| {
+                let props = a.get("properties").cloned().unwrap_or(Value::Map(Default::default()));
+                let id = a.get("id").and_then(Value::as_str);
+                let bus = a.get("bus").and_then(Value::as_str);
+                m.device_add(str_arg(a, "driver"), id, bus, &props).map(|_| None)
+            })
+            .description("Add a device: /machine/peripheral/<id>, or peripheral-anon without an id")
+            .arg(Field::new("driver", Kind::Str, "The device type"))
+            .arg(Field::optional("id", Kind::Str, "The device's id"))
+            .arg(Field::optional("bus", Kind::Str, "The bus to plug it into"))
+            .arg(Field::optional("properties", Kind::Any, "The device's properties, by name")),
+        )
+        .action(
+            machine_action(weak, "device-del", |m, a| m.device_del(str_arg(a, "id")).map(|()| None))
+                .description("Remove a device added by a client, by id or QOM path")
+                .arg(Field::new("id", Kind::Str, "The device's id or QOM path")),
+        )
+        .action(
+            machine_action(weak, "query-cpus-fast", |m, _| Ok(Some(Value::List(m.query_cpus_fast()))))
+                .description("Each vCPU's index, QOM path and host thread, without stopping the guest")
+                .returns(Kind::list(Kind::Any)),
         )
         .action(
             machine_action(weak, "query-cpus", |m, _| m.query_cpus().map(|cpus| Some(Value::List(cpus))))
