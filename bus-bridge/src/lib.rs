@@ -1,5 +1,7 @@
 //! `bus-bridge`: the QMP and D-Bus front ends of qomu.
 //!
 //! Both translate their protocol into the same few [`qom::Tree`] operations and map the one
-//! [`qom::Error`] type to their own error form. They depend on `qom` only and know nothing
-//! of KVM. The front ends arrive with their own issues.
+//! [`qom::Error`] type to their own error form in one function each. They depend on `qom`
+//! only and know nothing of KVM.
+
+pub mod qmp;

@@ -1,0 +1,569 @@
+//! The QMP commands. Each is one tree operation, or an action of `/machine` (QEMU's
+//! machine commands are actions of the machine object: `stop` is "call `stop` on
+//! `/machine`"); none holds machine logic.
+
+use qom::{Action, PropertyInfo, PropertyRole, SubscribeOptions, Target, Tree, Value};
+use serde_json::{Map, Value as Json, json};
+
+use super::args::{self, ArgSpec, ArgType, Args};
+use super::error::{Context, QmpError, from_qom};
+use super::session::{QEMU_VERSION, Session, package};
+use super::{hmp, schema};
+
+/// How a command runs.
+pub enum Handler {
+    Builtin(&'static Builtin),
+    /// An action of `/machine`, by name.
+    Action(&'static str),
+}
+
+/// A command the front end implements itself, with its arguments.
+pub struct Builtin {
+    pub name: &'static str,
+    pub args: fn() -> Vec<ArgSpec>,
+    /// Whether keys beyond `args` are allowed (object-add, device_add take properties).
+    pub extra: bool,
+    pub run: fn(&mut Session, &Args) -> Result<Json, QmpError>,
+}
+
+/// QMP commands that are `/machine` actions: (QMP name, action name).
+pub const ACTIONS: &[(&str, &str)] = &[
+    ("stop", "stop"),
+    ("cont", "cont"),
+    ("system_reset", "system-reset"),
+    ("system_powerdown", "system-powerdown"),
+    ("quit", "quit"),
+    ("pmemsave", "pmemsave"),
+    ("memsave", "memsave"),
+    ("query-cpus-fast", "query-cpus-fast"),
+    ("device_del", "device-del"),
+    ("migrate", "migrate"),
+    ("query-migrate", "query-migrate"),
+];
+
+fn s(name: &str) -> ArgSpec {
+    ArgSpec::required(name, ArgType::Str)
+}
+fn opt(name: &str, ty: ArgType) -> ArgSpec {
+    ArgSpec::optional(name, ty)
+}
+
+pub const BUILTINS: &[Builtin] = &[
+    Builtin {
+        name: "qmp_capabilities",
+        args: || vec![opt("enable", ArgType::List(Box::new(ArgType::Str)))],
+        extra: false,
+        run: |_, _| Ok(json!({})),
+    },
+    Builtin {
+        name: "query-version",
+        args: Vec::new,
+        extra: false,
+        run: query_version,
+    },
+    Builtin {
+        name: "query-commands",
+        args: Vec::new,
+        extra: false,
+        run: query_commands,
+    },
+    Builtin {
+        name: "query-qmp-schema",
+        args: Vec::new,
+        extra: false,
+        run: |s, _| Ok(schema::build(&s.tree)),
+    },
+    Builtin {
+        name: "query-status",
+        args: Vec::new,
+        extra: false,
+        run: query_status,
+    },
+    Builtin {
+        name: "query-name",
+        args: Vec::new,
+        extra: false,
+        run: query_name,
+    },
+    Builtin {
+        name: "qom-list",
+        args: || vec![s("path")],
+        extra: false,
+        run: qom_list,
+    },
+    Builtin {
+        name: "qom-get",
+        args: || vec![s("path"), s("property")],
+        extra: false,
+        run: qom_get,
+    },
+    Builtin {
+        name: "qom-set",
+        args: || {
+            vec![
+                s("path"),
+                s("property"),
+                ArgSpec::required("value", ArgType::Any),
+            ]
+        },
+        extra: false,
+        run: qom_set,
+    },
+    Builtin {
+        name: "qom-list-get",
+        args: || {
+            vec![ArgSpec::required(
+                "paths",
+                ArgType::List(Box::new(ArgType::Str)),
+            )]
+        },
+        extra: false,
+        run: qom_list_get,
+    },
+    Builtin {
+        name: "qom-list-types",
+        args: || {
+            vec![
+                opt("implements", ArgType::Str),
+                opt("abstract", ArgType::Bool),
+            ]
+        },
+        extra: false,
+        run: qom_list_types,
+    },
+    Builtin {
+        name: "qom-list-properties",
+        args: || vec![s("typename")],
+        extra: false,
+        run: qom_list_properties,
+    },
+    Builtin {
+        name: "device-list-properties",
+        args: || vec![s("typename")],
+        extra: false,
+        run: device_list_properties,
+    },
+    Builtin {
+        name: "object-add",
+        args: || vec![s("qom-type"), s("id")],
+        extra: true,
+        run: object_add,
+    },
+    Builtin {
+        name: "object-del",
+        args: || vec![s("id")],
+        extra: false,
+        run: object_del,
+    },
+    Builtin {
+        name: "device_add",
+        args: || {
+            vec![
+                s("driver"),
+                opt("id", ArgType::Str),
+                opt("bus", ArgType::Str),
+            ]
+        },
+        extra: true,
+        run: device_add,
+    },
+    Builtin {
+        name: "human-monitor-command",
+        args: || vec![s("command-line"), opt("cpu-index", ArgType::Int)],
+        extra: false,
+        run: human_monitor_command,
+    },
+    Builtin {
+        name: "__org.qomu_subscribe",
+        args: || {
+            vec![
+                opt("path", ArgType::Str),
+                opt("type", ArgType::Str),
+                s("notifier"),
+                opt("queue-limit", ArgType::Int),
+                opt("coalesce", ArgType::Bool),
+            ]
+        },
+        extra: false,
+        run: subscribe,
+    },
+    Builtin {
+        name: "__org.qomu_unsubscribe",
+        args: || vec![s("subscription")],
+        extra: false,
+        run: unsubscribe,
+    },
+];
+
+/// The `/machine` action behind a QMP command, if `/machine` has it.
+fn machine_action(tree: &Tree, action: &str) -> Option<std::sync::Arc<Action>> {
+    tree.lookup("/machine")
+        .ok()?
+        .class()
+        .action(action)
+        .cloned()
+}
+
+/// Finds a command (after negotiation).
+pub fn find(tree: &Tree, name: &str) -> Option<Handler> {
+    if let Some(b) = BUILTINS.iter().find(|b| b.name == name) {
+        return Some(Handler::Builtin(b));
+    }
+    ACTIONS
+        .iter()
+        .find(|(qmp, _)| *qmp == name)
+        .filter(|(_, action)| machine_action(tree, action).is_some())
+        .map(|(_, action)| Handler::Action(action))
+}
+
+/// Runs a command: its arguments are checked first, in QEMU's order.
+pub fn run(session: &mut Session, handler: Handler, args: &Args) -> Result<Json, QmpError> {
+    match handler {
+        Handler::Builtin(b) => {
+            args::check(args, &(b.args)(), b.extra)?;
+            (b.run)(session, args)
+        }
+        Handler::Action(action) => call_action(session, action, args),
+    }
+}
+
+/// Every command name a client can run now (after negotiation).
+pub fn names(tree: &Tree) -> Vec<&'static str> {
+    let mut names: Vec<&str> = BUILTINS.iter().map(|b| b.name).collect();
+    names.extend(
+        ACTIONS
+            .iter()
+            .filter(|(_, a)| machine_action(tree, a).is_some())
+            .map(|(q, _)| *q),
+    );
+    names
+}
+
+/// Runs a QMP command that is an action of `/machine`.
+pub fn call_action(session: &mut Session, action: &str, args: &Args) -> Result<Json, QmpError> {
+    let decl = machine_action(&session.tree, action).ok_or_else(|| {
+        QmpError::command_not_found(format!("The command {action} has not been found"))
+    })?;
+    let specs: Vec<ArgSpec> = decl.args().iter().map(ArgSpec::of_field).collect();
+    args::check(args, &specs, false)?;
+    let mut qom_args = qom::Args::new();
+    for (name, json) in args {
+        let kind = decl
+            .args()
+            .iter()
+            .find(|f| f.name == *name)
+            .map(|f| &f.kind);
+        qom_args.insert(name.clone(), args::to_value_of(name, kind, json)?);
+    }
+    let result = session
+        .tree
+        .call("/machine", action, qom_args)
+        .map_err(|e| from_qom(&e, Context::Other))?;
+    Ok(result.as_ref().map_or(json!({}), args::to_json))
+}
+
+fn str_arg<'a>(args: &'a Args, name: &str) -> &'a str {
+    args.get(name).and_then(Json::as_str).unwrap_or_default()
+}
+
+fn query_version(_: &mut Session, _: &Args) -> Result<Json, QmpError> {
+    let (major, minor, micro) = QEMU_VERSION;
+    Ok(json!({"qemu": {"major": major, "minor": minor, "micro": micro}, "package": package()}))
+}
+
+fn query_commands(session: &mut Session, _: &Args) -> Result<Json, QmpError> {
+    Ok(Json::Array(
+        names(&session.tree)
+            .into_iter()
+            .map(|n| json!({"name": n}))
+            .collect(),
+    ))
+}
+
+fn query_status(session: &mut Session, _: &Args) -> Result<Json, QmpError> {
+    let status = match session.tree.get("/machine", "status") {
+        Ok(v) => v.as_str().unwrap_or("prelaunch").to_owned(),
+        Err(_) => session.tree.machine_state().0,
+    };
+    Ok(json!({"running": status == "running", "status": status}))
+}
+
+fn query_name(session: &mut Session, _: &Args) -> Result<Json, QmpError> {
+    match session.tree.get("/machine", "name") {
+        Ok(Value::Str(name)) if !name.is_empty() => Ok(json!({"name": name})),
+        _ => Ok(json!({})),
+    }
+}
+
+/// `ObjectPropertyInfo` of a listed property.
+fn property_info(p: &PropertyInfo, with_details: bool) -> Json {
+    let mut info = Map::new();
+    info.insert("name".into(), json!(p.name));
+    info.insert("type".into(), json!(p.type_name));
+    if with_details {
+        if let Some(d) = &p.description {
+            info.insert("description".into(), json!(d));
+        }
+        if let Some(d) = &p.default {
+            info.insert("default-value".into(), args::to_json(d));
+        }
+    }
+    Json::Object(info)
+}
+
+fn qom_list(session: &mut Session, args: &Args) -> Result<Json, QmpError> {
+    let props = session
+        .tree
+        .list(str_arg(args, "path"))
+        .map_err(|e| from_qom(&e, Context::List))?;
+    Ok(Json::Array(
+        props.iter().map(|p| property_info(p, false)).collect(),
+    ))
+}
+
+fn qom_get(session: &mut Session, args: &Args) -> Result<Json, QmpError> {
+    let path = str_arg(args, "path");
+    // Reading a notifier subscribes this connection and returns the subscription's path.
+    let value = session
+        .events
+        .subscriber()
+        .get(path, str_arg(args, "property"))
+        .map_err(|e| from_qom(&e, Context::Lookup))?;
+    Ok(args::to_json(&value))
+}
+
+fn qom_set(session: &mut Session, args: &Args) -> Result<Json, QmpError> {
+    let (path, property) = (str_arg(args, "path"), str_arg(args, "property"));
+    let obj = session
+        .tree
+        .lookup(path)
+        .map_err(|e| from_qom(&e, Context::Lookup))?;
+    let kind = obj.class().property(property).map(|p| p.kind().clone());
+    let value = args::to_value_of(property, kind.as_ref(), &args["value"])?;
+    obj.set(property, value)
+        .map_err(|e| from_qom(&e, Context::Lookup))?;
+    Ok(json!({}))
+}
+
+fn qom_list_get(session: &mut Session, args: &Args) -> Result<Json, QmpError> {
+    let paths: Vec<&str> = args["paths"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Json::as_str)
+        .collect();
+    // Every path must resolve before anything is read, as in QEMU.
+    let objects = paths
+        .iter()
+        .map(|p| session.tree.lookup(p))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| from_qom(&e, Context::List))?;
+    let mut out = Vec::new();
+    for obj in objects {
+        let mut props = Vec::new();
+        for p in obj.list_properties() {
+            let mut entry = Map::new();
+            entry.insert("name".into(), json!(p.name));
+            entry.insert("type".into(), json!(p.type_name));
+            if !matches!(p.role, PropertyRole::Notifier(_))
+                && let Ok(v) = obj.get(&p.name)
+            {
+                entry.insert("value".into(), args::to_json(&v));
+            }
+            props.push(Json::Object(entry));
+        }
+        out.push(json!({"properties": props}));
+    }
+    Ok(Json::Array(out))
+}
+
+fn qom_list_types(session: &mut Session, args: &Args) -> Result<Json, QmpError> {
+    let implements = args.get("implements").and_then(Json::as_str);
+    let include_abstract = args
+        .get("abstract")
+        .and_then(Json::as_bool)
+        .unwrap_or(false);
+    let types = session.tree.list_types(implements, include_abstract);
+    Ok(Json::Array(
+        types
+            .iter()
+            .map(|t| {
+                let mut info = Map::new();
+                info.insert("name".into(), json!(t.name));
+                if t.is_abstract {
+                    info.insert("abstract".into(), json!(true));
+                }
+                if let Some(p) = &t.parent {
+                    info.insert("parent".into(), json!(p));
+                }
+                Json::Object(info)
+            })
+            .collect(),
+    ))
+}
+
+fn qom_list_properties(session: &mut Session, args: &Args) -> Result<Json, QmpError> {
+    let props = session
+        .tree
+        .type_properties(str_arg(args, "typename"))
+        .map_err(|e| from_qom(&e, Context::ClassQuery))?;
+    Ok(Json::Array(
+        props.iter().map(|p| property_info(p, true)).collect(),
+    ))
+}
+
+/// Properties QEMU leaves out of device-list-properties.
+const HIDDEN_DEVICE_PROPERTIES: &[&str] = &[
+    "type",
+    "realized",
+    "hotpluggable",
+    "hotplugged",
+    "parent_bus",
+];
+
+fn device_list_properties(session: &mut Session, args: &Args) -> Result<Json, QmpError> {
+    let typename = str_arg(args, "typename");
+    let class = session
+        .tree
+        .types()
+        .get(typename)
+        .map_err(|_| QmpError::device_not_found(typename))?;
+    if !class.implements("device") {
+        return Err(QmpError::generic("Parameter 'typename' expects device"));
+    }
+    if class.is_abstract() {
+        return Err(QmpError::generic(
+            "Parameter 'typename' expects a non-abstract device type",
+        ));
+    }
+    let props = class.property_infos();
+    Ok(Json::Array(
+        props
+            .iter()
+            .filter(|p| matches!(p.role, PropertyRole::Value(_)) && p.policy.is_writable())
+            .filter(|p| {
+                !HIDDEN_DEVICE_PROPERTIES.contains(&p.name.as_str())
+                    && !p.name.starts_with("legacy-")
+            })
+            .map(|p| property_info(p, true))
+            .collect(),
+    ))
+}
+
+/// Property values of object-add/device_add: JSON values, or text as QEMU's keyval
+/// parser gives them (the owning code parses text per property kind).
+fn property_values(args: &Args, skip: &[&str]) -> Result<Vec<(String, Value)>, QmpError> {
+    args.iter()
+        .filter(|(k, _)| !skip.contains(&k.as_str()))
+        .map(|(k, v)| Ok((k.clone(), args::to_value_of(k, None, v)?)))
+        .collect()
+}
+
+fn object_add(session: &mut Session, args: &Args) -> Result<Json, QmpError> {
+    let (typename, id) = (str_arg(args, "qom-type"), str_arg(args, "id"));
+    let class = session
+        .tree
+        .types()
+        .get(typename)
+        .map_err(|e| from_qom(&e, Context::ObjectAdd))?;
+    let mut props = Vec::new();
+    for (k, v) in property_values(args, &["qom-type", "id"])? {
+        let value = match (v, class.property(&k)) {
+            (Value::Str(text), Some(p)) if !matches!(p.kind().json_type(), "string" | "any") => p
+                .kind()
+                .parse_text(&k, &text)
+                .map_err(|e| from_qom(&e, Context::ObjectAdd))?,
+            (v, _) => v,
+        };
+        props.push((k, value));
+    }
+    session
+        .tree
+        .add_user_object(typename, id, props)
+        .map_err(|e| from_qom(&e, Context::ObjectAdd))?;
+    Ok(json!({}))
+}
+
+fn object_del(session: &mut Session, args: &Args) -> Result<Json, QmpError> {
+    session
+        .tree
+        .delete_user_object(str_arg(args, "id"))
+        .map_err(|e| from_qom(&e, Context::ObjectDel))?;
+    Ok(json!({}))
+}
+
+fn device_add(session: &mut Session, args: &Args) -> Result<Json, QmpError> {
+    let mut action_args = Map::new();
+    for key in ["driver", "id", "bus"] {
+        if let Some(v) = args.get(key) {
+            action_args.insert(key.into(), v.clone());
+        }
+    }
+    let properties: Map<String, Json> = args
+        .iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "driver" | "id" | "bus"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if !properties.is_empty() {
+        action_args.insert("properties".into(), Json::Object(properties));
+    }
+    call_action(session, "device-add", &action_args)
+}
+
+fn human_monitor_command(session: &mut Session, args: &Args) -> Result<Json, QmpError> {
+    Ok(Json::String(hmp::run(
+        session,
+        str_arg(args, "command-line"),
+    )))
+}
+
+fn subscribe(session: &mut Session, args: &Args) -> Result<Json, QmpError> {
+    let target = match (
+        args.get("path").and_then(Json::as_str),
+        args.get("type").and_then(Json::as_str),
+    ) {
+        (Some(p), None) => Target::Object(p.to_owned()),
+        (None, Some(t)) => Target::Type(t.to_owned()),
+        _ => {
+            return Err(QmpError::generic(
+                "Exactly one of 'path' and 'type' must be given",
+            ));
+        }
+    };
+    let queue_limit = match args.get("queue-limit") {
+        None => None,
+        Some(v) => Some(v.as_u64().ok_or_else(|| {
+            QmpError::generic(format!(
+                "Parameter 'queue-limit' expects an integer between 1 and {}",
+                qom::MAX_QUEUE_LIMIT
+            ))
+        })?),
+    };
+    let opts = SubscribeOptions {
+        queue_limit,
+        coalesce: args
+            .get("coalesce")
+            .and_then(Json::as_bool)
+            .unwrap_or(false),
+    };
+    let ctx = if matches!(target, Target::Type(_)) {
+        Context::ClassQuery
+    } else {
+        Context::Lookup
+    };
+    let path = session
+        .events
+        .subscriber()
+        .subscribe(target, str_arg(args, "notifier"), opts)
+        .map_err(|e| from_qom(&e, ctx))?;
+    Ok(json!({"subscription": path}))
+}
+
+fn unsubscribe(session: &mut Session, args: &Args) -> Result<Json, QmpError> {
+    session
+        .events
+        .subscriber()
+        .unsubscribe(str_arg(args, "subscription"))
+        .map_err(|e| from_qom(&e, Context::Lookup))?;
+    Ok(json!({}))
+}

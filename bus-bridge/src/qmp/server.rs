@@ -1,0 +1,295 @@
+//! The QMP server: Unix sockets (mode 0600), many clients at once, each with its own
+//! session.
+//!
+//! One thread per connection waits (`poll`) on the client's socket and on a wake pipe
+//! registered as the waker of its subscriptions, so both commands and events are handled
+//! without handing anything between threads. The pipe is registered only while the thread
+//! waits: an event emitted while it runs a command costs its emitter no system call, and it
+//! goes out with that command's reply. A client that stops reading blocks only its own
+//! thread: its events wait in its subscriptions' bounded queues and, beyond their limits,
+//! are dropped and counted, so no vCPU, tree operation or other client waits for it.
+
+use std::future::Future;
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll, Wake, Waker};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use qom::Tree;
+
+use super::session::{EventSink, Session, greeting};
+
+/// Most clients connected at once; more are closed right after accepting.
+pub const MAX_CONNECTIONS: usize = 1024;
+
+/// Writes a byte to the connection's wake pipe. Non-blocking: the emitter may be a vCPU
+/// thread, and a full pipe means a wake-up is already pending anyway.
+struct PipeWaker(UnixStream);
+
+impl Wake for PipeWaker {
+    fn wake(self: Arc<Self>) {
+        let _ = (&self.0).write(&[1]);
+    }
+}
+
+struct Connection {
+    stream: UnixStream,
+    /// A command or events are being handled.
+    busy: AtomicBool,
+    closed: AtomicBool,
+    events: Arc<EventSink>,
+}
+
+impl Connection {
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+
+    fn idle(&self) -> bool {
+        !self.busy.load(Ordering::Acquire) && !self.events.subscriber().has_pending()
+    }
+
+    /// Writes waiting events, then `reply` if any, in one write (QEMU sends the events a
+    /// command causes before its reply).
+    fn send(&self, mut out: &UnixStream, reply: Option<&str>) {
+        let mut text = String::new();
+        if self.events.subscriber().has_pending() {
+            for line in self.events.drain() {
+                text.push_str(&line);
+                text.push_str("\r\n");
+            }
+        }
+        if let Some(reply) = reply {
+            text.push_str(reply);
+            text.push_str("\r\n");
+        }
+        if !text.is_empty() && out.write_all(text.as_bytes()).is_err() {
+            self.close();
+        }
+    }
+}
+
+struct Shared {
+    tree: Tree,
+    stopping: AtomicBool,
+    next_id: AtomicU64,
+    connections: Mutex<Vec<Weak<Connection>>>,
+}
+
+/// A running QMP server.
+pub struct QmpServer {
+    shared: Arc<Shared>,
+    listeners: Vec<(PathBuf, Option<JoinHandle<()>>)>,
+}
+
+/// Binds `path`, replacing a stale socket left by a dead process.
+fn bind(path: &Path) -> io::Result<UnixListener> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("{} is in use by another process", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+impl QmpServer {
+    /// Listens on every path in `paths`.
+    ///
+    /// # Errors
+    /// A path cannot be bound (in use, not a socket, no permission).
+    pub fn start(tree: Tree, paths: &[PathBuf]) -> io::Result<QmpServer> {
+        let shared = Arc::new(Shared {
+            tree,
+            stopping: AtomicBool::new(false),
+            next_id: AtomicU64::new(1),
+            connections: Mutex::new(Vec::new()),
+        });
+        let mut listeners = Vec::new();
+        for path in paths {
+            let listener = bind(path).map_err(|e| {
+                io::Error::new(e.kind(), format!("QMP socket {}: {e}", path.display()))
+            })?;
+            let s = shared.clone();
+            let thread = std::thread::Builder::new()
+                .name("qmp-accept".into())
+                .spawn(move || accept_loop(&s, &listener))?;
+            listeners.push((path.clone(), Some(thread)));
+        }
+        Ok(QmpServer { shared, listeners })
+    }
+
+    /// How many clients are connected.
+    pub fn connections(&self) -> usize {
+        let mut conns = self.shared.connections.lock();
+        conns.retain(|c| {
+            c.upgrade()
+                .is_some_and(|c| !c.closed.load(Ordering::Acquire))
+        });
+        conns.len()
+    }
+
+    /// Stops accepting, lets every client receive what is already on its way (a reply
+    /// being written, pending events) for up to `grace`, then closes all connections and
+    /// removes the sockets.
+    pub fn shutdown(&mut self, grace: Duration) {
+        self.shared.stopping.store(true, Ordering::Release);
+        for (path, thread) in &mut self.listeners {
+            // Wake the accept loop, which sees `stopping` and ends.
+            let _ = UnixStream::connect(&*path);
+            if let Some(t) = thread.take() {
+                let _ = t.join();
+            }
+            let _ = std::fs::remove_file(&*path);
+        }
+        let live = || {
+            self.shared
+                .connections
+                .lock()
+                .iter()
+                .filter_map(Weak::upgrade)
+                .collect::<Vec<_>>()
+        };
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline
+            && !live()
+                .iter()
+                .all(|c| c.closed.load(Ordering::Acquire) || c.idle())
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for c in live() {
+            c.close();
+        }
+    }
+}
+
+impl Drop for QmpServer {
+    fn drop(&mut self) {
+        self.shutdown(Duration::ZERO);
+    }
+}
+
+fn accept_loop(shared: &Arc<Shared>, listener: &UnixListener) {
+    for stream in listener.incoming() {
+        if shared.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        let Ok(stream) = stream else { continue };
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let count = {
+            let mut conns = shared.connections.lock();
+            conns.retain(|c| c.strong_count() > 0);
+            conns.len()
+        };
+        if count >= MAX_CONNECTIONS {
+            tracing::warn!("QMP: refusing a client: {MAX_CONNECTIONS} are connected");
+            continue;
+        }
+        let s = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("qmp{id}"))
+            .spawn(move || {
+                if let Err(e) = serve(&s, stream, id) {
+                    tracing::debug!("QMP client {id}: {e}");
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("QMP: cannot start a thread for a client: {e}");
+        }
+    }
+}
+
+/// Waits until the socket or the wake pipe is readable (or the connection is closed).
+fn wait_readable(socket: &UnixStream, wake: &UnixStream) -> (bool, bool) {
+    let mut fds = [
+        libc::pollfd {
+            fd: socket.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: wake.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
+    if n <= 0 {
+        return (false, false);
+    }
+    (fds[0].revents != 0, fds[1].revents != 0)
+}
+
+fn serve(shared: &Shared, mut stream: UnixStream, id: u64) -> io::Result<()> {
+    let (wake_rx, wake_tx) = UnixStream::pair()?;
+    wake_tx.set_nonblocking(true)?;
+    wake_rx.set_nonblocking(true)?;
+    let waker = Waker::from(Arc::new(PipeWaker(wake_tx)));
+    let mut session = Session::new(shared.tree.clone(), id);
+    let conn = Arc::new(Connection {
+        stream: stream.try_clone()?,
+        busy: AtomicBool::new(false),
+        closed: AtomicBool::new(false),
+        events: session.event_sink(),
+    });
+    shared.connections.lock().push(Arc::downgrade(&conn));
+    let out = stream.try_clone()?;
+    conn.send(&out, Some(&greeting()));
+    let mut buf = vec![0u8; 64 << 10];
+    while !conn.closed.load(Ordering::Acquire) {
+        // Register the wake pipe for new events, unless some are already waiting.
+        let registered = {
+            let ready = pin!(conn.events.subscriber().ready());
+            ready.poll(&mut Context::from_waker(&waker)) == Poll::Pending
+        };
+        if !registered {
+            conn.busy.store(true, Ordering::Release);
+            conn.send(&out, None);
+            conn.busy.store(false, Ordering::Release);
+            continue;
+        }
+        let (input, woken) = wait_readable(&stream, &wake_rx);
+        if woken {
+            let mut drain = [0u8; 64];
+            while (&wake_rx).read(&mut drain).is_ok_and(|n| n > 0) {}
+        }
+        if !input {
+            continue;
+        }
+        let n = match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        conn.busy.store(true, Ordering::Release);
+        for reply in session.feed(&buf[..n]) {
+            conn.send(&out, Some(&reply));
+        }
+        conn.busy.store(false, Ordering::Release);
+    }
+    conn.close();
+    // Dropping the session ends the client's subscriptions.
+    drop(session);
+    Ok(())
+}
