@@ -46,12 +46,36 @@ struct Cli {
     /// Start the RTC at host UTC ('utc') or at a date like 2006-06-17T16:01:21.
     #[arg(long, value_name = "BASE", default_value = "utc")]
     rtc_base: String,
-    /// QMP server socket: unix:PATH (repeatable).
-    #[arg(long, value_name = "unix:PATH")]
-    qmp: Vec<String>,
+    /// QMP server socket: unix:PATH (repeatable); QEMU's ",server=on,wait=off" is accepted.
+    #[arg(long, value_name = "unix:PATH", value_parser = parse_qmp)]
+    qmp: Vec<PathBuf>,
     /// D-Bus connection: auto, session, system, none or a bus address.
     #[arg(long, value_name = "BUS")]
     dbus: Option<String>,
+}
+
+/// Parses `unix:PATH[,server=on][,wait=off]` (QEMU's chardev options are accepted and
+/// must say what qomu does anyway: a listening server that does not wait).
+fn parse_qmp(text: &str) -> Result<PathBuf, String> {
+    let rest = text
+        .strip_prefix("unix:")
+        .ok_or_else(|| format!("'{text}': only unix:PATH sockets are supported"))?;
+    let mut parts = rest.split(',');
+    let path = parts
+        .next()
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| format!("'{text}': the socket path is missing"))?;
+    for option in parts {
+        match option {
+            "server" | "server=on" | "nowait" | "wait=off" => {}
+            other => {
+                return Err(format!(
+                    "'{text}': unsupported option '{other}' (qomu listens and does not wait)"
+                ));
+            }
+        }
+    }
+    Ok(PathBuf::from(path))
 }
 
 /// Terminal settings to restore on exit, when the console is a terminal.
@@ -141,10 +165,6 @@ fn init_logging() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
-    if !cli.qmp.is_empty() {
-        eprintln!("qomu: --qmp: the QMP server is not built yet");
-        return ExitCode::from(2);
-    }
     if cli.dbus.as_deref().is_some_and(|d| d != "none") {
         eprintln!("qomu: --dbus: the D-Bus front end is not built yet (only --dbus none)");
         return ExitCode::from(2);
@@ -169,16 +189,27 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let mut qmp = match bus_bridge::qmp::server::QmpServer::start(machine.tree().clone(), &cli.qmp)
+    {
+        Ok(server) => server,
+        Err(e) => {
+            eprintln!("qomu: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     spawn_signal_thread(machine.clone());
     let terminal = Terminal::take(config.serial == "stdio");
     if !cli.paused
         && let Err(e) = machine.cont()
     {
+        qmp.shutdown(std::time::Duration::ZERO);
         terminal.restore();
         eprintln!("qomu: {e}");
         return ExitCode::FAILURE;
     }
     let status = machine.wait_for_exit();
+    // Let clients receive the reply to `quit` and the SHUTDOWN event before the sockets go.
+    qmp.shutdown(std::time::Duration::from_secs(1));
     terminal.restore();
     ExitCode::from((status & 0xff) as u8)
 }

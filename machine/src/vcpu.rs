@@ -42,6 +42,27 @@ struct Control {
     doing: Doing,
 }
 
+/// `Doing` mirrored in an atomic, so the control side can spin on it briefly instead of
+/// sleeping (a sleep costs a cross-CPU wake-up, several times a typical pause).
+struct DoingAtomic(std::sync::atomic::AtomicU8);
+
+impl DoingAtomic {
+    fn set(&self, d: Doing) {
+        self.0.store(d as u8, Ordering::Release);
+    }
+    fn get(&self) -> Doing {
+        match self.0.load(Ordering::Acquire) {
+            0 => Doing::Starting,
+            1 => Doing::Running,
+            2 => Doing::Paused,
+            _ => Doing::Exited,
+        }
+    }
+}
+
+/// How long the control side spins on a vCPU's acknowledgement before sleeping.
+const SPIN: Duration = Duration::from_micros(200);
+
 /// Events a vCPU reports to the machine (from its own thread; the machine acts on them
 /// from its control thread).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +88,7 @@ pub struct Vcpu {
     index: u32,
     fd: Arc<Mutex<VcpuFd>>,
     control: Arc<(Mutex<Control>, Condvar)>,
+    doing: Arc<DoingAtomic>,
     thread_id: Arc<AtomicI64>,
     thread: Option<JoinHandle<()>>,
 }
@@ -114,17 +136,26 @@ impl Vcpu {
             }),
             Condvar::new(),
         ));
+        let doing = Arc::new(DoingAtomic(std::sync::atomic::AtomicU8::new(
+            Doing::Starting as u8,
+        )));
         let thread_id = Arc::new(AtomicI64::new(-1));
         let thread = {
-            let (fd, control, thread_id) = (fd.clone(), control.clone(), thread_id.clone());
+            let (fd, control, doing, thread_id) = (
+                fd.clone(),
+                control.clone(),
+                doing.clone(),
+                thread_id.clone(),
+            );
             std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
-                .spawn(move || run_loop(index, &fd, &control, &thread_id, &ctx))?
+                .spawn(move || run_loop(index, &fd, &control, &doing, &thread_id, &ctx))?
         };
         let vcpu = Vcpu {
             index,
             fd,
             control,
+            doing,
             thread_id,
             thread: Some(thread),
         };
@@ -160,6 +191,13 @@ impl Vcpu {
     }
 
     fn wait_until(&self, done: impl Fn(Doing) -> bool) {
+        let spin_until = std::time::Instant::now() + SPIN;
+        while std::time::Instant::now() < spin_until {
+            if done(self.doing.get()) {
+                return;
+            }
+            std::hint::spin_loop();
+        }
         let (lock, cond) = &*self.control;
         let mut c = lock.lock();
         while !done(c.doing) {
@@ -215,6 +253,7 @@ fn run_loop(
     index: u32,
     fd: &Mutex<VcpuFd>,
     control: &(Mutex<Control>, Condvar),
+    doing: &DoingAtomic,
     thread_id: &AtomicI64,
     ctx: &ExitContext,
 ) {
@@ -230,6 +269,7 @@ fn run_loop(
                     Want::Run => break,
                     Want::Exit => {
                         c.doing = Doing::Exited;
+                        doing.set(Doing::Exited);
                         cond.notify_all();
                         KVM_RUN.with(|run| run.set(std::ptr::null_mut()));
                         return;
@@ -237,6 +277,7 @@ fn run_loop(
                     Want::Pause => {
                         if c.doing != Doing::Paused {
                             c.doing = Doing::Paused;
+                            doing.set(Doing::Paused);
                             cond.notify_all();
                         }
                         cond.wait(&mut c);
@@ -244,6 +285,7 @@ fn run_loop(
                 }
             }
             c.doing = Doing::Running;
+            doing.set(Doing::Running);
         }
         let mut fd = fd.lock();
         if let Some(event) = run_once(index, &mut fd, ctx) {

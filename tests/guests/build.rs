@@ -5,7 +5,9 @@ use std::env;
 use std::path::PathBuf;
 use std::process::Command;
 
-const GUESTS: &[&str] = &["demo", "hello", "reset", "wild", "spin", "bad", "pio"];
+const GUESTS: &[&str] = &[
+    "demo", "hello", "reset", "wild", "spin", "bad", "pio", "idle",
+];
 
 fn main() {
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));

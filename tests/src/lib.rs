@@ -180,3 +180,217 @@ impl TestVm {
             .unwrap_or_else(|e| panic!("{path}.{property}: {e}"))
     }
 }
+
+/// The `qomu` binary of this build (cargo builds it before running the workspace's tests).
+pub fn qomu_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/qomu
+    let bin = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .map(|d| d.join("qomu"))
+        .expect("target directory");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it first (`cargo test --workspace` does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A private temporary directory, removed on drop.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("qomu-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        TempDir(dir)
+    }
+    pub fn path(&self, name: &str) -> std::path::PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `qomu` process with a QMP socket, killed on drop.
+pub struct Qomu {
+    pub child: std::process::Child,
+    pub dir: TempDir,
+    pub qmp: std::path::PathBuf,
+}
+
+impl Qomu {
+    /// Starts `qomu ARGS --qmp unix:<dir>/qmp.sock` (and `--serial none` unless ARGS has a
+    /// --serial) and waits for the socket.
+    pub fn spawn(args: &[&str]) -> Qomu {
+        let dir = TempDir::new("proc");
+        let qmp = dir.path("qmp.sock");
+        let mut cmd = std::process::Command::new(qomu_binary());
+        cmd.args(args)
+            .arg("--qmp")
+            .arg(format!("unix:{}", qmp.display()));
+        if !args.contains(&"--serial") {
+            cmd.args(["--serial", "none"]);
+        }
+        let child = cmd
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn qomu");
+        let q = Qomu { child, dir, qmp };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !q.qmp.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "qomu did not create its QMP socket"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        q
+    }
+
+    /// Waits for the process to end; its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// A raw client connection (greeting read).
+    pub fn connect(&self) -> QmpRaw {
+        QmpRaw::connect(&self.qmp)
+    }
+}
+
+impl Drop for Qomu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A raw QMP client: exact bytes in, exact lines out.
+pub struct QmpRaw {
+    pub stream: std::os::unix::net::UnixStream,
+    buf: Vec<u8>,
+    /// Events read while waiting for replies.
+    pub events: VecDeque<serde_json::Value>,
+    pub greeting: serde_json::Value,
+}
+
+impl QmpRaw {
+    pub fn connect(path: &std::path::Path) -> QmpRaw {
+        let stream = std::os::unix::net::UnixStream::connect(path).expect("connect to QMP");
+        stream.set_read_timeout(Some(PATIENCE)).expect("timeout");
+        let mut c = QmpRaw {
+            stream,
+            buf: Vec::new(),
+            events: VecDeque::new(),
+            greeting: serde_json::Value::Null,
+        };
+        c.greeting = c.read_message();
+        c
+    }
+
+    pub fn send(&mut self, text: &str) {
+        use std::io::Write;
+        self.stream.write_all(text.as_bytes()).expect("send");
+    }
+
+    /// The next line, without its CRLF; panics if a line does not end in CRLF.
+    pub fn read_line(&mut self) -> String {
+        use std::io::Read;
+        loop {
+            if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                let line: Vec<u8> = self.buf.drain(..i + 2).take(i).collect();
+                return String::from_utf8(line).expect("QMP output is ASCII");
+            }
+            let mut chunk = [0u8; 65536];
+            let n = self.stream.read(&mut chunk).expect("read from QMP");
+            assert!(n > 0, "qomu closed the connection");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    pub fn read_message(&mut self) -> serde_json::Value {
+        let line = self.read_line();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+    }
+
+    /// Reads until a reply (return or error), keeping events aside.
+    pub fn reply(&mut self) -> serde_json::Value {
+        loop {
+            let m = self.read_message();
+            if m.get("event").is_some() {
+                self.events.push_back(m);
+            } else {
+                return m;
+            }
+        }
+    }
+
+    /// Sends a command (`{"execute": ...}` text) and returns its reply.
+    pub fn cmd(&mut self, text: &str) -> serde_json::Value {
+        self.send(text);
+        self.reply()
+    }
+
+    /// As [`QmpRaw::cmd`], but `None` if the connection is gone instead of panicking.
+    pub fn try_cmd(&mut self, text: &str) -> Option<serde_json::Value> {
+        use std::io::{Read, Write};
+        self.stream.write_all(text.as_bytes()).ok()?;
+        loop {
+            if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                let line: Vec<u8> = self.buf.drain(..i + 2).take(i).collect();
+                let m: serde_json::Value = serde_json::from_slice(&line).ok()?;
+                if m.get("event").is_some() {
+                    self.events.push_back(m);
+                    continue;
+                }
+                return Some(m);
+            }
+            let mut chunk = [0u8; 65536];
+            let n = self.stream.read(&mut chunk).ok().filter(|&n| n > 0)?;
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    pub fn negotiate(&mut self) {
+        let r = self.cmd(r#"{"execute": "qmp_capabilities"}"#);
+        assert_eq!(r, serde_json::json!({"return": {}}));
+    }
+
+    /// The next event named `name` (others stay queued).
+    pub fn wait_event(&mut self, name: &str) -> serde_json::Value {
+        loop {
+            if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
+                return self.events.remove(i).unwrap_or_default();
+            }
+            let m = self.read_message();
+            assert!(
+                m.get("event").is_some(),
+                "unexpected reply while waiting for {name}: {m}"
+            );
+            self.events.push_back(m);
+        }
+    }
+}

@@ -1,8 +1,10 @@
 /* hello: prints a greeting and its command line, then exits with the code given by
- * `exit=N` on the command line (default 0): the VMM's exit status is (N << 1) | 1. */
+ * `exit=N` on the command line (default 0): the VMM's exit status is (N << 1) | 1.
+ * `port=0x2f8` prints on another UART than COM1. */
 #include "rt.h"
 
 void guest_main(const u8 *zero_page) {
+    console_port = (u16)cmdline_u64(zero_page, "port", COM1);
     puts("hello from the qomu test guest\n");
     puts("cmdline: ");
     puts(cmdline(zero_page));

@@ -34,12 +34,14 @@ static inline u64 mmio_read64(u64 a) { return *(volatile u64 *)a; }
 static inline void mmio_write8(u64 a, u8 v) { *(volatile u8 *)a = v; }
 static inline void mmio_write32(u64 a, u32 v) { *(volatile u32 *)a = v; }
 
-/* ---- serial console (16550 at COM1) ---- */
+/* ---- serial console (a 16550, COM1 unless a guest picks another with `port=`) ---- */
+
+static u16 console_port = COM1;
 
 static inline void putc(char c) {
-    while (!(inb(COM1 + 5) & 0x20)) {
+    while (!(inb(console_port + 5) & 0x20)) {
     }
-    outb(COM1, (u8)c);
+    outb(console_port, (u8)c);
 }
 
 static inline void puts(const char *s) {
@@ -75,8 +77,8 @@ static inline void putx(u64 v) {
 }
 
 /* True if a byte is waiting in the receive buffer. */
-static inline int serial_has_input(void) { return inb(COM1 + 5) & 1; }
-static inline char serial_getc(void) { return (char)inb(COM1); }
+static inline int serial_has_input(void) { return inb(console_port + 5) & 1; }
+static inline char serial_getc(void) { return (char)inb(console_port); }
 
 /* ---- the Linux zero page ---- */
 

@@ -5,7 +5,7 @@
 //! - `demo`: bundled in the `qomu` binary; prints a banner and answers commands on the
 //!   serial console.
 //! - `hello`, `reset`, `wild`, `spin`, `bad`: the end-to-end tests' guests, and `pio`,
-//!   the benchmark's (see each file's
+//!   the benchmarks' `pio` and `idle` (see each file's
 //!   header comment).
 
 use std::path::PathBuf;
@@ -14,7 +14,9 @@ use std::path::PathBuf;
 pub const DEMO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/demo.elf"));
 
 /// Every guest built.
-pub const NAMES: &[&str] = &["demo", "hello", "reset", "wild", "spin", "bad", "pio"];
+pub const NAMES: &[&str] = &[
+    "demo", "hello", "reset", "wild", "spin", "bad", "pio", "idle",
+];
 
 /// The path of a built guest image (`hello`, `spin`, ...).
 pub fn path(name: &str) -> PathBuf {
