@@ -92,6 +92,7 @@ pub(crate) fn register(builder: &TreeBuilder, weak: &Weak<Machine>) -> Result<()
             Property::new("memory-size", Kind::size())
                 .default(256u64 << 20)
                 .policy(PhasePolicy::Prelaunch)
+                .notifying()
                 .description("Guest RAM in bytes (a multiple of 1 MiB)")
                 .validate(|_, v| {
                     let size = v.as_u64().unwrap_or(0);
@@ -105,22 +106,24 @@ pub(crate) fn register(builder: &TreeBuilder, weak: &Weak<Machine>) -> Result<()
                     Ok(())
                 }),
         )
-        .property(Property::new("cpus", Kind::uint_range(1, MAX_CPUS)).default(1u32).policy(PhasePolicy::Prelaunch).description("Number of vCPUs"))
+        .property(Property::new("cpus", Kind::uint_range(1, MAX_CPUS)).default(1u32).policy(PhasePolicy::Prelaunch).notifying().description("Number of vCPUs"))
         .property(
             Property::new("kernel", Kind::Str)
                 .policy(PhasePolicy::Prelaunch)
+                .notifying()
                 .description("Kernel to boot: a 64-bit ELF (vmlinux) or a bzImage; empty for the built-in demo guest")
                 .validate(|_, v| file_exists("kernel", v)),
         )
         .property(
             Property::new("initrd", Kind::Str)
                 .policy(PhasePolicy::Prelaunch)
+                .notifying()
                 .description("Initial ramdisk; empty for none")
                 .validate(|_, v| file_exists("initrd", v)),
         )
-        .property(Property::new("append", Kind::Str).policy(PhasePolicy::Prelaunch).description("Kernel command line"))
-        .property(Property::new("name", Kind::Str).description("The VM's name"))
-        .property(Property::new("no-shutdown", Kind::Bool).description("On guest shutdown, stop in 'shutdown' instead of ending the VMM"))
+        .property(Property::new("append", Kind::Str).policy(PhasePolicy::Prelaunch).notifying().description("Kernel command line"))
+        .property(Property::new("name", Kind::Str).notifying().description("The VM's name"))
+        .property(Property::new("no-shutdown", Kind::Bool).notifying().description("On guest shutdown, stop in 'shutdown' instead of ending the VMM"))
         .property(machine_property(weak, "error", Kind::Str, |m| Value::Str(m.error().unwrap_or_default())).description("Why the machine stopped in internal-error"))
         .property(
             machine_property(weak, "exit-status", Kind::int32(), |m| Value::Int(m.exit_status().map_or(-1, i64::from)))

@@ -191,6 +191,9 @@ impl Property {
     pub fn kind(&self) -> &Kind {
         &self.kind
     }
+    pub fn description_text(&self) -> &str {
+        &self.description
+    }
     pub fn policy_of(&self) -> PhasePolicy {
         self.policy
     }
