@@ -4,4 +4,6 @@
 //! [`qom::Error`] type to their own error form in one function each. They depend on `qom`
 //! only and know nothing of KVM.
 
+pub mod dbus;
 pub mod qmp;
+pub mod socket;

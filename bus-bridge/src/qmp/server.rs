@@ -12,9 +12,8 @@
 use std::future::Future;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -91,28 +90,6 @@ pub struct QmpServer {
     listeners: Vec<(PathBuf, Option<JoinHandle<()>>)>,
 }
 
-/// Binds `path`, replacing a stale socket left by a dead process.
-fn bind(path: &Path) -> io::Result<UnixListener> {
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                format!("{} exists and is not a socket", path.display()),
-            ));
-        }
-        if UnixStream::connect(path).is_ok() {
-            return Err(io::Error::new(
-                io::ErrorKind::AddrInUse,
-                format!("{} is in use by another process", path.display()),
-            ));
-        }
-        std::fs::remove_file(path)?;
-    }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
-}
-
 impl QmpServer {
     /// Listens on every path in `paths`.
     ///
@@ -127,7 +104,7 @@ impl QmpServer {
         });
         let mut listeners = Vec::new();
         for path in paths {
-            let listener = bind(path).map_err(|e| {
+            let listener = crate::socket::bind_private(path).map_err(|e| {
                 io::Error::new(e.kind(), format!("QMP socket {}: {e}", path.display()))
             })?;
             let s = shared.clone();

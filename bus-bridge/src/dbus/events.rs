@@ -1,0 +1,201 @@
+//! Events to signals: the bridge's own subscriptions become ObjectManager's
+//! InterfacesAdded/InterfacesRemoved and Properties' PropertiesChanged, for every
+//! connection; a client's subscription becomes the notifier's typed signal, sent from the
+//! subscription's object path to that client only.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use qom::{Delivery, Value};
+use zbus::wire::Structure;
+use zbus::{Message, Variant};
+
+use super::bridge::{BRIDGE_OWNER, Bridge, PeerKind};
+use super::encode::{InterfacesAdded, ObjectInterfaces};
+use super::schema::{OBJECT_MANAGER, PROPERTIES, SignalArgs};
+
+impl Bridge {
+    /// Forwards events until the subscriber is closed.
+    pub async fn pump_events(self: Arc<Self>) {
+        loop {
+            self.events.ready().await;
+            let deliveries = self.events.drain();
+            if deliveries.is_empty() {
+                // Ready with nothing pending: the subscriber was closed.
+                return;
+            }
+            for d in deliveries {
+                self.forward(&d).await;
+            }
+        }
+    }
+
+    async fn forward(&self, d: &Delivery) {
+        let event = &d.event;
+        if &*d.owner != BRIDGE_OWNER {
+            return self.forward_to_owner(d).await;
+        }
+        let msg = match &*event.notifier {
+            qom::CHILD_ADDED => self.interfaces_added(&event.data),
+            qom::CHILD_REMOVED => self.interfaces_removed(&event.data),
+            qom::PROPERTY_CHANGED => {
+                self.properties_changed(&event.source, &event.source_type, &event.data)
+            }
+            _ => None,
+        };
+        if let Some(msg) = msg {
+            self.broadcast(&msg).await;
+        }
+    }
+
+    fn interfaces_added(&self, data: &Value) -> Option<Message> {
+        let child = data.field("child")?.as_str()?;
+        // Gone again already: its child-removed follows, and nobody saw it.
+        let obj = self.tree.lookup(child).ok()?;
+        if obj.path() != child {
+            return None;
+        }
+        let interfaces = ObjectInterfaces::new(self, obj);
+        if interfaces.has_signals_only() {
+            // A subscription's extra interface cannot be told from its type once it is
+            // gone: remember it for InterfacesRemoved.
+            self.signal_ifaces
+                .lock()
+                .insert(child.to_owned(), interfaces.names());
+        }
+        let body = InterfacesAdded {
+            path: self.object_path(child),
+            interfaces,
+        };
+        signal(self.root(), OBJECT_MANAGER, "InterfacesAdded", &body)
+    }
+
+    fn interfaces_removed(&self, data: &Value) -> Option<Message> {
+        let child = data.field("child")?.as_str()?;
+        let typename = data.field("type")?.as_str()?;
+        let names = match self.signal_ifaces.lock().remove(child) {
+            Some(names) => names,
+            None => self.interface_names(typename),
+        };
+        let body = (self.object_path(child), names);
+        signal(self.root(), OBJECT_MANAGER, "InterfacesRemoved", &body)
+    }
+
+    fn properties_changed(&self, source: &str, source_type: &str, data: &Value) -> Option<Message> {
+        let property = data.field("property")?.as_str()?;
+        let value = data.field("value")?;
+        let class = self.tree.types().get(source_type).ok()?;
+        let declared_by = class
+            .properties()
+            .iter()
+            .find(|d| d.item.name() == property)?
+            .declared_by
+            .clone();
+        let t = self.schema.type_iface(&self.tree, &declared_by).ok()?;
+        let p = t.prop_by_qom(property)?;
+        let mut changed = BTreeMap::new();
+        let mut invalidated = Vec::new();
+        match self.codec.to_variant(&p.kind, value) {
+            Some(v) => {
+                changed.insert(p.dbus.as_str(), v);
+            }
+            None => invalidated.push(p.dbus.as_str()),
+        }
+        let body = (t.name.as_str(), changed, invalidated);
+        signal(
+            self.object_path(source).as_str(),
+            PROPERTIES,
+            "PropertiesChanged",
+            &body,
+        )
+    }
+
+    /// A client's event: the notifier's signal from the subscription's path, to the client.
+    async fn forward_to_owner(&self, d: &Delivery) {
+        let peer = self
+            .peers
+            .lock()
+            .iter()
+            .find(|p| match &p.kind {
+                PeerKind::P2p(label) => *label == *d.owner,
+                PeerKind::Bus => d.owner.starts_with(':'),
+            })
+            .cloned();
+        // The owner's connection is gone; its subscriptions go with it.
+        let Some(peer) = peer else { return };
+        let destination = matches!(peer.kind, PeerKind::Bus).then_some(&*d.owner);
+        let Some(msg) = self.owner_signal(d, destination) else {
+            tracing::debug!(
+                "D-Bus: event {} of {} does not fit its declared payload; not sent",
+                d.event.notifier,
+                d.event.source
+            );
+            return;
+        };
+        if let Err(e) = peer.conn.send(&msg).await {
+            tracing::debug!("D-Bus: cannot send an event to {}: {e}", d.owner);
+        }
+    }
+
+    fn owner_signal(&self, d: &Delivery, destination: Option<&str>) -> Option<Message> {
+        let event = &d.event;
+        let class = self.tree.types().get(&event.source_type).ok()?;
+        let declared_by = class
+            .notifiers()
+            .iter()
+            .find(|n| *n.item.name() == *event.notifier)?
+            .declared_by
+            .clone();
+        let t = self.schema.type_iface(&self.tree, &declared_by).ok()?;
+        let s = t.signal_by_qom(&event.notifier)?;
+        let mut body =
+            Structure::builder().append_field(Variant::ObjectPath(self.object_path(&event.source)));
+        match &s.args {
+            SignalArgs::Fields(fields) => {
+                for f in fields {
+                    let v = event.data.field(&f.name)?;
+                    body = body.append_field(self.codec.to_variant(&f.kind, v)?);
+                }
+            }
+            SignalArgs::Whole(kind) => {
+                body = body.append_field(self.codec.to_variant(kind, &event.data)?);
+            }
+        }
+        let body = body.build().ok()?;
+        let path = self.object_path(&d.subscription);
+        let mut builder = Message::signal(path.as_str(), t.name.as_str(), s.dbus.as_str());
+        if let Some(destination) = destination {
+            builder = builder.destination(destination);
+        }
+        match builder.build(&body) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::warn!("D-Bus: cannot build signal {}.{}: {e}", t.name, s.dbus);
+                None
+            }
+        }
+    }
+
+    /// Sends a signal on every connection.
+    pub async fn broadcast(&self, msg: &Message) {
+        let peers = self.peers.lock().clone();
+        for peer in peers {
+            if let Err(e) = peer.conn.send(msg).await {
+                tracing::debug!("D-Bus: cannot send a signal: {e}");
+            }
+        }
+    }
+}
+
+fn signal<B>(path: &str, iface: &str, member: &str, body: &B) -> Option<Message>
+where
+    B: serde::Serialize + zbus::wire::DynamicType,
+{
+    match Message::signal(path, iface, member).build(body) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            tracing::warn!("D-Bus: cannot build signal {iface}.{member} from {path}: {e}");
+            None
+        }
+    }
+}
