@@ -135,6 +135,8 @@ fn qomu(tag: &str) -> Server {
         "iters=100000000000 step=100000000",
         "--serial",
         "none",
+        "--dbus",
+        "none",
         "--qmp",
     ]
     .iter()

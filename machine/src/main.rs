@@ -1,12 +1,25 @@
 //! The `qomu` command (docs/cli.md).
 
+mod private_bus;
+
+/// `eprintln!` that cannot panic: qomu keeps running when its stderr is gone (a closed
+/// pipe), and a message it cannot print is dropped.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use bus_bridge::dbus::{BusAddress, DbusBridge, DbusConfig};
 use clap::Parser;
 use machine::config::{parse_cpus, parse_memory};
 use machine::{DeviceSpec, Machine, MachineConfig, ShutdownCause};
+use private_bus::PrivateBus;
 
 /// A KVM virtual machine monitor whose devices form a live object tree, reachable over QMP
 /// and D-Bus. With no --kernel it boots a small demo guest that answers on the console.
@@ -49,9 +62,110 @@ struct Cli {
     /// QMP server socket: unix:PATH (repeatable); QEMU's ",server=on,wait=off" is accepted.
     #[arg(long, value_name = "unix:PATH", value_parser = parse_qmp)]
     qmp: Vec<PathBuf>,
-    /// D-Bus connection: auto, session, system, none or a bus address.
-    #[arg(long, value_name = "BUS")]
-    dbus: Option<String>,
+    /// D-Bus bus to serve the tree on: auto (the session bus if configured, else a private
+    /// bus qomu starts and prints), session, system, none, or a bus address (unix:path=...).
+    #[arg(long, value_name = "BUS", default_value = "auto", value_parser = parse_dbus)]
+    dbus: DbusChoice,
+    /// Well-known name to own on the bus.
+    #[arg(long, value_name = "NAME", default_value = "org.qomu.VM1", value_parser = parse_bus_name)]
+    dbus_name: String,
+    /// Peer-to-peer D-Bus socket: unix:PATH (repeatable); clients connect without a bus.
+    #[arg(long, value_name = "unix:PATH", value_parser = parse_p2p)]
+    dbus_p2p: Vec<PathBuf>,
+}
+
+/// The `--dbus` choice.
+#[derive(Debug, Clone)]
+enum DbusChoice {
+    Auto,
+    None,
+    Bus(BusAddress),
+}
+
+fn parse_dbus(text: &str) -> Result<DbusChoice, String> {
+    Ok(match text {
+        "auto" => DbusChoice::Auto,
+        "none" => DbusChoice::None,
+        "session" => DbusChoice::Bus(BusAddress::Session),
+        "system" => DbusChoice::Bus(BusAddress::System),
+        t if t.contains(':') && t.contains('=') => {
+            DbusChoice::Bus(BusAddress::Address(t.to_owned()))
+        }
+        t => {
+            return Err(format!(
+                "'{t}': expected auto, session, system, none or a D-Bus address such as unix:path=/run/qomu/bus"
+            ));
+        }
+    })
+}
+
+fn parse_bus_name(text: &str) -> Result<String, String> {
+    bus_bridge::dbus::names::check_bus_name(text)?;
+    Ok(text.to_owned())
+}
+
+fn parse_p2p(text: &str) -> Result<PathBuf, String> {
+    text.strip_prefix("unix:")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .ok_or_else(|| format!("'{text}': expected unix:PATH"))
+}
+
+/// Starts the D-Bus front end as `--dbus` asks. A private bus, when one is started, must
+/// outlive the bridge.
+fn start_dbus(
+    choice: &DbusChoice,
+    name: &str,
+    p2p: &[PathBuf],
+    tree: &qom::Tree,
+) -> Result<(Option<DbusBridge>, Option<PrivateBus>), String> {
+    let config = |bus: Option<BusAddress>| DbusConfig {
+        bus,
+        name: name.to_owned(),
+        p2p: p2p.to_vec(),
+    };
+    let start = |bus: Option<BusAddress>| {
+        DbusBridge::start(tree.clone(), config(bus)).map_err(|e| format!("D-Bus: {e}"))
+    };
+    let p2p_only = || {
+        if p2p.is_empty() {
+            Ok((None, None))
+        } else {
+            start(None).map(|b| (Some(b), None))
+        }
+    };
+    match choice {
+        DbusChoice::None => p2p_only(),
+        DbusChoice::Bus(bus) => start(Some(bus.clone())).map(|b| (Some(b), None)),
+        DbusChoice::Auto => {
+            if std::env::var_os("DBUS_SESSION_BUS_ADDRESS").is_some_and(|a| !a.is_empty()) {
+                match start(Some(BusAddress::Session)) {
+                    Ok(b) => return Ok((Some(b), None)),
+                    // Another VM owns the name: the user must pick one, not get a private bus.
+                    Err(e) if e.contains("cannot own the name") => return Err(e),
+                    Err(e) => say!("qomu: {e}; starting a private bus instead"),
+                }
+            }
+            match PrivateBus::start() {
+                Ok(private) => {
+                    let bridge = start(Some(BusAddress::Address(private.address().to_owned())))?;
+                    say!(
+                        "qomu: no session bus; serving {} on a private bus:\n  export DBUS_SESSION_BUS_ADDRESS='{}'",
+                        name,
+                        private.address()
+                    );
+                    Ok((Some(bridge), Some(private)))
+                }
+                Err(e) => {
+                    say!(
+                        "qomu: D-Bus: no session bus, and dbus-daemon cannot be started ({e}); \
+                         going on without D-Bus (install dbus, or pass --dbus none)"
+                    );
+                    p2p_only()
+                }
+            }
+        }
+    }
 }
 
 /// Parses `unix:PATH[,server=on][,wait=off]` (QEMU's chardev options are accepted and
@@ -142,12 +256,12 @@ fn spawn_signal_thread(machine: Arc<Machine>) {
             let mut signal: libc::c_int = 0;
             // SAFETY: `set` is initialized and `signal` is a valid place for the result.
             if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
-                eprintln!("qomu: terminating on signal {signal}");
+                say!("qomu: terminating on signal {signal}");
                 machine.shutdown(ShutdownCause::HostSignal, Some(0));
             }
         });
     if let Err(e) = spawned {
-        eprintln!("qomu: cannot watch for signals: {e}");
+        say!("qomu: cannot watch for signals: {e}");
     }
 }
 
@@ -165,10 +279,6 @@ fn init_logging() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
-    if cli.dbus.as_deref().is_some_and(|d| d != "none") {
-        eprintln!("qomu: --dbus: the D-Bus front end is not built yet (only --dbus none)");
-        return ExitCode::from(2);
-    }
     block_stop_signals();
     let config = MachineConfig {
         memory: cli.memory,
@@ -185,31 +295,45 @@ fn main() -> ExitCode {
     let machine = match Machine::new(&config) {
         Ok(m) => m,
         Err(e) => {
-            eprintln!("qomu: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let mut qmp = match bus_bridge::qmp::server::QmpServer::start(machine.tree().clone(), &cli.qmp)
-    {
-        Ok(server) => server,
-        Err(e) => {
-            eprintln!("qomu: {e}");
+            say!("qomu: {e}");
             return ExitCode::FAILURE;
         }
     };
     spawn_signal_thread(machine.clone());
     let terminal = Terminal::take(config.serial == "stdio");
+    // The front ends come up once the guest runs (unless -S), as QEMU's monitor answers
+    // only once the VM has started: a client that connects as soon as it can sees the
+    // state it asked for on the command line, never a passing prelaunch.
     if !cli.paused
         && let Err(e) = machine.cont()
     {
-        qmp.shutdown(std::time::Duration::ZERO);
         terminal.restore();
-        eprintln!("qomu: {e}");
+        say!("qomu: {e}");
         return ExitCode::FAILURE;
     }
+    let fail = |e: &dyn std::fmt::Display| {
+        machine.quit();
+        terminal.restore();
+        say!("qomu: {e}");
+        ExitCode::FAILURE
+    };
+    let (mut dbus, private_bus) =
+        match start_dbus(&cli.dbus, &cli.dbus_name, &cli.dbus_p2p, machine.tree()) {
+            Ok(started) => started,
+            Err(e) => return fail(&e),
+        };
+    let mut qmp = match bus_bridge::qmp::server::QmpServer::start(machine.tree().clone(), &cli.qmp)
+    {
+        Ok(server) => server,
+        Err(e) => return fail(&e),
+    };
     let status = machine.wait_for_exit();
     // Let clients receive the reply to `quit` and the SHUTDOWN event before the sockets go.
     qmp.shutdown(std::time::Duration::from_secs(1));
+    if let Some(d) = dbus.as_mut() {
+        d.shutdown();
+    }
+    drop(private_bus);
     terminal.restore();
     ExitCode::from((status & 0xff) as u8)
 }

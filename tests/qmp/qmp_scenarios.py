@@ -26,7 +26,7 @@ class Qomu:
     def __init__(self, binary, guests, guest=None, append="", extra=(), paused=False):
         self.dir = tempfile.TemporaryDirectory(prefix="qomu-py-")
         self.sock = os.path.join(self.dir.name, "qmp.sock")
-        args = [binary, "--serial", "none", "--qmp", "unix:" + self.sock]
+        args = [binary, "--serial", "none", "--dbus", "none", "--qmp", "unix:" + self.sock]
         if guest:
             args += ["--kernel", os.path.join(guests, guest + ".elf"), "--device", "isa-debug-exit"]
         if append:

@@ -1,5 +1,8 @@
 //! Helpers of qomu's end-to-end tests: KVM availability, machines booting the test guests,
-//! and waiting for their console lines and events.
+//! and waiting for their console lines and events; `qomu` processes with QMP and D-Bus
+//! clients ([`dbus`]).
+
+pub mod dbus;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -229,9 +232,14 @@ pub struct Qomu {
 }
 
 impl Qomu {
-    /// Starts `qomu ARGS --qmp unix:<dir>/qmp.sock` (and `--serial none` unless ARGS has a
-    /// --serial) and waits for the socket.
+    /// Starts `qomu ARGS --qmp unix:<dir>/qmp.sock` (with `--serial none` and `--dbus none`
+    /// unless ARGS chooses) and waits for the socket.
     pub fn spawn(args: &[&str]) -> Qomu {
+        Self::spawn_with_env(args, &[])
+    }
+
+    /// As [`Qomu::spawn`], with extra environment variables.
+    pub fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> Qomu {
         let dir = TempDir::new("proc");
         let qmp = dir.path("qmp.sock");
         let mut cmd = std::process::Command::new(qomu_binary());
@@ -241,7 +249,12 @@ impl Qomu {
         if !args.contains(&"--serial") {
             cmd.args(["--serial", "none"]);
         }
+        // QMP tests need no bus; D-Bus tests say which one.
+        if !args.contains(&"--dbus") {
+            cmd.args(["--dbus", "none"]);
+        }
         let child = cmd
+            .envs(env.iter().copied())
             .stdin(std::process::Stdio::null())
             .spawn()
             .expect("spawn qomu");
