@@ -3,27 +3,12 @@
 //! one well-formed response, nothing may panic, and after a recovery byte (the QMP spec's
 //! way to resynchronise) a valid command must get its answer.
 
+mod common;
+
 use bus_bridge::qmp::session::Session;
+use common::Rng;
 use qom::Tree;
 use serde_json::Value as Json;
-
-/// xorshift64*: deterministic, so a failure reproduces with its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
-}
 
 const SEEDS: &[&str] = &[
     r#"{"execute": "qmp_capabilities"}"#,
