@@ -252,17 +252,23 @@ fn every_kind_both_ways() {
     assert_eq!(all.len(), 6);
 }
 
-/// The next signal named `member` (others are skipped).
+/// The next signal named `member` (others are skipped); panics after a minute.
 fn next_signal(stream: &mut MessageStream, member: &str) -> Message {
     zbus::block_on(async {
-        loop {
-            let m = stream.next().await.unwrap().unwrap();
-            if m.message_type() == zbus::message::Type::Signal
-                && m.header().member().is_some_and(|n| n.as_str() == member)
-            {
-                return m;
+        let rt = zruntime::SharedRuntime::current().unwrap();
+        let wanted = async {
+            loop {
+                let m = stream.next().await.unwrap().unwrap();
+                if m.message_type() == zbus::message::Type::Signal
+                    && m.header().member().is_some_and(|n| n.as_str() == member)
+                {
+                    return m;
+                }
             }
-        }
+        };
+        rt.timeout(Duration::from_secs(60), wanted)
+            .await
+            .unwrap_or_else(|_| panic!("no {member} signal within a minute"))
     })
 }
 
@@ -544,4 +550,63 @@ fn random_calls_never_break_the_bridge() {
     assert!(s.tree.lookup("/objects/g1").is_ok());
     let level = s.tree.get("/objects/g1", "level").unwrap();
     assert!(matches!(level, Value::UInt(0..=10)), "{level:?}");
+}
+
+#[test]
+fn a_peer_that_stops_reading_is_dropped_not_waited_for() {
+    let s = setup("stuck");
+    // This peer subscribes, then never reads: its one-message queue fills, then its socket.
+    let socket = std::os::unix::net::UnixStream::connect(&s.socket).unwrap();
+    let stuck = zbus::block_on(
+        zbus::connection::Builder::unix_stream(socket)
+            .p2p()
+            .max_queued(std::num::NonZeroUsize::new(1).unwrap())
+            .build(),
+    )
+    .unwrap();
+    let opts = HashMap::from([("queue-limit", Variant::from(1u32 << 20))]);
+    let stuck_sub: OwnedObjectPath = call(
+        &stuck,
+        G1,
+        "org.qomu.Object1",
+        "SubscribeWithOptions",
+        &("pinged", opts),
+    )
+    .unwrap()
+    .body()
+    .deserialize()
+    .unwrap();
+    let _never_read = MessageStream::from(&stuck);
+    // A healthy peer on another object.
+    let c = &s.conn;
+    let sub: OwnedObjectPath = call(c, G2, "org.qomu.Object1", "Subscribe", &("pinged",))
+        .unwrap()
+        .body()
+        .deserialize()
+        .unwrap();
+    let mut stream = MessageStream::from(c);
+    let flood = s
+        .tree
+        .lookup("/objects/g1")
+        .unwrap()
+        .notifier("pinged")
+        .unwrap();
+    let text = "x".repeat(1000);
+    for _ in 0..20_000 {
+        flood.emit(|| Value::map([("text", Value::Str(text.clone()))]));
+    }
+    s.tree
+        .lookup("/objects/g2")
+        .unwrap()
+        .notifier("pinged")
+        .unwrap()
+        .emit(|| Value::map([("text", Value::Str("still here".into()))]));
+    let m = next_signal(&mut stream, "Pinged");
+    assert_eq!(m.header().path().unwrap().as_str(), sub.as_str());
+    // The stuck peer was dropped, its subscription with it.
+    let qom_path = &stuck_sub.as_str()["/org/qomu/VM1".len()..];
+    assert!(
+        s.tree.lookup(qom_path).is_err(),
+        "{qom_path} outlived its stuck peer"
+    );
 }

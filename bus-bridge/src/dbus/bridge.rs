@@ -62,6 +62,8 @@ pub struct Bridge {
     pub events: Subscriber,
     /// Every connection served; signals for everyone go to each.
     pub peers: Mutex<Vec<Peer>>,
+    /// The executor the bridge runs on (for timers).
+    pub runtime: zruntime::SharedRuntime,
     /// Actions running on the blocking pool, not yet answered.
     in_flight: AtomicUsize,
     /// The interfaces announced for each live subscription object (see events.rs).
@@ -139,7 +141,7 @@ impl Bridge {
     ///
     /// # Errors
     /// The tree refuses the bridge's own subscriptions.
-    pub fn new(tree: Tree, root: &str) -> qom::Result<Arc<Self>> {
+    pub fn new(tree: Tree, root: &str, runtime: zruntime::SharedRuntime) -> qom::Result<Arc<Self>> {
         let events = tree.subscriber(BRIDGE_OWNER);
         // Every object's lifecycle and notifying properties, for ObjectManager and
         // PropertiesChanged. The queues are as long as allowed: an event lost here is a
@@ -161,6 +163,7 @@ impl Bridge {
             schema: Schema::default(),
             events,
             peers: Mutex::new(Vec::new()),
+            runtime,
             in_flight: AtomicUsize::new(0),
             signal_ifaces: Mutex::new(HashMap::new()),
             machine_id,

@@ -10,9 +10,12 @@ use qom::{Delivery, Value};
 use zbus::wire::Structure;
 use zbus::{Message, Variant};
 
-use super::bridge::{BRIDGE_OWNER, Bridge, PeerKind};
+use super::bridge::{BRIDGE_OWNER, Bridge, Peer, PeerKind};
 use super::encode::{InterfacesAdded, ObjectInterfaces};
 use super::schema::{OBJECT_MANAGER, PROPERTIES, SignalArgs};
+
+/// How long a connection may take to accept a signal.
+pub const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Bridge {
     /// Forwards events until the subscriber is closed.
@@ -132,9 +135,7 @@ impl Bridge {
             );
             return;
         };
-        if let Err(e) = peer.conn.send(&msg).await {
-            tracing::debug!("D-Bus: cannot send an event to {}: {e}", d.owner);
-        }
+        self.send_event(&peer, &msg).await;
     }
 
     fn owner_signal(&self, d: &Delivery, destination: Option<&str>) -> Option<Message> {
@@ -180,8 +181,36 @@ impl Bridge {
     pub async fn broadcast(&self, msg: &Message) {
         let peers = self.peers.lock().clone();
         for peer in peers {
-            if let Err(e) = peer.conn.send(msg).await {
-                tracing::debug!("D-Bus: cannot send a signal: {e}");
+            self.send_event(&peer, msg).await;
+        }
+    }
+
+    /// Sends a signal on one connection. Events for every client go out one after the
+    /// other, so a peer-to-peer client that stops reading would hold up all the others:
+    /// after [`SEND_TIMEOUT`] it is disconnected, as a bus disconnects a client whose
+    /// queue overflows. (The bus itself always reads.)
+    async fn send_event(&self, peer: &Peer, msg: &Message) {
+        match self
+            .runtime
+            .timeout(SEND_TIMEOUT, peer.conn.send(msg))
+            .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!("D-Bus: cannot send a signal: {e}"),
+            Err(_) => {
+                let PeerKind::P2p(label) = &peer.kind else {
+                    tracing::warn!("D-Bus: the bus took no message for {SEND_TIMEOUT:?}");
+                    return;
+                };
+                tracing::warn!(
+                    "D-Bus: {label} read nothing for {SEND_TIMEOUT:?}; disconnecting it"
+                );
+                self.peers.lock().retain(|p| p.kind != peer.kind);
+                self.events.drop_owner(label);
+                let _ = self
+                    .runtime
+                    .timeout(SEND_TIMEOUT, peer.conn.clone().close())
+                    .await;
             }
         }
     }

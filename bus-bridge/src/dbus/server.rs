@@ -190,7 +190,7 @@ async fn run(
     ready: std::sync::mpsc::Sender<Result<Started, StartError>>,
 ) {
     let stop = shutdown.event.listen();
-    let bridge = match Bridge::new(tree, DEFAULT_ROOT) {
+    let bridge = match Bridge::new(tree, DEFAULT_ROOT, runtime.clone()) {
         Ok(b) => b,
         Err(e) => {
             let _ = ready.send(Err(StartError::Internal(e.to_string())));
