@@ -273,6 +273,9 @@ fn init_logging() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
+        // Its default reports a failed write with eprintln!, which panics when stderr is a
+        // closed pipe (`qomu | head`): a lost log line must not take a thread down.
+        .log_internal_errors(false)
         .init();
 }
 

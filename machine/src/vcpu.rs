@@ -260,6 +260,12 @@ fn run_loop(
     // SAFETY: gettid has no preconditions.
     thread_id.store(i64::from(unsafe { libc::gettid() }), Ordering::Relaxed);
     KVM_RUN.with(|run| run.set(fd.lock().get_kvm_run() as *mut kvm_run));
+    let _exited = ExitedOnDrop {
+        index,
+        control,
+        doing,
+        ctx,
+    };
     let (lock, cond) = control;
     loop {
         {
@@ -267,13 +273,7 @@ fn run_loop(
             loop {
                 match c.want {
                     Want::Run => break,
-                    Want::Exit => {
-                        c.doing = Doing::Exited;
-                        doing.set(Doing::Exited);
-                        cond.notify_all();
-                        KVM_RUN.with(|run| run.set(std::ptr::null_mut()));
-                        return;
-                    }
+                    Want::Exit => return,
                     Want::Pause => {
                         if c.doing != Doing::Paused {
                             c.doing = Doing::Paused;
@@ -297,6 +297,34 @@ fn run_loop(
             }
             drop(c);
             let _ = ctx.events.send(event);
+        }
+    }
+}
+
+/// Marks the vCPU thread gone however its loop ends, so that nobody waits on it forever.
+/// A thread that ends by panicking (a bug) also reports an internal error, which stops the
+/// machine as KVM's own internal errors do.
+struct ExitedOnDrop<'a> {
+    index: u32,
+    control: &'a (Mutex<Control>, Condvar),
+    doing: &'a DoingAtomic,
+    ctx: &'a ExitContext,
+}
+
+impl Drop for ExitedOnDrop<'_> {
+    fn drop(&mut self) {
+        KVM_RUN.with(|run| run.set(std::ptr::null_mut()));
+        let (lock, cond) = self.control;
+        let mut c = lock.lock();
+        c.doing = Doing::Exited;
+        self.doing.set(Doing::Exited);
+        cond.notify_all();
+        drop(c);
+        if std::thread::panicking() {
+            let _ = self.ctx.events.send(VcpuEvent::InternalError {
+                cpu: self.index,
+                reason: "the vCPU thread panicked".to_owned(),
+            });
         }
     }
 }

@@ -240,6 +240,13 @@ impl Qomu {
 
     /// As [`Qomu::spawn`], with extra environment variables.
     pub fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> Qomu {
+        Self::spawn_with(args, |cmd| {
+            cmd.envs(env.iter().copied());
+        })
+    }
+
+    /// As [`Qomu::spawn`], with the command adjusted by `setup` before it starts.
+    pub fn spawn_with(args: &[&str], setup: impl FnOnce(&mut std::process::Command)) -> Qomu {
         let dir = TempDir::new("proc");
         let qmp = dir.path("qmp.sock");
         let mut cmd = std::process::Command::new(qomu_binary());
@@ -253,11 +260,9 @@ impl Qomu {
         if !args.contains(&"--dbus") {
             cmd.args(["--dbus", "none"]);
         }
-        let child = cmd
-            .envs(env.iter().copied())
-            .stdin(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn qomu");
+        cmd.stdin(std::process::Stdio::null());
+        setup(&mut cmd);
+        let child = cmd.spawn().expect("spawn qomu");
         let q = Qomu { child, dir, qmp };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !q.qmp.exists() {

@@ -355,3 +355,25 @@ fn a_client_that_never_reads_loses_events_and_blocks_nobody() {
     // The guest ran to its end, and qomu ended on time despite the stuck client.
     assert_eq!(q.wait_exit(Duration::from_secs(30)), Some(1));
 }
+
+#[test]
+fn closed_stdout_and_stderr_stop_nothing() {
+    require_kvm!();
+    // `qomu | head`: once the reader is gone every console write and log line fails. The
+    // guest must go on, the monitor answer, and a shutdown end the process.
+    let mut q = Qomu::spawn_with(&["--serial", "stdio"], |cmd| {
+        cmd.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+    });
+    drop(q.child.stdout.take());
+    drop(q.child.stderr.take());
+    let mut c = q.connect();
+    c.negotiate();
+    // The demo guest answers the power button on its console (which fails), then powers off.
+    assert_eq!(
+        c.cmd(r#"{"execute":"system_powerdown"}"#),
+        json!({"return": {}})
+    );
+    c.wait_event("SHUTDOWN");
+    assert_eq!(q.wait_exit(Duration::from_secs(30)), Some(0));
+}
