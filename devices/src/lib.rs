@@ -14,6 +14,7 @@
 //! | `acpi-pm` | ACPI sleep and reset registers |
 //! | `acpi-ged` | ACPI Generic Event Device (power button) |
 //! | `ioport80` | POST code port |
+//! | `pci-host` | PCI host bridge: root bus `pci.0`, ports 0xcf8/0xcfc, ECAM |
 //!
 //! and the entropy backends `rng-builtin` and `rng-random` (user-creatable objects).
 
@@ -24,6 +25,7 @@ pub mod device;
 pub mod ged;
 pub mod i8042;
 pub mod interrupt;
+pub mod pci;
 pub mod platform;
 pub mod port80;
 pub mod rng;
@@ -40,7 +42,11 @@ pub use platform::{MachineRequest, Platform, PlatformRef, ShutdownCause};
 /// # Errors
 /// A type is already registered.
 pub fn register_types(builder: &qom::TreeBuilder, platform: &PlatformRef) -> qom::Result<()> {
-    for info in device::base_types().into_iter().chain(rng::types()) {
+    for info in device::base_types()
+        .into_iter()
+        .chain(rng::types())
+        .chain(pci::types(platform))
+    {
         builder.register(info)?;
     }
     for info in [

@@ -7,6 +7,7 @@ use std::sync::{Arc, Weak};
 
 use crate::bus::Bus;
 use crate::interrupt::IrqLine;
+use crate::pci::PciBus;
 
 /// QEMU's `ShutdownCause`, the `reason` of SHUTDOWN and RESET events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,6 +87,8 @@ pub trait Platform: Send + Sync {
     fn irq_line(&self, gsi: u32) -> qom::Result<Arc<IrqLine>>;
     /// Asks the machine to act (reset, shut down, exit); returns at once.
     fn request(&self, request: MachineRequest);
+    /// The PCI root bus.
+    fn pci_bus(&self) -> &Arc<PciBus>;
 }
 
 /// How device types reach the machine: a weak reference, so that the types registered in

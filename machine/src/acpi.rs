@@ -10,6 +10,8 @@ use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
+use devices::pci::bus::{INTX_GSI_BASE, INTX_GSIS};
+use devices::pci::{self, intx_gsi};
 use devices::{acpi_pm, ged};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -180,6 +182,51 @@ fn device(n: &str, children: &[&dyn Aml]) -> Raw {
     raw(&aml::Device::new(n.into(), children.to_vec()))
 }
 
+/// The name of the link device for INTx GSI `gsi`.
+fn intx_link(gsi: u32) -> String {
+    let letter = char::from(b'A' + (gsi - INTX_GSI_BASE) as u8);
+    format!("GSI{letter}")
+}
+
+/// `_PRT`: every slot's four pins to the link of the GSI [`intx_gsi`] gives them.
+fn intx_routing() -> Raw {
+    let entries: Vec<Raw> = (0..pci::bus::SLOTS as u8)
+        .flat_map(|slot| {
+            (0..4u8).map(move |pin| {
+                let address = u32::from(slot) << 16 | 0xffff;
+                let link =
+                    aml::Path::new(&format!("\\_SB_.{}", intx_link(intx_gsi(slot, pin + 1))));
+                raw(&aml::Package::new(vec![&address, &pin, &link, &aml::ZERO]))
+            })
+        })
+        .collect();
+    raw(&aml::Package::new(
+        entries.iter().map(|e| e as &dyn Aml).collect(),
+    ))
+}
+
+/// One link device per INTx GSI, fixed to it: level-triggered, active high and shared
+/// (as QEMU's q35 describes its GSI links), which is how KVM_IRQ_LINE drives the pins.
+fn intx_links() -> Vec<Raw> {
+    (0..INTX_GSIS)
+        .map(|i| {
+            let gsi = INTX_GSI_BASE + i;
+            let crs = resources(&[&aml::Interrupt::new(true, false, false, true, gsi)]);
+            let srs = raw(&aml::Method::new("_SRS".into(), 1, false, vec![]));
+            device(
+                &intx_link(gsi),
+                &[
+                    &name("_HID", &aml::EISAName::new("PNP0C0F")),
+                    &name("_UID", &i),
+                    &name("_PRS", &crs),
+                    &name("_CRS", &crs),
+                    &srs,
+                ],
+            )
+        })
+        .collect()
+}
+
 fn dsdt(board: &Board) -> Vec<u8> {
     let mut sb: Vec<Raw> = Vec::new();
 
@@ -207,8 +254,10 @@ fn dsdt(board: &Board) -> Vec<u8> {
             &name("_UID", &aml::ZERO),
             &name("_BBN", &aml::ZERO),
             &name("_CRS", &pci_crs),
+            &name("_PRT", &intx_routing()),
         ],
     ));
+    sb.extend(intx_links());
 
     for (i, &(base, irq)) in board.serials.iter().enumerate().take(9) {
         let crs = resources(&[

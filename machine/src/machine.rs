@@ -21,6 +21,7 @@ use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use devices::ged::{EVENT_POWER_BUTTON, Ged};
+use devices::pci::PciBus;
 use devices::{
     Bus, DEVICE, IrqLine, MachineRequest, Platform, PlatformRef, ShutdownCause, USER_DEVICE,
 };
@@ -32,7 +33,7 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::acpi;
 use crate::boot::{self, BootConfig, BootEntry, KernelSource};
 use crate::config::MachineConfig;
-use crate::layout::IOAPIC_PINS;
+use crate::layout::{ECAM_BASE, IOAPIC_PINS, PCI_MMIO_SIZE, PCI_MMIO_START};
 use crate::qom_types;
 use crate::runstate::{RunState, valid_transition};
 use crate::stats::Stats;
@@ -76,6 +77,7 @@ pub struct Machine {
     object: ObjectRef,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
+    pci: Arc<PciBus>,
     stats: Arc<Stats>,
     irq_lines: Mutex<Vec<Arc<IrqLine>>>,
     state: Mutex<State>,
@@ -101,6 +103,8 @@ impl Machine {
             .map_err(|e| failed(format!("cannot install the vCPU kick signal handler: {e}")))?;
         let (events, receiver) = mpsc::channel();
         let mut failure = None;
+        let mmio = Arc::new(Bus::new("mmio"));
+        let pci = PciBus::new(mmio.clone(), (PCI_MMIO_START, PCI_MMIO_SIZE));
         let machine = Arc::new_cyclic(|weak: &Weak<Machine>| {
             let (tree, object, notifiers) = match build_tree(weak) {
                 Ok(parts) => parts,
@@ -125,7 +129,8 @@ impl Machine {
                 tree,
                 object,
                 pio: Arc::new(Bus::new("pio")),
-                mmio: Arc::new(Bus::new("mmio")),
+                mmio,
+                pci,
                 stats: Arc::new(Stats::default()),
                 irq_lines: Mutex::new(Vec::new()),
                 state: Mutex::new(State {
@@ -188,6 +193,12 @@ impl Machine {
         self.tree
             .create(board, "acpi-pm", devices::acpi_pm::TYPE, vec![])?;
         let ged = self.tree.create(board, "ged", devices::ged::TYPE, vec![])?;
+        self.tree.create(
+            board,
+            "pci-host",
+            devices::pci::HOST_TYPE,
+            vec![("ecam-base".into(), Value::UInt(ECAM_BASE))],
+        )?;
         if let Some(g) = ged.instance::<Ged>() {
             let _ = self.ged.set(g);
         }
@@ -379,6 +390,7 @@ impl Machine {
         pause_all(&st);
         self.pio.reset_all();
         self.mmio.reset_all();
+        self.pci.reset();
         let Some(l) = &st.launched else {
             self.emit_reset(cause);
             return Ok(());
@@ -522,6 +534,9 @@ impl Machine {
             );
             lapics.push(lapic);
         }
+        // Last: the bus keeps the VM's fd, and a launch that failed must leave no VM behind
+        // (its irqfds would keep the lines' eventfds from the next attempt's VM).
+        self.pci.attach_irqchip(vm.irqchip());
         Ok(Launched {
             vm,
             vcpus,
@@ -1010,5 +1025,9 @@ impl Platform for Machine {
 
     fn request(&self, request: MachineRequest) {
         let _ = self.events.send(VcpuEvent::Request(request));
+    }
+
+    fn pci_bus(&self) -> &Arc<PciBus> {
+        &self.pci
     }
 }

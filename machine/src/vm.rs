@@ -2,7 +2,10 @@
 //! irqchip and PIT, CPUID from the host's supported set, and the register state vCPUs
 //! start (and restart on reset) with.
 
+use std::sync::Arc;
+
 use devices::IrqLine;
+use devices::pci::IrqChip;
 use kvm_bindings::{
     CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
     KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED,
@@ -42,11 +45,24 @@ struct InitialChips {
 
 pub struct Vm {
     _kvm: Kvm,
-    fd: VmFd,
+    /// Shared with the PCI bus's INTx lines, which raise and lower GSIs from vCPU threads.
+    fd: Arc<VmFd>,
     memory: GuestMemoryMmap,
     ram_size: u64,
     cpuid: CpuId,
     chips: InitialChips,
+}
+
+/// Level-triggered lines through `KVM_IRQ_LINE` (the IOAPIC pins are active high here;
+/// the DSDT's INTx links say so).
+struct KvmIrqChip(Arc<VmFd>);
+
+impl IrqChip for KvmIrqChip {
+    fn set_level(&self, gsi: u32, level: bool) {
+        if let Err(e) = self.0.set_irq_line(gsi, level) {
+            tracing::warn!("cannot set GSI {gsi} to {level}: {e}");
+        }
+    }
 }
 
 const MSR_IA32_TSC: u32 = 0x10;
@@ -131,7 +147,7 @@ impl Vm {
             .map_err(kvm_err("read supported CPUID"))?;
         Ok(Vm {
             _kvm: kvm,
-            fd,
+            fd: Arc::new(fd),
             memory,
             ram_size,
             cpuid,
@@ -145,6 +161,11 @@ impl Vm {
 
     pub fn ram_size(&self) -> u64 {
         self.ram_size
+    }
+
+    /// The in-kernel IOAPIC as level-triggered lines (PCI INTx).
+    pub fn irqchip(&self) -> Arc<dyn IrqChip> {
+        Arc::new(KvmIrqChip(self.fd.clone()))
     }
 
     /// Connects an interrupt line: its eventfd injects its GSI.

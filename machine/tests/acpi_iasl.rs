@@ -86,7 +86,7 @@ fn every_table_decompiles_and_the_dsdt_names_the_devices() {
     let dsl = std::fs::read_to_string(dir.join("dsdt.dsl")).unwrap();
     // iasl prints names without their trailing underscores (KBC_ as KBC).
     for device in [
-        "PCI0", "COM1", "COM2", "KBC", "RTC", "PWRB", "GED", "C000", "C001", "C002",
+        "PCI0", "COM1", "COM2", "KBC", "RTC", "PWRB", "GED", "C000", "C001", "C002", "GSIA", "GSIH",
     ] {
         assert!(
             dsl.contains(&format!("Device ({device})")),
@@ -97,11 +97,28 @@ fn every_table_decompiles_and_the_dsdt_names_the_devices() {
         assert!(dsl.contains(name), "the DSDT lacks {name}:\n{dsl}");
     }
     for hid in [
-        "PNP0A08", "PNP0501", "PNP0303", "PNP0B00", "PNP0C0C", "ACPI0013", "ACPI0007",
+        "PNP0A08", "PNP0501", "PNP0303", "PNP0B00", "PNP0C0C", "ACPI0013", "ACPI0007", "PNP0C0F",
     ] {
         assert!(dsl.contains(hid), "the DSDT lacks a {hid} device:\n{dsl}");
     }
     assert!(dsl.contains("0x02F8"), "COM2's ports are described");
+    // _PRT: 32 slots x 4 pins, slot 3's INTA on GSI 19 (link D), as the bus routes it.
+    let prt = dsl.split("Name (_PRT").nth(1).expect("PCI0 has a _PRT");
+    let prt = &prt[..prt.find("})").unwrap_or(prt.len())];
+    assert_eq!(prt.matches("Package (0x04)").count(), 128, "{prt}");
+    let slot3 = prt.split("0x0003FFFF").nth(1).unwrap();
+    assert_eq!(devices::pci::intx_gsi(3, 1), 19);
+    let entry: String = slot3
+        .split('}')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(entry, ",Zero,\\_SB.GSID,Zero", "{slot3}");
+    assert!(
+        dsl.contains("Interrupt (ResourceConsumer, Level, ActiveHigh, Shared, ,, )"),
+        "{dsl}"
+    );
     let madt = std::fs::read_to_string(dir.join("apic.dsl")).unwrap();
     assert_eq!(madt.matches("Processor Local APIC").count(), 3, "{madt}");
     assert!(madt.contains("I/O APIC"));
