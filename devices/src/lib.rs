@@ -15,6 +15,7 @@
 //! | `acpi-ged` | ACPI Generic Event Device (power button) |
 //! | `ioport80` | POST code port |
 //! | `pci-host` | PCI host bridge: root bus `pci.0`, ports 0xcf8/0xcfc, ECAM |
+//! | `virtio-rng-pci` | virtio entropy device (modern virtio-pci) |
 //!
 //! and the entropy backends `rng-builtin` and `rng-random` (user-creatable objects).
 
@@ -31,6 +32,7 @@ pub mod port80;
 pub mod rng;
 pub mod rtc;
 pub mod serial;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, RangeInfo};
 pub use device::{DEVICE, USER_DEVICE};
@@ -46,6 +48,7 @@ pub fn register_types(builder: &qom::TreeBuilder, platform: &PlatformRef) -> qom
         .into_iter()
         .chain(rng::types())
         .chain(pci::types(platform))
+        .chain([virtio::base_type(platform), virtio::rng::register(platform)])
     {
         builder.register(info)?;
     }

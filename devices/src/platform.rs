@@ -5,6 +5,8 @@
 
 use std::sync::{Arc, Weak};
 
+use vm_memory::GuestMemoryMmap;
+
 use crate::bus::Bus;
 use crate::interrupt::IrqLine;
 use crate::pci::PciBus;
@@ -89,6 +91,8 @@ pub trait Platform: Send + Sync {
     fn request(&self, request: MachineRequest);
     /// The PCI root bus.
     fn pci_bus(&self) -> &Arc<PciBus>;
+    /// Guest RAM, once the VM exists (devices doing DMA fetch it on first use).
+    fn guest_memory(&self) -> Option<GuestMemoryMmap>;
 }
 
 /// How device types reach the machine: a weak reference, so that the types registered in

@@ -28,7 +28,7 @@ use devices::{
 use kvm_bindings::kvm_lapic_state;
 use parking_lot::{Condvar, Mutex};
 use qom::{Error, Notifier, ObjectRef, Result, Tree, Value};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::acpi;
 use crate::boot::{self, BootConfig, BootEntry, KernelSource};
@@ -78,6 +78,9 @@ pub struct Machine {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     pci: Arc<PciBus>,
+    /// Guest RAM once launched, for devices doing DMA from vCPU threads (which must not
+    /// take the machine lock).
+    memory: OnceLock<GuestMemoryMmap>,
     stats: Arc<Stats>,
     irq_lines: Mutex<Vec<Arc<IrqLine>>>,
     state: Mutex<State>,
@@ -131,6 +134,7 @@ impl Machine {
                 pio: Arc::new(Bus::new("pio")),
                 mmio,
                 pci,
+                memory: OnceLock::new(),
                 stats: Arc::new(Stats::default()),
                 irq_lines: Mutex::new(Vec::new()),
                 state: Mutex::new(State {
@@ -537,6 +541,7 @@ impl Machine {
         // Last: the bus keeps the VM's fd, and a launch that failed must leave no VM behind
         // (its irqfds would keep the lines' eventfds from the next attempt's VM).
         self.pci.attach_irqchip(vm.irqchip());
+        let _ = self.memory.set(vm.memory().clone());
         Ok(Launched {
             vm,
             vcpus,
@@ -794,21 +799,27 @@ impl Machine {
                 ),
             ),
         };
-        self.tree
+        let dev = self
+            .tree
             .create(parent, &name, driver, props)
             .map_err(|e| match e {
                 Error::DuplicateName { name, .. } => {
                     Error::InvalidState(format!("Duplicate device ID '{name}'"))
                 }
                 e => e,
-            })
+            })?;
+        if dev.class().implements(devices::pci::PCI_DEVICE) {
+            devices::pci::announce_plugged(&dev);
+        }
+        Ok(dev)
     }
 
     /// `device_add` from a front end: property values may be JSON values or, as QEMU's
     /// keyval parser allows, text ("0x2f8" for an integer).
     ///
     /// # Errors
-    /// As [`Machine::add_device`]; a `bus` other than none (qomu has no buses yet).
+    /// As [`Machine::add_device`]; a `bus` other than the PCI root bus `pci.0` (for PCI
+    /// devices), which is where PCI devices go anyway.
     pub fn device_add(
         &self,
         driver: &str,
@@ -816,14 +827,21 @@ impl Machine {
         bus: Option<&str>,
         props: &Value,
     ) -> Result<ObjectRef> {
-        if let Some(bus) = bus {
-            return Err(Error::InvalidState(format!("Bus '{bus}' not found")));
-        }
         let class = self
             .tree
             .types()
             .get(driver)
             .map_err(|_| device_type_error(driver))?;
+        match bus {
+            None => {}
+            Some(devices::pci::ROOT_BUS) if class.implements(devices::pci::PCI_DEVICE) => {}
+            Some(devices::pci::ROOT_BUS) => {
+                return Err(Error::InvalidState(format!(
+                    "Device '{driver}' can't go on PCI bus"
+                )));
+            }
+            Some(bus) => return Err(Error::InvalidState(format!("Bus '{bus}' not found"))),
+        }
         let mut values = Vec::new();
         for (key, value) in props.as_map().into_iter().flatten() {
             let prop = class.property(key).ok_or_else(|| Error::PropertyNotFound {
@@ -1029,5 +1047,9 @@ impl Platform for Machine {
 
     fn pci_bus(&self) -> &Arc<PciBus> {
         &self.pci
+    }
+
+    fn guest_memory(&self) -> Option<GuestMemoryMmap> {
+        self.memory.get().cloned()
     }
 }

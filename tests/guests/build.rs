@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 const GUESTS: &[&str] = &[
-    "demo", "hello", "reset", "wild", "spin", "bad", "pio", "idle",
+    "demo", "hello", "reset", "wild", "spin", "bad", "pio", "idle", "virtio",
 ];
 
 fn main() {

@@ -397,6 +397,27 @@ impl QmpRaw {
         assert_eq!(r, serde_json::json!({"return": {}}));
     }
 
+    /// The next subscription event (`__org.qomu_NOTIFY`) of `notifier` from `path`; its
+    /// `data` member (others stay queued).
+    pub fn wait_notify(&mut self, notifier: &str, path: &str) -> serde_json::Value {
+        loop {
+            if let Some(i) = self.events.iter().position(|e| {
+                e["event"] == "__org.qomu_NOTIFY"
+                    && e["data"]["notifier"] == notifier
+                    && e["data"]["path"] == path
+            }) {
+                let e = self.events.remove(i).unwrap_or_default();
+                return e["data"]["data"].clone();
+            }
+            let m = self.read_message();
+            assert!(
+                m.get("event").is_some(),
+                "unexpected reply while waiting for {notifier} of {path}: {m}"
+            );
+            self.events.push_back(m);
+        }
+    }
+
     /// The next event named `name` (others stay queued).
     pub fn wait_event(&mut self, name: &str) -> serde_json::Value {
         loop {

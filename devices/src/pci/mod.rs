@@ -10,7 +10,7 @@ pub mod config;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use qom::{Field, Kind, ObjectRef, Property, TypeInfo, Value};
+use qom::{Field, Kind, NotifierDecl, ObjectRef, Property, TypeInfo, Value};
 
 pub use bus::{ConfigPorts, Ecam, IntxLine, IrqChip, PciBus, PciDevice, PlugError, intx_gsi};
 pub use config::{Bar, BarKind, Ids, PciConfig};
@@ -118,6 +118,23 @@ pub fn plug(
         })
 }
 
+/// Announces that the device at `obj` is on the bus (its `plugged` notifier), once it is
+/// in the tree.
+pub fn announce_plugged(obj: &ObjectRef) {
+    let (Ok(notifier), Some(slot)) = (
+        obj.notifier("plugged"),
+        obj.get("slot").ok().and_then(|v| v.as_u64()),
+    ) else {
+        return;
+    };
+    notifier.emit(|| {
+        Value::map([
+            ("bus", Value::Str(ROOT_BUS.to_owned())),
+            ("slot", Value::UInt(slot)),
+        ])
+    });
+}
+
 /// Takes the device at `obj` off the bus (in its unrealize hook).
 pub fn unplug(platform: &PlatformRef, obj: &ObjectRef) {
     if let Some(platform) = platform.upgrade() {
@@ -134,6 +151,19 @@ fn device_type(platform: &PlatformRef) -> TypeInfo {
     TypeInfo::new(PCI_DEVICE, DEVICE)
         .abstract_type()
         .description("A device on the PCI root bus")
+        .notifier(
+            NotifierDecl::new(
+                "plugged",
+                Kind::structure(
+                    "PciPlugged",
+                    vec![
+                        Field::new("bus", Kind::Str, "The bus"),
+                        Field::new("slot", Kind::uint8(), "The slot"),
+                    ],
+                ),
+            )
+            .description("The device is on the bus and visible to the guest"),
+        )
         .property(
         Property::new("addr", Kind::Str)
             .policy(qom::PhasePolicy::BeforeRealize)

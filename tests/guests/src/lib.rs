@@ -5,8 +5,8 @@
 //! - `demo`: bundled in the `qomu` binary; prints a banner and answers commands on the
 //!   serial console.
 //! - `hello`, `reset`, `wild`, `spin`, `bad`: the end-to-end tests' guests, and `pio`,
-//!   the benchmarks' `pio` and `idle` (see each file's
-//!   header comment).
+//!   the benchmarks' `pio` and `idle`, and `virtio`, a PCI and virtio driver (see each
+//!   file's header comment).
 
 use std::path::PathBuf;
 
@@ -15,7 +15,7 @@ pub const DEMO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/demo.elf"));
 
 /// Every guest built.
 pub const NAMES: &[&str] = &[
-    "demo", "hello", "reset", "wild", "spin", "bad", "pio", "idle",
+    "demo", "hello", "reset", "wild", "spin", "bad", "pio", "idle", "virtio",
 ];
 
 /// The path of a built guest image (`hello`, `spin`, ...).

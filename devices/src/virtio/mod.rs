@@ -1,0 +1,597 @@
+//! virtio over PCI, the modern (virtio 1.x) transport: the common, ISR, device and notify
+//! structures in one 64-bit memory BAR, described by vendor capabilities, with split
+//! virtqueues from the virtio-queue crate. Device models plug in as a [`Backend`].
+//!
+//! Queues are processed on the vCPU thread that writes the notify register. Interrupts go
+//! through INTx (the ISR byte says why; reading it lowers the line).
+//!
+//! The qom side: the abstract type `virtio-device` (a `pci-device`) with the transport's
+//! state as properties and the `driver-ok` notifier; each model is a concrete subtype.
+
+pub mod rng;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::Mutex;
+use qom::{Field, Kind, Notifier, NotifierDecl, ObjectRef, Property, TypeInfo, Value};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use crate::device::instance;
+use crate::pci::config::{COMMAND_INTX_DISABLE, Ids};
+use crate::pci::{self, Bar, BarKind, IntxLine, PCI_DEVICE, PciConfig, PciDevice};
+use crate::platform::{PlatformRef, upgrade};
+
+/// The abstract qom type of virtio devices.
+pub const VIRTIO_DEVICE: &str = "virtio-device";
+
+const VENDOR: u16 = 0x1af4;
+/// The BAR holding every structure, and its layout.
+const BAR_INDEX: usize = 4;
+const BAR_SIZE: u64 = 0x4000;
+const COMMON: u64 = 0x0000;
+const COMMON_LEN: u64 = 0x38;
+const ISR: u64 = 0x1000;
+const DEVICE_CONFIG: u64 = 0x2000;
+const DEVICE_CONFIG_LEN: u64 = 0x1000;
+const NOTIFY: u64 = 0x3000;
+const NOTIFY_MULTIPLIER: u32 = 4;
+/// Largest queue offered.
+pub const QUEUE_MAX: u16 = 256;
+const NO_VECTOR: u16 = 0xffff;
+
+/// Device status bits.
+pub const STATUS_ACKNOWLEDGE: u8 = 1;
+pub const STATUS_DRIVER: u8 = 2;
+pub const STATUS_DRIVER_OK: u8 = 4;
+pub const STATUS_FEATURES_OK: u8 = 8;
+pub const STATUS_NEEDS_RESET: u8 = 0x40;
+pub const STATUS_FAILED: u8 = 0x80;
+
+/// Transport feature bits every device offers.
+pub const F_INDIRECT_DESC: u64 = 1 << 28;
+pub const F_EVENT_IDX: u64 = 1 << 29;
+pub const F_VERSION_1: u64 = 1 << 32;
+
+/// ISR bits.
+const ISR_QUEUE: u8 = 1;
+
+/// Capability types (`cfg_type`).
+const CAP_COMMON: u8 = 1;
+const CAP_NOTIFY: u8 = 2;
+const CAP_ISR: u8 = 3;
+const CAP_DEVICE: u8 = 4;
+const PCI_CAP_VENDOR: u8 = 0x09;
+
+/// A device model behind the transport.
+pub trait Backend: Send {
+    /// The virtio device ID (4: entropy, 2: block).
+    fn device_id(&self) -> u16;
+    /// PCI class code (24 bits).
+    fn class(&self) -> u32;
+    /// Device-specific feature bits.
+    fn features(&self) -> u64 {
+        0
+    }
+    /// Number of virtqueues.
+    fn queues(&self) -> usize;
+    /// Takes what the model needs from its object's properties (files, backends) when
+    /// the device is realized.
+    ///
+    /// # Errors
+    /// A property names something unusable; the device is not created.
+    fn realize(&mut self, _obj: &ObjectRef) -> qom::Result<()> {
+        Ok(())
+    }
+    /// Lets go of what [`Backend::realize`] took.
+    fn unrealize(&mut self) {}
+    /// Reads the device-specific configuration structure.
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// Handles what the driver made available on queue `index`; true if any buffer was
+    /// used (returned to the driver).
+    fn process(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
+    /// The driver reset the device.
+    fn reset(&mut self) {}
+}
+
+/// The transport's registers.
+struct Transport {
+    backend: Box<dyn Backend>,
+    status: u8,
+    device_feature_select: u32,
+    driver_feature_select: u32,
+    driver_features: u64,
+    queue_select: u16,
+    queues: Vec<Queue>,
+    isr: u8,
+    generation: u8,
+}
+
+impl Transport {
+    fn offered(&self) -> u64 {
+        self.backend.features() | F_VERSION_1 | F_INDIRECT_DESC | F_EVENT_IDX
+    }
+
+    fn queue(&self) -> Option<&Queue> {
+        self.queues.get(usize::from(self.queue_select))
+    }
+
+    fn queue_mut(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(usize::from(self.queue_select))
+    }
+
+    fn reset(&mut self) {
+        self.backend.reset();
+        self.status = 0;
+        self.device_feature_select = 0;
+        self.driver_feature_select = 0;
+        self.driver_features = 0;
+        self.queue_select = 0;
+        self.isr = 0;
+        for q in &mut self.queues {
+            q.reset();
+        }
+    }
+}
+
+fn new_queues(n: usize) -> Vec<Queue> {
+    (0..n)
+        .map(|_| Queue::new(QUEUE_MAX).unwrap_or_else(|_| unreachable!("256 is a valid size")))
+        .collect()
+}
+
+/// Counters shown as properties.
+#[derive(Default)]
+struct Counters {
+    notifications: AtomicU64,
+    used: AtomicU64,
+}
+
+/// A virtio device on PCI.
+pub struct VirtioPci {
+    config: Mutex<PciConfig>,
+    transport: Mutex<Transport>,
+    intx: Mutex<Option<Arc<IntxLine>>>,
+    memory: OnceLock<GuestMemoryMmap>,
+    platform: PlatformRef,
+    driver_ok: Mutex<Option<Notifier>>,
+    counters: Counters,
+}
+
+fn capability(cfg_type: u8, offset: u64, length: u64, extra: &[u8]) -> Vec<u8> {
+    // cap_len, cfg_type, bar, id, padding[2], offset, length (after cap_vndr and cap_next).
+    let mut body = vec![(16 + extra.len()) as u8, cfg_type, BAR_INDEX as u8, 0, 0, 0];
+    body.extend_from_slice(&(offset as u32).to_le_bytes());
+    body.extend_from_slice(&(length as u32).to_le_bytes());
+    body.extend_from_slice(extra);
+    body
+}
+
+impl VirtioPci {
+    /// The device for `backend`, not yet plugged.
+    pub fn new(backend: Box<dyn Backend>, platform: PlatformRef) -> Self {
+        let mut config = PciConfig::new(Ids {
+            vendor: VENDOR,
+            device: 0x1040 + backend.device_id(),
+            class: backend.class(),
+            revision: 1,
+            subsystem_vendor: VENDOR,
+            subsystem: 0x1100,
+        });
+        config.add_bar(
+            BAR_INDEX,
+            Bar {
+                size: BAR_SIZE,
+                kind: BarKind::Memory64,
+            },
+        );
+        let queues = backend.queues();
+        config.add_capability(
+            PCI_CAP_VENDOR,
+            &capability(CAP_COMMON, COMMON, COMMON_LEN, &[]),
+        );
+        config.add_capability(PCI_CAP_VENDOR, &capability(CAP_ISR, ISR, 1, &[]));
+        config.add_capability(
+            PCI_CAP_VENDOR,
+            &capability(CAP_DEVICE, DEVICE_CONFIG, DEVICE_CONFIG_LEN, &[]),
+        );
+        config.add_capability(
+            PCI_CAP_VENDOR,
+            &capability(
+                CAP_NOTIFY,
+                NOTIFY,
+                u64::from(NOTIFY_MULTIPLIER) * queues as u64,
+                &NOTIFY_MULTIPLIER.to_le_bytes(),
+            ),
+        );
+        VirtioPci {
+            config: Mutex::new(config),
+            transport: Mutex::new(Transport {
+                backend,
+                status: 0,
+                device_feature_select: 0,
+                driver_feature_select: 0,
+                driver_features: 0,
+                queue_select: 0,
+                queues: new_queues(queues),
+                isr: 0,
+                generation: 0,
+            }),
+            intx: Mutex::new(None),
+            memory: OnceLock::new(),
+            platform,
+            driver_ok: Mutex::new(None),
+            counters: Counters::default(),
+        }
+    }
+
+    fn memory(&self) -> Option<&GuestMemoryMmap> {
+        if self.memory.get().is_none() {
+            let mem = self.platform.upgrade()?.guest_memory()?;
+            let _ = self.memory.set(mem);
+        }
+        self.memory.get()
+    }
+
+    fn set_intx(&self, level: bool) {
+        let enabled = self.config.lock().command() & COMMAND_INTX_DISABLE == 0;
+        if let Some(line) = self.intx.lock().as_ref() {
+            line.set(level && enabled);
+        }
+    }
+
+    fn read_common(&self, t: &Transport, offset: u64) -> (u64, u64) {
+        let q = t.queue();
+        let qu16 = |f: fn(&Queue) -> u16| q.map_or(0, f);
+        match offset {
+            0x00 => (0x00, u64::from(t.device_feature_select)),
+            0x04 => (
+                0x04,
+                match t.device_feature_select {
+                    0 => t.offered() & 0xffff_ffff,
+                    1 => t.offered() >> 32,
+                    _ => 0,
+                },
+            ),
+            0x08 => (0x08, u64::from(t.driver_feature_select)),
+            0x0c => (
+                0x0c,
+                match t.driver_feature_select {
+                    0 => t.driver_features & 0xffff_ffff,
+                    1 => t.driver_features >> 32,
+                    _ => 0,
+                },
+            ),
+            0x10 | 0x11 => (0x10, u64::from(NO_VECTOR)),
+            0x12 | 0x13 => (0x12, t.queues.len() as u64),
+            0x14 => (0x14, u64::from(t.status)),
+            0x15 => (0x15, u64::from(t.generation)),
+            0x16 | 0x17 => (0x16, u64::from(t.queue_select)),
+            0x18 | 0x19 => (0x18, u64::from(qu16(|q| q.size()))),
+            0x1a | 0x1b => (0x1a, u64::from(NO_VECTOR)),
+            0x1c | 0x1d => (0x1c, u64::from(qu16(|q| u16::from(q.ready())))),
+            0x1e | 0x1f => (
+                0x1e,
+                if q.is_some() {
+                    u64::from(t.queue_select)
+                } else {
+                    0
+                },
+            ),
+            0x20..=0x27 => (0x20, q.map_or(0, |q| q.desc_table())),
+            0x28..=0x2f => (0x28, q.map_or(0, |q| q.avail_ring())),
+            0x30..=0x37 => (0x30, q.map_or(0, |q| q.used_ring())),
+            _ => (offset, 0),
+        }
+    }
+
+    fn write_common(&self, t: &mut Transport, offset: u64, data: &[u8]) {
+        let mut bytes = [0u8; 8];
+        bytes[..data.len().min(8)].copy_from_slice(&data[..data.len().min(8)]);
+        let v = u64::from_le_bytes(bytes);
+        let (low, high) = (v as u32, (v >> 32) as u32);
+        match (offset, data.len()) {
+            (0x00, 4) => t.device_feature_select = low,
+            (0x08, 4) => t.driver_feature_select = low,
+            (0x0c, 4) => {
+                // Features are fixed once FEATURES_OK is set.
+                if t.status & STATUS_FEATURES_OK == 0 {
+                    match t.driver_feature_select {
+                        0 => {
+                            t.driver_features = (t.driver_features & !0xffff_ffff) | u64::from(low)
+                        }
+                        1 => {
+                            t.driver_features =
+                                (t.driver_features & 0xffff_ffff) | u64::from(low) << 32
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            (0x10, 2) | (0x1a, 2) => {} // no MSI-X: vectors read NO_VECTOR
+            (0x14, 1) => self.write_status(t, low as u8),
+            (0x16, 2) => t.queue_select = low as u16,
+            (0x18, 2) => {
+                let size = low as u16;
+                if let Some(q) = t.queue_mut()
+                    && !q.ready()
+                    && size.is_power_of_two()
+                    && size <= QUEUE_MAX
+                {
+                    q.set_size(size);
+                }
+            }
+            (0x1c, 2) => {
+                if low & 1 == 1 {
+                    self.enable_queue(t);
+                }
+            }
+            (0x20 | 0x28 | 0x30, 4 | 8) | (0x24 | 0x2c | 0x34, 4) => {
+                let base = offset & !7;
+                let (lo, hi) = match (offset & 4, data.len()) {
+                    (0, 8) => (Some(low), Some(high)),
+                    (0, _) => (Some(low), None),
+                    _ => (None, Some(low)),
+                };
+                if let Some(q) = t.queue_mut()
+                    && !q.ready()
+                {
+                    match base {
+                        0x20 => q.set_desc_table_address(lo, hi),
+                        0x28 => q.set_avail_ring_address(lo, hi),
+                        _ => q.set_used_ring_address(lo, hi),
+                    }
+                }
+            }
+            _ => tracing::debug!(
+                "virtio: ignored common write at {offset:#x}, {} bytes",
+                data.len()
+            ),
+        }
+    }
+
+    fn enable_queue(&self, t: &mut Transport) {
+        let event_idx = t.driver_features & F_EVENT_IDX != 0;
+        let Some(mem) = self.memory() else { return };
+        if let Some(q) = t.queue_mut() {
+            q.set_event_idx(event_idx);
+            // The crate checks a queue only once it is marked ready.
+            q.set_ready(true);
+            if !q.is_valid(mem) {
+                q.set_ready(false);
+                tracing::warn!("virtio: the driver enabled a queue with bad addresses or size");
+                t.status |= STATUS_NEEDS_RESET;
+            }
+        }
+    }
+
+    fn write_status(&self, t: &mut Transport, status: u8) {
+        if status == 0 {
+            t.reset();
+            if let Some(line) = self.intx.lock().as_ref() {
+                line.set(false);
+            }
+            return;
+        }
+        let mut status = status;
+        let newly = status & !t.status;
+        if newly & STATUS_FEATURES_OK != 0 {
+            let offered = t.offered();
+            let acceptable =
+                t.driver_features & !offered == 0 && t.driver_features & F_VERSION_1 != 0;
+            if !acceptable {
+                status &= !STATUS_FEATURES_OK;
+            }
+        }
+        t.status = status;
+        if newly & STATUS_DRIVER_OK != 0 && status & STATUS_FEATURES_OK != 0 {
+            let features = t.driver_features;
+            if let Some(n) = self.driver_ok.lock().as_ref() {
+                n.emit(|| Value::map([("features", Value::UInt(features))]));
+            }
+        }
+    }
+
+    fn notify(&self, index: usize) {
+        self.counters.notifications.fetch_add(1, Ordering::Relaxed);
+        let Some(mem) = self.memory() else { return };
+        let mut t = self.transport.lock();
+        if t.status & STATUS_DRIVER_OK == 0 {
+            return;
+        }
+        let Transport {
+            backend, queues, ..
+        } = &mut *t;
+        let Some(q) = queues.get_mut(index).filter(|q| q.ready()) else {
+            return;
+        };
+        if !backend.process(index, q, mem) {
+            return;
+        }
+        self.counters.used.fetch_add(1, Ordering::Relaxed);
+        if q.needs_notification(mem).unwrap_or(true) {
+            t.isr |= ISR_QUEUE;
+            drop(t);
+            self.set_intx(true);
+        }
+    }
+
+    fn read_isr(&self) -> u8 {
+        let isr = std::mem::take(&mut self.transport.lock().isr);
+        self.set_intx(false);
+        isr
+    }
+}
+
+fn put(value: u64, field_start: u64, offset: u64, data: &mut [u8]) {
+    let bytes = value.to_le_bytes();
+    let skip = (offset - field_start) as usize;
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = bytes.get(skip + i).copied().unwrap_or(0);
+    }
+}
+
+impl PciDevice for VirtioPci {
+    fn config(&self) -> &Mutex<PciConfig> {
+        &self.config
+    }
+
+    fn config_write(&self, offset: usize, data: &[u8]) -> bool {
+        let remap = self.config.lock().write(offset, data);
+        // INTx disable toggled: the line follows.
+        if remap {
+            let pending = self.transport.lock().isr != 0;
+            self.set_intx(pending);
+        }
+        remap
+    }
+
+    fn bar_read(&self, _bar: usize, offset: u64, data: &mut [u8]) {
+        match offset {
+            COMMON..0x1000 if offset < COMMON_LEN => {
+                let t = self.transport.lock();
+                let (start, value) = self.read_common(&t, offset);
+                put(value, start, offset, data);
+            }
+            ISR => {
+                let isr = self.read_isr();
+                put(u64::from(isr), ISR, offset, data);
+            }
+            DEVICE_CONFIG..NOTIFY => {
+                self.transport
+                    .lock()
+                    .backend
+                    .read_config(offset - DEVICE_CONFIG, data);
+            }
+            _ => data.fill(0),
+        }
+    }
+
+    fn bar_write(&self, _bar: usize, offset: u64, data: &[u8]) {
+        match offset {
+            COMMON..0x1000 if offset < COMMON_LEN => {
+                let mut t = self.transport.lock();
+                self.write_common(&mut t, offset, data);
+            }
+            DEVICE_CONFIG..NOTIFY => {
+                self.transport
+                    .lock()
+                    .backend
+                    .write_config(offset - DEVICE_CONFIG, data);
+            }
+            NOTIFY..BAR_SIZE => {
+                let index = ((offset - NOTIFY) / u64::from(NOTIFY_MULTIPLIER)) as usize;
+                self.notify(index);
+            }
+            _ => {}
+        }
+    }
+
+    fn reset(&self) {
+        self.config.lock().reset();
+        self.transport.lock().reset();
+        self.set_intx(false);
+    }
+}
+
+/// The abstract `virtio-device` type.
+pub(crate) fn base_type(platform: &PlatformRef) -> TypeInfo {
+    let (p_realize, p_unrealize) = (platform.clone(), platform.clone());
+    let transport_u64 = |name: &str, description: &str, read: fn(&Transport) -> u64| {
+        Property::new(name, Kind::uint64())
+            .description(description)
+            .getter(move |o| {
+                Ok(Value::UInt(read(
+                    &instance::<VirtioPci>(o)?.transport.lock(),
+                )))
+            })
+    };
+    let counter = |name: &str, description: &str, read: fn(&Counters) -> &AtomicU64| {
+        Property::new(name, Kind::uint64())
+            .description(description)
+            .getter(move |o| {
+                Ok(Value::UInt(
+                    read(&instance::<VirtioPci>(o)?.counters).load(Ordering::Relaxed),
+                ))
+            })
+    };
+    TypeInfo::new(VIRTIO_DEVICE, PCI_DEVICE)
+        .abstract_type()
+        .description("A virtio device on PCI (virtio 1.x, modern transport)")
+        .property(
+            Property::new("status", Kind::uint8())
+                .description("The device status the driver set (4: DRIVER_OK)")
+                .getter(|o| {
+                    Ok(Value::UInt(
+                        instance::<VirtioPci>(o)?.transport.lock().status.into(),
+                    ))
+                }),
+        )
+        .property(transport_u64(
+            "host-features",
+            "Feature bits the device offers",
+            Transport::offered,
+        ))
+        .property(transport_u64(
+            "guest-features",
+            "Feature bits the driver accepted",
+            |t| t.driver_features,
+        ))
+        .property(counter(
+            "notifications",
+            "Queue notifications from the driver",
+            |c| &c.notifications,
+        ))
+        .property(counter(
+            "used-batches",
+            "Notifications that returned buffers to the driver",
+            |c| &c.used,
+        ))
+        .property(
+            Property::new("interrupts", Kind::uint64())
+                .description("Times the device raised its interrupt")
+                .getter(|o| {
+                    let dev = instance::<VirtioPci>(o)?;
+                    Ok(Value::UInt(
+                        dev.intx.lock().as_ref().map_or(0, |l| l.count()),
+                    ))
+                }),
+        )
+        .notifier(
+            NotifierDecl::new(
+                "driver-ok",
+                Kind::structure(
+                    "VirtioDriverOk",
+                    vec![Field::new(
+                        "features",
+                        Kind::uint64(),
+                        "The features the driver accepted",
+                    )],
+                ),
+            )
+            .description("The guest driver set DRIVER_OK: the device is in use"),
+        )
+        .realize(move |o| {
+            let dev = instance::<VirtioPci>(o)?;
+            *dev.driver_ok.lock() = Some(o.notifier("driver-ok")?);
+            dev.transport.lock().backend.realize(o)?;
+            let slot = pci::plug(&p_realize, o, dev.clone())
+                .inspect_err(|_| dev.transport.lock().backend.unrealize())?;
+            let line = upgrade(&p_realize)?.pci_bus().intx_line(slot, 1);
+            dev.config.lock().set_interrupt(1, line.gsi() as u8);
+            *dev.intx.lock() = Some(line);
+            Ok(())
+        })
+        .unrealize(move |o: &ObjectRef| {
+            pci::unplug(&p_unrealize, o);
+            if let Ok(dev) = instance::<VirtioPci>(o) {
+                *dev.intx.lock() = None;
+                *dev.driver_ok.lock() = None;
+                dev.transport.lock().backend.unrealize();
+            }
+        })
+}

@@ -1,0 +1,231 @@
+/* virtio: a PCI and virtio driver, polled (no interrupts on every host, see kvm-here.md).
+ *
+ * Scans the root bus through ports 0xcf8/0xcfc and through ECAM (both must agree), prints
+ * `pci SLOT VENDOR:DEVICE` for each function, then brings up every virtio device as a
+ * virtio 1.x driver does: reset, ACKNOWLEDGE, DRIVER, features (VERSION_1), FEATURES_OK,
+ * queues, DRIVER_OK, and uses it:
+ *   virtio-rng: reads 32 bytes of entropy twice, prints them, checks they are not all zero
+ *               and differ.
+ * Ends through isa-debug-exit: 0 if at least `min=N` (default 1) virtio devices were found
+ * and every one worked, else the number of the first failed step. */
+#include "rt.h"
+
+#define ECAM 0xe0000000UL
+#define VIRTIO_VENDOR 0x1af4
+
+/* ---- configuration space ---- */
+
+static u32 cf8_read32(u8 slot, u8 reg) {
+    outl(0xcf8, 0x80000000u | ((u32)slot << 11) | reg);
+    return inl(0xcfc);
+}
+
+static u32 cfg_read32(u8 slot, u16 reg) { return mmio_read32(ECAM + ((u64)slot << 15) + reg); }
+static u8 cfg_read8(u8 slot, u16 reg) { return mmio_read8(ECAM + ((u64)slot << 15) + reg); }
+static void cfg_write16(u8 slot, u16 reg, u16 v) {
+    *(volatile u16 *)(ECAM + ((u64)slot << 15) + reg) = v;
+}
+
+/* ---- the virtio structures one device exposes ---- */
+
+struct vdev {
+    u8 slot;
+    u64 common, isr, device, notify;
+    u32 notify_mult;
+};
+
+#define COMMON_DFSELECT 0x00
+#define COMMON_DF 0x04
+#define COMMON_GFSELECT 0x08
+#define COMMON_GF 0x0c
+#define COMMON_NUMQ 0x12
+#define COMMON_STATUS 0x14
+#define COMMON_Q_SELECT 0x16
+#define COMMON_Q_SIZE 0x18
+#define COMMON_Q_ENABLE 0x1c
+#define COMMON_Q_NOFF 0x1e
+#define COMMON_Q_DESC 0x20
+#define COMMON_Q_AVAIL 0x28
+#define COMMON_Q_USED 0x30
+
+static inline void w16(u64 a, u16 v) { *(volatile u16 *)a = v; }
+static inline void w32(u64 a, u32 v) { *(volatile u32 *)a = v; }
+static inline void barrier(void) { __asm__ volatile("" ::: "memory"); }
+
+static u64 bar_address(u8 slot, u8 bar) {
+    u32 low = cfg_read32(slot, 0x10 + 4 * bar);
+    u64 addr = low & ~0xfu;
+    if ((low & 6) == 4) addr |= (u64)cfg_read32(slot, 0x14 + 4 * bar) << 32;
+    return addr;
+}
+
+/* Finds the structures through the vendor capabilities; 0 on success. */
+static int find_structures(struct vdev *d) {
+    u8 at = cfg_read8(d->slot, 0x34);
+    d->common = d->isr = d->device = d->notify = 0;
+    while (at) {
+        if (cfg_read8(d->slot, at) == 0x09) {
+            u8 type = cfg_read8(d->slot, at + 3);
+            u64 where = bar_address(d->slot, cfg_read8(d->slot, at + 4)) + cfg_read32(d->slot, at + 8);
+            if (type == 1) d->common = where;
+            if (type == 2) {
+                d->notify = where;
+                d->notify_mult = cfg_read32(d->slot, at + 16);
+            }
+            if (type == 3) d->isr = where;
+            if (type == 4) d->device = where;
+        }
+        at = cfg_read8(d->slot, at + 1);
+    }
+    return d->common && d->isr && d->notify ? 0 : 1;
+}
+
+/* ---- one split virtqueue of 8 entries ---- */
+
+#define QSIZE 8
+struct desc { u64 addr; u32 len; u16 flags; u16 next; };
+struct queue {
+    struct desc desc[QSIZE] __attribute__((aligned(16)));
+    struct { u16 flags, idx, ring[QSIZE], used_event; } avail __attribute__((aligned(2)));
+    struct { u16 flags, idx; struct { u32 id, len; } ring[QSIZE]; u16 avail_event; } used
+        __attribute__((aligned(4)));
+    u16 last_used;
+    u64 notify_at;
+};
+
+static struct queue queues[4];
+
+static int setup_queue(struct vdev *d, u16 index, struct queue *q) {
+    u64 c = d->common;
+    w16(c + COMMON_Q_SELECT, index);
+    u16 max = mmio_read16(c + COMMON_Q_SIZE);
+    if (max < QSIZE) return 1;
+    w16(c + COMMON_Q_SIZE, QSIZE);
+    for (u32 i = 0; i < sizeof *q; i++) ((volatile u8 *)q)[i] = 0;
+    /* 64-bit fields written as two halves, as Linux does. */
+    w32(c + COMMON_Q_DESC, (u32)(u64)q->desc);
+    w32(c + COMMON_Q_DESC + 4, (u32)((u64)q->desc >> 32));
+    w32(c + COMMON_Q_AVAIL, (u32)(u64)&q->avail);
+    w32(c + COMMON_Q_AVAIL + 4, 0);
+    w32(c + COMMON_Q_USED, (u32)(u64)&q->used);
+    w32(c + COMMON_Q_USED + 4, 0);
+    q->notify_at = d->notify + (u64)mmio_read16(c + COMMON_Q_NOFF) * d->notify_mult;
+    w16(c + COMMON_Q_ENABLE, 1);
+    return mmio_read16(c + COMMON_Q_ENABLE) == 1 ? 0 : 2;
+}
+
+/* Offers `n` descriptors as one chain, notifies, and polls until the device uses it.
+ * Returns the length the device wrote, or -1 after a long wait. */
+static long submit(struct queue *q, u16 qindex, u16 n) {
+    u16 slot = q->avail.idx % QSIZE;
+    q->avail.ring[slot] = 0;
+    barrier();
+    q->avail.idx++;
+    barrier();
+    w16(q->notify_at, qindex);
+    for (u64 spins = 0; spins < 2000000; spins++) {
+        barrier();
+        if (*(volatile u16 *)&q->used.idx != q->last_used) {
+            u32 len = q->used.ring[q->last_used % QSIZE].len;
+            q->last_used++;
+            return len;
+        }
+    }
+    (void)n;
+    return -1;
+}
+
+/* Reset, ACKNOWLEDGE, DRIVER, VERSION_1, FEATURES_OK. 0 on success. */
+static int negotiate(struct vdev *d, u32 wanted_low) {
+    u64 c = d->common;
+    mmio_write8(c + COMMON_STATUS, 0);
+    if (mmio_read8(c + COMMON_STATUS) != 0) return 1;
+    mmio_write8(c + COMMON_STATUS, 1);
+    mmio_write8(c + COMMON_STATUS, 1 | 2);
+    w32(c + COMMON_DFSELECT, 1);
+    u32 high = mmio_read32(c + COMMON_DF);
+    if (!(high & 1)) return 2; /* no VERSION_1 */
+    w32(c + COMMON_DFSELECT, 0);
+    u32 low = mmio_read32(c + COMMON_DF) & wanted_low;
+    w32(c + COMMON_GFSELECT, 0);
+    w32(c + COMMON_GF, low);
+    w32(c + COMMON_GFSELECT, 1);
+    w32(c + COMMON_GF, 1);
+    mmio_write8(c + COMMON_STATUS, 1 | 2 | 8);
+    if (!(mmio_read8(c + COMMON_STATUS) & 8)) return 3;
+    return 0;
+}
+
+static void driver_ok(struct vdev *d) { mmio_write8(d->common + COMMON_STATUS, 1 | 2 | 8 | 4); }
+
+/* ---- devices ---- */
+
+static u8 entropy[2][32];
+
+static int use_rng(struct vdev *d) {
+    struct queue *q = &queues[0];
+    if (negotiate(d, 0)) return 10;
+    if (setup_queue(d, 0, q)) return 11;
+    driver_ok(d);
+    for (int round = 0; round < 2; round++) {
+        for (int i = 0; i < 32; i++) entropy[round][i] = 0;
+        q->desc[0].addr = (u64)entropy[round];
+        q->desc[0].len = 32;
+        q->desc[0].flags = 2; /* device writes */
+        long n = submit(q, 0, 1);
+        if (n != 32) return 12;
+        if (!(mmio_read8(d->isr) & 1)) return 13; /* the ISR says "queue" once */
+        if (mmio_read8(d->isr) != 0) return 14;   /* and reading cleared it */
+    }
+    int nonzero = 0, differ = 0;
+    puts("virtio-rng: ");
+    for (int i = 0; i < 32; i++) {
+        nonzero |= entropy[0][i];
+        differ |= entropy[0][i] ^ entropy[1][i];
+        putx(entropy[0][i]);
+        putc(i == 31 ? '\n' : ' ');
+    }
+    if (!nonzero || !differ) return 15;
+    puts("virtio-rng: ok\n");
+    return 0;
+}
+
+void guest_main(const u8 *zero_page) {
+    u64 min = cmdline_u64(zero_page, "min", 1);
+    int found = 0;
+    for (u8 slot = 0; slot < 32; slot++) {
+        u32 id = cf8_read32(slot, 0);
+        if (id != cfg_read32(slot, 0)) {
+            puts("pci: 0xcf8 and ECAM disagree\n");
+            debug_exit(2);
+        }
+        if (id == 0xffffffffu) continue;
+        puts("pci ");
+        putu(slot);
+        puts(" ");
+        putx(id & 0xffff);
+        puts(":");
+        putx(id >> 16);
+        puts("\n");
+        if ((id & 0xffff) != VIRTIO_VENDOR) continue;
+        struct vdev d = {.slot = slot};
+        cfg_write16(slot, 0x04, 0x6); /* memory decoding and bus mastering */
+        if (find_structures(&d)) debug_exit(3);
+        found++;
+        int failed = 0;
+        switch (id >> 16) {
+        case 0x1044: failed = use_rng(&d); break;
+        default: puts("virtio: unknown device\n"); failed = 4;
+        }
+        if (failed) {
+            puts("virtio: failed at step ");
+            putu(failed);
+            puts("\n");
+            debug_exit((u8)failed);
+        }
+    }
+    puts("virtio: ");
+    putu(found);
+    puts(" devices\n");
+    debug_exit(found >= (int)min ? 0 : 5);
+}

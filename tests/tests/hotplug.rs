@@ -1,0 +1,149 @@
+//! PCI and virtio devices end to end: a driver guest (tests/guests/c/virtio.c) finds and
+//! uses them, clients watch them come and work through subscriptions, and bad requests
+//! change nothing.
+
+use std::time::Duration;
+
+use qomu_tests::{QmpRaw, Qomu, TempDir, require_kvm};
+use serde_json::{Value as Json, json};
+
+fn guest(name: &str) -> String {
+    qomu_guests::path(name).display().to_string()
+}
+
+fn peripherals(c: &mut QmpRaw) -> Json {
+    c.cmd(r#"{"execute": "qom-list", "arguments": {"path": "/machine/peripheral"}}"#)
+}
+
+fn pci_slots(c: &mut QmpRaw) -> Json {
+    c.cmd(r#"{"execute": "qom-get", "arguments": {"path": "/machine/unattached/pci-host", "property": "slots"}}"#)["return"].clone()
+}
+
+#[test]
+fn a_type_subscription_sees_a_virtio_rng_plugged_and_driven() {
+    require_kvm!();
+    let dir = TempDir::new("virtio-rng");
+    let console = dir.path("console");
+    let mut q = Qomu::spawn(&[
+        "-S",
+        "--kernel",
+        &guest("virtio"),
+        "--device",
+        "isa-debug-exit",
+        "--serial",
+        &format!("file:{}", console.display()),
+    ]);
+    let mut c = q.connect();
+    c.negotiate();
+    for notifier in ["plugged", "driver-ok"] {
+        let r = c.cmd(&format!(
+            r#"{{"execute": "__org.qomu_subscribe", "arguments": {{"type": "virtio-device", "notifier": "{notifier}"}}}}"#
+        ));
+        assert!(r["return"]["subscription"].is_string(), "{r}");
+    }
+    let r = c.cmd(r#"{"execute": "device_add", "arguments": {"driver": "virtio-rng-pci", "id": "rng0", "bus": "pci.0", "addr": "0x5"}}"#);
+    assert_eq!(r, json!({"return": {}}));
+    let plugged = c.wait_notify("plugged", "/machine/peripheral/rng0");
+    assert_eq!(plugged, json!({"bus": "pci.0", "slot": 5}));
+    assert_eq!(
+        pci_slots(&mut c),
+        json!([
+            {"slot": 0, "device": "/machine/unattached/pci-host"},
+            {"slot": 5, "device": "/machine/peripheral/rng0"}
+        ])
+    );
+    c.cmd(r#"{"execute": "cont"}"#);
+    let ok = c.wait_notify("driver-ok", "/machine/peripheral/rng0");
+    assert_eq!(
+        ok["features"].as_u64().unwrap() >> 32 & 1,
+        1,
+        "VERSION_1: {ok}"
+    );
+    assert_eq!(
+        q.wait_exit(Duration::from_secs(60)),
+        Some(1),
+        "the guest's verdict"
+    );
+    let out = std::fs::read_to_string(&console).unwrap();
+    assert!(out.contains("pci 5 0x1af4:0x1044"), "{out}");
+    assert!(out.contains("virtio-rng: ok"), "{out}");
+}
+
+#[test]
+fn bad_device_requests_are_refused_and_change_nothing() {
+    require_kvm!();
+    let q = Qomu::spawn(&["-S", "--device", "virtio-rng-pci,id=taken,addr=3"]);
+    let mut c = q.connect();
+    c.negotiate();
+    let before = (peripherals(&mut c), pci_slots(&mut c));
+    let class = |r: &Json| r["error"]["class"].as_str().unwrap_or_default().to_owned();
+    let desc = |r: &Json| r["error"]["desc"].as_str().unwrap_or_default().to_owned();
+    for (args, want) in [
+        (
+            json!({"driver": "virtio-nothing-pci", "id": "x"}),
+            "'virtio-nothing-pci' is not a valid device model name",
+        ),
+        (
+            json!({"driver": "virtio-rng-pci", "id": "x", "colour": "red"}),
+            "Property 'virtio-rng-pci.colour' not found",
+        ),
+        (
+            json!({"driver": "virtio-rng-pci", "id": "x", "addr": "0x20"}),
+            "Property 'virtio-rng-pci.addr' doesn't take value '0x20'",
+        ),
+        (
+            json!({"driver": "virtio-rng-pci", "id": "x", "addr": "zz"}),
+            "Property 'virtio-rng-pci.addr' doesn't take value 'zz'",
+        ),
+        (
+            json!({"driver": "virtio-rng-pci", "id": "x", "addr": "3"}),
+            "PCI: slot 3 function 0 not available for virtio-rng-pci, in use by virtio-rng-pci,id=taken",
+        ),
+        (
+            json!({"driver": "virtio-rng-pci", "id": "taken"}),
+            "Duplicate device ID 'taken'",
+        ),
+        (
+            json!({"driver": "virtio-rng-pci", "id": "x", "bus": "pcie.0"}),
+            "Bus 'pcie.0' not found",
+        ),
+        (
+            json!({"driver": "isa-serial", "id": "x", "bus": "pci.0"}),
+            "Device 'isa-serial' can't go on PCI bus",
+        ),
+        (
+            json!({"driver": "virtio-rng-pci", "id": "x", "rng": "/objects/none"}),
+            "Device '/objects/none' not found",
+        ),
+        (
+            json!({"driver": "virtio-device", "id": "x"}),
+            "Parameter 'driver' expects a non-abstract device type",
+        ),
+    ] {
+        let r = c.cmd(&json!({"execute": "device_add", "arguments": args}).to_string());
+        // QEMU's class for a link to nothing, as for its own.
+        let expected = if want.ends_with("not found") && want.starts_with("Device") {
+            "DeviceNotFound"
+        } else {
+            "GenericError"
+        };
+        assert_eq!(class(&r), expected, "{args}: {r}");
+        assert_eq!(desc(&r), want, "{args}");
+        assert_eq!(
+            (peripherals(&mut c), pci_slots(&mut c)),
+            before,
+            "{args} changed the tree"
+        );
+    }
+    // Fill the bus: slot 0 is the host's, 3 is taken; 30 more fit, the next does not.
+    for i in 0..30 {
+        let r = c.cmd(&json!({"execute": "device_add", "arguments": {"driver": "virtio-rng-pci", "id": format!("r{i}")}}).to_string());
+        assert_eq!(r, json!({"return": {}}), "{i}");
+    }
+    let r = c.cmd(r#"{"execute": "device_add", "arguments": {"driver": "virtio-rng-pci", "id": "one-too-many"}}"#);
+    assert_eq!(
+        desc(&r),
+        "PCI: no slot/function available for virtio-rng-pci, all in use or reserved"
+    );
+    assert_eq!(pci_slots(&mut c).as_array().unwrap().len(), 32);
+}
