@@ -16,6 +16,7 @@
 //! | `ioport80` | POST code port |
 //! | `pci-host` | PCI host bridge: root bus `pci.0`, ports 0xcf8/0xcfc, ECAM |
 //! | `virtio-rng-pci` | virtio entropy device (modern virtio-pci) |
+//! | `virtio-blk-pci` | virtio block device on a raw image file |
 //!
 //! and the entropy backends `rng-builtin` and `rng-random` (user-creatable objects).
 
@@ -48,7 +49,11 @@ pub fn register_types(builder: &qom::TreeBuilder, platform: &PlatformRef) -> qom
         .into_iter()
         .chain(rng::types())
         .chain(pci::types(platform))
-        .chain([virtio::base_type(platform), virtio::rng::register(platform)])
+        .chain([
+            virtio::base_type(platform),
+            virtio::rng::register(platform),
+            virtio::blk::register(platform),
+        ])
     {
         builder.register(info)?;
     }

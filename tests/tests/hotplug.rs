@@ -72,6 +72,10 @@ fn a_type_subscription_sees_a_virtio_rng_plugged_and_driven() {
 #[test]
 fn bad_device_requests_are_refused_and_change_nothing() {
     require_kvm!();
+    let dir = TempDir::new("bad-devices");
+    let image = dir.path("disk.img").display().to_string();
+    std::fs::write(&image, vec![0u8; 4096]).unwrap();
+    let missing = dir.path("missing.img").display().to_string();
     let q = Qomu::spawn(&["-S", "--device", "virtio-rng-pci,id=taken,addr=3"]);
     let mut c = q.connect();
     c.negotiate();
@@ -146,4 +150,153 @@ fn bad_device_requests_are_refused_and_change_nothing() {
         "PCI: no slot/function available for virtio-rng-pci, all in use or reserved"
     );
     assert_eq!(pci_slots(&mut c).as_array().unwrap().len(), 32);
+}
+
+/// A raw image of `sectors` sectors whose sector 0 starts with `text`.
+fn image(dir: &TempDir, sectors: usize, text: &str) -> std::path::PathBuf {
+    let path = dir.path("disk.img");
+    let mut bytes = vec![0u8; sectors * 512];
+    bytes[..text.len()].copy_from_slice(text.as_bytes());
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+fn sector(path: &std::path::Path, n: usize) -> Vec<u8> {
+    std::fs::read(path).unwrap()[n * 512..(n + 1) * 512].to_vec()
+}
+
+#[test]
+fn virtio_blk_reads_writes_flushes_and_identifies() {
+    require_kvm!();
+    let dir = TempDir::new("virtio-blk");
+    let disk = image(&dir, 64, "QOMU-TEST-SECTOR-0");
+    let console = dir.path("console");
+    let mut q = Qomu::spawn(&[
+        "-S",
+        "--kernel",
+        &guest("virtio"),
+        "--append",
+        "min=2 wsector=7",
+        "--device",
+        "isa-debug-exit",
+        "--device",
+        "virtio-rng-pci,id=rng0",
+        "--device",
+        &format!(
+            "virtio-blk-pci,id=disk0,file={},serial=SN-0042",
+            disk.display()
+        ),
+        "--serial",
+        &format!("file:{}", console.display()),
+    ]);
+    let mut c = q.connect();
+    c.negotiate();
+    let get = |c: &mut QmpRaw, property: &str| {
+        c.cmd(&format!(r#"{{"execute": "qom-get", "arguments": {{"path": "disk0", "property": "{property}"}}}}"#))["return"].clone()
+    };
+    assert_eq!(get(&mut c, "size"), json!(64 * 512));
+    assert_eq!(get(&mut c, "slot"), json!(2));
+    c.cmd(r#"{"execute": "__org.qomu_subscribe", "arguments": {"type": "virtio-device", "notifier": "driver-ok"}}"#);
+    c.cmd(r#"{"execute": "cont"}"#);
+    c.wait_notify("driver-ok", "/machine/peripheral/rng0");
+    c.wait_notify("driver-ok", "/machine/peripheral/disk0");
+    assert_eq!(q.wait_exit(Duration::from_secs(60)), Some(1));
+    let out = std::fs::read_to_string(&console).unwrap();
+    for line in [
+        "virtio-blk: 64 sectors",
+        "virtio-blk: serial SN-0042",
+        "virtio-blk: sector 0: QOMU-TEST-SECTOR-0",
+        "virtio-blk: wrote, read back, flushed",
+        "virtio-blk: ok",
+        "virtio: 2 devices",
+    ] {
+        assert!(out.contains(line), "no '{line}' in:\n{out}");
+    }
+    assert!(sector(&disk, 7).starts_with(b"written by the qomu test guest\0"));
+    assert!(
+        sector(&disk, 1).iter().all(|&b| b == 0),
+        "only sector 7 was written"
+    );
+}
+
+#[test]
+fn a_read_only_virtio_blk_refuses_writes_with_io_error_events() {
+    require_kvm!();
+    let dir = TempDir::new("virtio-blk-ro");
+    let disk = image(&dir, 8, "READ-ONLY");
+    let before = std::fs::read(&disk).unwrap();
+    let console = dir.path("console");
+    let mut q = Qomu::spawn(&[
+        "-S",
+        "--kernel",
+        &guest("virtio"),
+        "--device",
+        "isa-debug-exit",
+        "--device",
+        &format!(
+            "virtio-blk-pci,id=disk0,file={},read-only=on",
+            disk.display()
+        ),
+        "--serial",
+        &format!("file:{}", console.display()),
+    ]);
+    let mut c = q.connect();
+    c.negotiate();
+    c.cmd(r#"{"execute": "__org.qomu_subscribe", "arguments": {"path": "disk0", "notifier": "io-error"}}"#);
+    c.cmd(r#"{"execute": "cont"}"#);
+    let write = c.wait_notify("io-error", "/machine/peripheral/disk0");
+    assert_eq!(write["operation"], "write");
+    assert_eq!(write["sector"], 1);
+    assert_eq!(write["error"], "the device is read-only");
+    let past_end = c.wait_notify("io-error", "/machine/peripheral/disk0");
+    assert_eq!(past_end["operation"], "read");
+    assert_eq!(past_end["sector"], 8);
+    assert_eq!(q.wait_exit(Duration::from_secs(60)), Some(1));
+    let out = std::fs::read_to_string(&console).unwrap();
+    assert!(out.contains("8 sectors, read-only"), "{out}");
+    assert!(out.contains("virtio-blk: write refused"), "{out}");
+    assert_eq!(
+        std::fs::read(&disk).unwrap(),
+        before,
+        "the image is untouched"
+    );
+}
+
+#[test]
+fn a_host_io_error_is_answered_ioerr_and_the_vmm_goes_on() {
+    require_kvm!();
+    let dir = TempDir::new("virtio-blk-eio");
+    let disk = image(&dir, 64, "SOON GONE");
+    let mut q = Qomu::spawn(&[
+        "-S",
+        "--kernel",
+        &guest("virtio"),
+        "--device",
+        "isa-debug-exit",
+        "--device",
+        &format!("virtio-blk-pci,id=disk0,file={}", disk.display()),
+    ]);
+    let mut c = q.connect();
+    c.negotiate();
+    c.cmd(r#"{"execute": "__org.qomu_subscribe", "arguments": {"path": "disk0", "notifier": "io-error"}}"#);
+    // The image shrinks under the device: its reads now fail on the host.
+    std::fs::File::options()
+        .write(true)
+        .open(&disk)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    c.cmd(r#"{"execute": "cont"}"#);
+    let e = c.wait_notify("io-error", "/machine/peripheral/disk0");
+    assert_eq!(
+        (e["operation"].as_str(), e["sector"].as_u64()),
+        (Some("read"), Some(0)),
+        "{e}"
+    );
+    assert!(
+        e["error"].as_str().unwrap().contains("fill whole buffer"),
+        "{e}"
+    );
+    // The guest saw IOERR on its sector 0 read (step 23) and says so.
+    assert_eq!(q.wait_exit(Duration::from_secs(60)), Some(23 << 1 | 1));
 }

@@ -8,6 +8,7 @@
 //! The qom side: the abstract type `virtio-device` (a `pci-device`) with the transport's
 //! state as properties and the `driver-ok` notifier; each model is a concrete subtype.
 
+pub mod blk;
 pub mod rng;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -65,7 +66,7 @@ const CAP_DEVICE: u8 = 4;
 const PCI_CAP_VENDOR: u8 = 0x09;
 
 /// A device model behind the transport.
-pub trait Backend: Send {
+pub trait Backend: Send + std::any::Any {
     /// The virtio device ID (4: entropy, 2: block).
     fn device_id(&self) -> u16;
     /// PCI class code (24 bits).
@@ -227,6 +228,18 @@ impl VirtioPci {
             driver_ok: Mutex::new(None),
             counters: Counters::default(),
         }
+    }
+
+    /// Runs `f` on the device model, if it is a `T` (for the model's own properties).
+    ///
+    /// # Errors
+    /// The model is not a `T` (a type registered with the wrong model: a bug).
+    pub fn with_backend<T: Backend, R>(&self, f: impl FnOnce(&T) -> R) -> qom::Result<R> {
+        let t = self.transport.lock();
+        let any: &dyn std::any::Any = &*t.backend;
+        any.downcast_ref::<T>()
+            .map(f)
+            .ok_or_else(|| qom::Error::failed("the virtio device has another model"))
     }
 
     fn memory(&self) -> Option<&GuestMemoryMmap> {

@@ -6,6 +6,11 @@
  * queues, DRIVER_OK, and uses it:
  *   virtio-rng: reads 32 bytes of entropy twice, prints them, checks they are not all zero
  *               and differ.
+ *   virtio-blk: prints the capacity and the serial (get-id), prints the text at the start
+ *               of sector 0, writes "written by the qomu test guest" to sector `wsector=N`
+ *               (default 1) unless the device is read-only, reads it back, flushes; on a
+ *               read-only device checks that a write fails with IOERR; and checks that a
+ *               read past the end fails with IOERR.
  * Ends through isa-debug-exit: 0 if at least `min=N` (default 1) virtio devices were found
  * and every one worked, else the number of the first failed step. */
 #include "rt.h"
@@ -190,8 +195,73 @@ static int use_rng(struct vdev *d) {
     return 0;
 }
 
+struct blk_header { u32 type, reserved; u64 sector; };
+static struct blk_header blk_hdr;
+static u8 blk_data[512];
+static u8 blk_status;
+static const char blk_text[] = "written by the qomu test guest";
+static u64 write_sector = 1;
+
+/* One request: header, 512 bytes of data (device-written for reads), status. */
+static int blk_request(struct queue *q, u32 type, u64 sector, int data_len, int device_writes) {
+    blk_hdr.type = type;
+    blk_hdr.reserved = 0;
+    blk_hdr.sector = sector;
+    blk_status = 0xff;
+    /* Without data the header chains straight to the status. */
+    q->desc[0] = (struct desc){(u64)&blk_hdr, sizeof blk_hdr, 1, data_len ? 1 : 2};
+    if (data_len)
+        q->desc[1] = (struct desc){(u64)blk_data, (u32)data_len, (u16)(1 | (device_writes ? 2 : 0)), 2};
+    q->desc[2] = (struct desc){(u64)&blk_status, 1, 2, 0};
+    if (submit(q, 0, 3) < 1) return -1;
+    return *(volatile u8 *)&blk_status;
+}
+
+static int use_blk(struct vdev *d) {
+    struct queue *q = &queues[1];
+    if (negotiate(d, (1u << 5) | (1u << 9))) return 20; /* RO, FLUSH */
+    w32(d->common + COMMON_GFSELECT, 0);
+    int read_only = (mmio_read32(d->common + COMMON_GF) >> 5) & 1;
+    if (setup_queue(d, 0, q)) return 21;
+    driver_ok(d);
+    u64 capacity = mmio_read64(d->device);
+    puts("virtio-blk: ");
+    putu(capacity);
+    puts(" sectors");
+    if (read_only) puts(", read-only");
+    puts("\n");
+    for (int i = 0; i < 21; i++) blk_data[i] = 0;
+    if (blk_request(q, 8, 0, 20, 1) != 0) return 22;
+    puts("virtio-blk: serial ");
+    puts((const char *)blk_data);
+    puts("\n");
+    if (blk_request(q, 0, 0, 512, 1) != 0) return 23;
+    blk_data[63] = 0;
+    puts("virtio-blk: sector 0: ");
+    puts((const char *)blk_data);
+    puts("\n");
+    for (int i = 0; i < 512; i++) blk_data[i] = i < (int)sizeof blk_text ? (u8)blk_text[i] : 0;
+    int st = blk_request(q, 1, write_sector, 512, 0);
+    if (read_only) {
+        if (st != 1) return 24; /* IOERR */
+        puts("virtio-blk: write refused\n");
+    } else {
+        if (st != 0) return 25;
+        for (int i = 0; i < 512; i++) blk_data[i] = 0;
+        if (blk_request(q, 0, write_sector, 512, 1) != 0) return 26;
+        for (int i = 0; i < (int)sizeof blk_text; i++)
+            if (blk_data[i] != (u8)blk_text[i]) return 27;
+        if (blk_request(q, 4, 0, 0, 0) != 0) return 28;
+        puts("virtio-blk: wrote, read back, flushed\n");
+    }
+    if (blk_request(q, 0, capacity, 512, 1) != 1) return 29;
+    puts("virtio-blk: ok\n");
+    return 0;
+}
+
 void guest_main(const u8 *zero_page) {
     u64 min = cmdline_u64(zero_page, "min", 1);
+    write_sector = cmdline_u64(zero_page, "wsector", 1);
     int found = 0;
     for (u8 slot = 0; slot < 32; slot++) {
         u32 id = cf8_read32(slot, 0);
@@ -215,6 +285,7 @@ void guest_main(const u8 *zero_page) {
         int failed = 0;
         switch (id >> 16) {
         case 0x1044: failed = use_rng(&d); break;
+        case 0x1042: failed = use_blk(&d); break;
         default: puts("virtio: unknown device\n"); failed = 4;
         }
         if (failed) {
