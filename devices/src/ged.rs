@@ -20,6 +20,8 @@ pub const GSI: u32 = 9;
 
 /// Event bits of the status register.
 pub const EVENT_POWER_BUTTON: u32 = 1 << 0;
+/// A PCI slot was added or is asked to go: the DSDT's `PCNT` reads the hotplug registers.
+pub const EVENT_PCI_HOTPLUG: u32 = 1 << 1;
 
 pub struct Ged {
     pending: AtomicU32,

@@ -17,6 +17,7 @@
 //! | `pci-host` | PCI host bridge: root bus `pci.0`, ports 0xcf8/0xcfc, ECAM |
 //! | `virtio-rng-pci` | virtio entropy device (modern virtio-pci) |
 //! | `virtio-blk-pci` | virtio block device on a raw image file |
+//! | `pci-hotplug` | ACPI PCI hotplug controller (PCIU, PCID, B0EJ) |
 //!
 //! and the entropy backends `rng-builtin` and `rng-random` (user-creatable objects).
 

@@ -74,6 +74,8 @@ pub enum MachineRequest {
     Shutdown(ShutdownCause),
     /// End the VMM with this exit status (isa-debug-exit).
     Exit(i32),
+    /// The guest ejected the device in this slot of the PCI root bus.
+    EjectPciSlot(u8),
 }
 
 /// The machine as devices see it.

@@ -11,7 +11,7 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use devices::pci::bus::{INTX_GSI_BASE, INTX_GSIS};
-use devices::pci::{self, intx_gsi};
+use devices::pci::{self, hotplug, intx_gsi};
 use devices::{acpi_pm, ged};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -182,6 +182,92 @@ fn device(n: &str, children: &[&dyn Aml]) -> Raw {
     raw(&aml::Device::new(n.into(), children.to_vec()))
 }
 
+/// Slots that can be hot-plugged: all but the host bridge's.
+fn hotplug_slots() -> impl Iterator<Item = u8> {
+    1..pci::bus::SLOTS as u8
+}
+
+fn slot_name(slot: u8) -> String {
+    format!("S{slot:02X}_")
+}
+
+/// The hotplug controller's registers as fields of `\_SB_.PCI0`.
+fn hotplug_region() -> Raw {
+    let (base, len) = (hotplug::MMIO_BASE as u32, hotplug::MMIO_LEN as u32);
+    raw(&aml::OpRegion::new(
+        "PCHP".into(),
+        aml::OpRegionSpace::SystemMemory,
+        &base,
+        &len,
+    ))
+}
+
+fn hotplug_fields() -> Raw {
+    raw(&aml::Field::new(
+        "PCHP".into(),
+        aml::FieldAccessType::DWord,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![
+            aml::FieldEntry::Named(*b"PCIU", 32),
+            aml::FieldEntry::Named(*b"PCID", 32),
+            aml::FieldEntry::Named(*b"B0EJ", 32),
+        ],
+    ))
+}
+
+/// `PCNT`: reads the added and to-be-removed slots and notifies each slot's device:
+/// device check (1) for an added slot, eject request (3) for one the host wants back.
+fn pcnt() -> Raw {
+    let read_up = raw(&aml::Store::new(&aml::Local(0), &aml::Path::new("PCIU")));
+    let read_down = raw(&aml::Store::new(&aml::Local(1), &aml::Path::new("PCID")));
+    let mut body = vec![read_up, read_down];
+    for slot in hotplug_slots() {
+        let bit = 1u32 << slot;
+        let target = aml::Path::new(&slot_name(slot));
+        for (local, event) in [(0, 1u8), (1, 3u8)] {
+            let masked = raw(&aml::And::new(&aml::ZERO, &aml::Local(local), &bit));
+            let notify = raw(&aml::Notify::new(&target, &event));
+            body.push(raw(&aml::If::new(
+                &aml::Equal::new(&masked, &bit),
+                vec![&notify],
+            )));
+        }
+    }
+    raw(&aml::Method::new(
+        "PCNT".into(),
+        0,
+        true,
+        body.iter().map(|b| b as &dyn Aml).collect(),
+    ))
+}
+
+/// One device per hot-pluggable slot: its address, its slot number for the user, and
+/// `_EJ0`, which writes its bit to B0EJ.
+fn pci_slots() -> Raw {
+    let devices: Vec<Raw> = hotplug_slots()
+        .map(|slot| {
+            let address = u32::from(slot) << 16;
+            let bit = 1u32 << slot;
+            let eject = raw(&aml::Store::new(&aml::Path::new("B0EJ"), &bit));
+            let ej0 = raw(&aml::Method::new("_EJ0".into(), 1, true, vec![&eject]));
+            device(
+                &slot_name(slot),
+                &[
+                    &name("_ADR", &address),
+                    &name("_SUN", &u32::from(slot)),
+                    &ej0,
+                ],
+            )
+        })
+        .collect();
+    let mut bytes = Vec::new();
+    for d in &devices {
+        d.to_aml_bytes(&mut bytes);
+    }
+    Raw(bytes)
+}
+
 /// The name of the link device for INTx GSI `gsi`.
 fn intx_link(gsi: u32) -> String {
     let letter = char::from(b'A' + (gsi - INTX_GSI_BASE) as u8);
@@ -255,6 +341,10 @@ fn dsdt(board: &Board) -> Vec<u8> {
             &name("_BBN", &aml::ZERO),
             &name("_CRS", &pci_crs),
             &name("_PRT", &intx_routing()),
+            &hotplug_region(),
+            &hotplug_fields(),
+            &pcnt(),
+            &pci_slots(),
         ],
     ));
     sb.extend(intx_links());
@@ -327,11 +417,18 @@ fn dsdt(board: &Board) -> Vec<u8> {
         &aml::Equal::new(&masked, &power_bit),
         vec![&notify],
     ));
+    let hotplug_bit = ged::EVENT_PCI_HOTPLUG as u8;
+    let hotplug_masked = raw(&aml::And::new(&aml::ZERO, &aml::Local(0), &hotplug_bit));
+    let scan = raw(&aml::MethodCall::new("\\_SB_.PCI0.PCNT".into(), vec![]));
+    let if_hotplug = raw(&aml::If::new(
+        &aml::Equal::new(&hotplug_masked, &hotplug_bit),
+        vec![&scan],
+    ));
     let evt = raw(&aml::Method::new(
         "_EVT".into(),
         1,
         true,
-        vec![&read_events, &if_power],
+        vec![&read_events, &if_power, &if_hotplug],
     ));
     sb.push(device(
         "GED_",

@@ -7,6 +7,7 @@
 //! 0x0010_0000  kernel (1 MiB)            ...          RAM up to 3 GiB
 //! 0xc000_0000  PCI MMIO window (512 MiB) 0xe000_0000  PCI ECAM (bus 0)
 //! 0xfec0_0000  IOAPIC                    0xfed0_0000  ACPI GED
+//! 0xfed0_1000  PCI hotplug registers
 //! 0xfee0_0000  LAPIC                     0x1_0000_0000 RAM above 3 GiB
 //! ```
 

@@ -20,8 +20,10 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
+use devices::ged::EVENT_PCI_HOTPLUG;
 use devices::ged::{EVENT_POWER_BUTTON, Ged};
 use devices::pci::PciBus;
+use devices::pci::hotplug::Hotplug;
 use devices::{
     Bus, DEVICE, IrqLine, MachineRequest, Platform, PlatformRef, ShutdownCause, USER_DEVICE,
 };
@@ -88,6 +90,7 @@ pub struct Machine {
     events: Sender<VcpuEvent>,
     notifiers: Notifiers,
     ged: OnceLock<Arc<Ged>>,
+    hotplug: OnceLock<Arc<Hotplug>>,
     anon_devices: AtomicU64,
 }
 
@@ -147,6 +150,7 @@ impl Machine {
                 events,
                 notifiers,
                 ged: OnceLock::new(),
+                hotplug: OnceLock::new(),
                 anon_devices: AtomicU64::new(0),
             }
         });
@@ -203,6 +207,12 @@ impl Machine {
             devices::pci::HOST_TYPE,
             vec![("ecam-base".into(), Value::UInt(ECAM_BASE))],
         )?;
+        let hotplug =
+            self.tree
+                .create(board, "pci-hotplug", devices::pci::hotplug::TYPE, vec![])?;
+        if let Some(h) = hotplug.instance::<Hotplug>() {
+            let _ = self.hotplug.set(h);
+        }
         if let Some(g) = ged.instance::<Ged>() {
             let _ = self.ged.set(g);
         }
@@ -487,6 +497,7 @@ impl Machine {
             VcpuEvent::Request(MachineRequest::Exit(status)) => {
                 self.shutdown(ShutdownCause::GuestShutdown, Some(status))
             }
+            VcpuEvent::Request(MachineRequest::EjectPciSlot(slot)) => self.eject(slot),
         }
     }
 
@@ -779,7 +790,9 @@ impl Machine {
                 "Parameter 'driver' expects a non-abstract device type".into(),
             ));
         }
-        if !class.implements(USER_DEVICE) || self.state.lock().launched.is_some() {
+        let pci = class.implements(devices::pci::PCI_DEVICE);
+        let hot = self.state.lock().launched.is_some();
+        if !class.implements(USER_DEVICE) || (hot && !pci) {
             return Err(Error::InvalidState(
                 "Parameter 'driver' expects a pluggable device type".into(),
             ));
@@ -808,7 +821,15 @@ impl Machine {
                 }
                 e => e,
             })?;
-        if dev.class().implements(devices::pci::PCI_DEVICE) {
+        if pci {
+            // A running guest learns of it through the hotplug controller and the GED.
+            let slot = dev.get("slot").ok().and_then(|v| v.as_u64());
+            if let (true, Some(slot), Some(h), Some(ged)) =
+                (hot, slot, self.hotplug.get(), self.ged.get())
+            {
+                h.added(slot as u8);
+                ged.raise(EVENT_PCI_HOTPLUG);
+            }
             devices::pci::announce_plugged(&dev);
         }
         Ok(dev)
@@ -887,17 +908,67 @@ impl Machine {
         let user_added = dev.parent().is_some_and(|p| {
             matches!(p.path(), "/machine/peripheral" | "/machine/peripheral-anon")
         });
-        if !user_added || self.state.lock().launched.is_some() {
+        let pci = dev.class().implements(devices::pci::PCI_DEVICE);
+        let hot = self.state.lock().launched.is_some();
+        if !user_added || (hot && !pci) {
             return Err(Error::InvalidState(format!(
                 "Device '{}' does not support hotplugging",
                 dev.type_name()
             )));
         }
+        if !hot {
+            return self.remove_device(&dev);
+        }
+        // Hot-unplug is a request: the device goes when the guest ejects it.
+        let slot = dev.get("slot")?.as_u64().unwrap_or(0) as u8;
+        let (Some(h), Some(ged)) = (self.hotplug.get(), self.ged.get()) else {
+            return Err(failed("the machine has no hotplug controller"));
+        };
+        if h.removal_requested(slot) {
+            return Err(Error::InvalidState(format!(
+                "Device {} is already in the process of unplug",
+                dev.name()
+            )));
+        }
+        h.request_removal(slot);
+        dev.notify_property_changed("unplug-pending", &Value::Bool(true));
+        if let Ok(n) = dev.notifier("unplug-requested") {
+            n.emit(empty);
+        }
+        ged.raise(EVENT_PCI_HOTPLUG);
+        Ok(())
+    }
+
+    /// The guest ejected `slot`: the device there goes, with `unplugged` and DEVICE_DELETED.
+    fn eject(&self, slot: u8) {
+        let Some(h) = self.hotplug.get() else { return };
+        if !h.removal_requested(slot) {
+            return;
+        }
+        let path = self
+            .pci
+            .occupants()
+            .into_iter()
+            .find_map(|(s, path)| (s == slot).then_some(path));
+        if let Some(dev) = path.and_then(|p| self.tree.lookup(&p).ok()) {
+            if let Ok(n) = dev.notifier("unplugged") {
+                n.emit(empty);
+            }
+            if let Err(e) = self.remove_device(&dev) {
+                tracing::warn!("cannot remove {} after its eject: {e}", dev.path());
+                return;
+            }
+        }
+        h.removed(slot);
+    }
+
+    /// Deletes a device and announces DEVICE_DELETED.
+    fn remove_device(&self, dev: &ObjectRef) -> Result<()> {
         let device = dev
             .path()
             .starts_with("/machine/peripheral/")
             .then(|| dev.name().to_owned());
-        self.tree.delete_subtree(&dev)?;
+        self.tree.delete_subtree(dev)?;
         self.notifiers.device_deleted.emit(|| {
             let mut fields = vec![("path", Value::Str(dev.path().to_owned()))];
             if let Some(d) = device {

@@ -300,3 +300,103 @@ fn a_host_io_error_is_answered_ioerr_and_the_vmm_goes_on() {
     // The guest saw IOERR on its sector 0 read (step 23) and says so.
     assert_eq!(q.wait_exit(Duration::from_secs(60)), Some(23 << 1 | 1));
 }
+
+/// Waits until the console file has `text`.
+fn wait_console(path: &std::path::Path, text: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .contains(text)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no '{text}' on the console"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn hot_plug_and_unplug_of_a_running_guest_over_qmp() {
+    require_kvm!();
+    let dir = TempDir::new("hotplug");
+    let console = dir.path("console");
+    let disk = image(&dir, 16, "HOT-PLUGGED DISK");
+    let mut q = Qomu::spawn(&[
+        "-S",
+        "--kernel",
+        &guest("virtio"),
+        "--append",
+        "min=0 hotplug=2",
+        "--device",
+        "isa-debug-exit",
+        "--serial",
+        &format!("file:{}", console.display()),
+    ]);
+    let mut c = q.connect();
+    c.negotiate();
+    for notifier in ["plugged", "driver-ok", "unplug-requested", "unplugged"] {
+        c.cmd(&format!(
+            r#"{{"execute": "__org.qomu_subscribe", "arguments": {{"type": "virtio-device", "notifier": "{notifier}"}}}}"#
+        ));
+    }
+    let tree_before = peripherals(&mut c);
+    c.cmd(r#"{"execute": "cont"}"#);
+    wait_console(&console, "hotplug: ready");
+
+    let r = c.cmd(
+        r#"{"execute": "device_add", "arguments": {"driver": "virtio-rng-pci", "id": "rng0"}}"#,
+    );
+    assert_eq!(r, json!({"return": {}}));
+    assert_eq!(
+        c.wait_notify("plugged", "/machine/peripheral/rng0"),
+        json!({"bus": "pci.0", "slot": 1})
+    );
+    c.wait_notify("driver-ok", "/machine/peripheral/rng0");
+    let r = c.cmd(&json!({"execute": "device_add", "arguments": {"driver": "virtio-blk-pci", "id": "disk0", "file": disk, "serial": "HOT"}}).to_string());
+    assert_eq!(r, json!({"return": {}}));
+    c.wait_notify("driver-ok", "/machine/peripheral/disk0");
+
+    // Unplug is a request; a second one while it is pending is refused.
+    assert_eq!(
+        c.cmd(r#"{"execute": "device_del", "arguments": {"id": "rng0"}}"#),
+        json!({"return": {}})
+    );
+    let again = c.cmd(r#"{"execute": "device_del", "arguments": {"id": "rng0"}}"#);
+    assert_eq!(
+        again["error"]["desc"], "Device rng0 is already in the process of unplug",
+        "{again}"
+    );
+    c.wait_notify("unplug-requested", "/machine/peripheral/rng0");
+    c.wait_notify("unplugged", "/machine/peripheral/rng0");
+    let deleted = c.wait_event("DEVICE_DELETED");
+    assert_eq!(
+        deleted["data"],
+        json!({"device": "rng0", "path": "/machine/peripheral/rng0"})
+    );
+    assert_eq!(
+        c.cmd(r#"{"execute": "device_del", "arguments": {"id": "disk0"}}"#),
+        json!({"return": {}})
+    );
+    c.wait_notify("unplugged", "/machine/peripheral/disk0");
+    c.wait_event("DEVICE_DELETED");
+    // The tree and the bus are as before.
+    assert_eq!(peripherals(&mut c), tree_before);
+    assert_eq!(
+        pci_slots(&mut c),
+        json!([{"slot": 0, "device": "/machine/unattached/pci-host"}])
+    );
+    assert_eq!(q.wait_exit(Duration::from_secs(60)), Some(1));
+    let out = std::fs::read_to_string(&console).unwrap();
+    for line in [
+        "hotplug: slot 1 added",
+        "virtio-rng: ok",
+        "hotplug: slot 2 added",
+        "virtio-blk: sector 0: HOT-PLUGGED DISK",
+        "hotplug: ejecting slot 1",
+        "hotplug: ejecting slot 2",
+        "hotplug: 2 ejected",
+    ] {
+        assert!(out.contains(line), "no '{line}' in:\n{out}");
+    }
+}

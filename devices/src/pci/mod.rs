@@ -6,6 +6,7 @@
 
 pub mod bus;
 pub mod config;
+pub mod hotplug;
 
 use std::sync::Arc;
 
@@ -24,6 +25,8 @@ pub const HOST_TYPE: &str = "pci-host";
 pub const PCI_DEVICE: &str = "pci-device";
 /// The root bus's name (`device_add`'s `bus`).
 pub const ROOT_BUS: &str = "pci.0";
+/// Where the machine puts the hotplug controller.
+pub const HOTPLUG_PATH: &str = "/machine/unattached/pci-hotplug";
 /// The configuration ports.
 pub const CONFIG_PORT: u64 = 0xcf8;
 pub const CONFIG_PORT_LEN: u64 = 8;
@@ -164,6 +167,31 @@ fn device_type(platform: &PlatformRef) -> TypeInfo {
             )
             .description("The device is on the bus and visible to the guest"),
         )
+        .notifier(
+            NotifierDecl::new("unplug-requested", Kind::structure("PciUnplugRequested", vec![]))
+                .description("device_del asked the guest to release the device"),
+        )
+        .notifier(
+            NotifierDecl::new("unplugged", Kind::structure("PciUnplugged", vec![]))
+                .description("The guest ejected the device; it is being deleted"),
+        )
+        .property(
+            Property::new("unplug-pending", Kind::Bool)
+                .notifying()
+                .description("An unplug was requested and the guest has not ejected the device yet")
+                .getter(|o| {
+                    let slot = o.get("slot")?.as_i64().unwrap_or(-1);
+                    let hotplug = o
+                        .tree()
+                        .lookup(HOTPLUG_PATH)
+                        .ok()
+                        .and_then(|h| h.instance::<hotplug::Hotplug>());
+                    Ok(Value::Bool(match (u8::try_from(slot), hotplug) {
+                        (Ok(slot), Some(h)) => h.removal_requested(slot),
+                        _ => false,
+                    }))
+                }),
+        )
         .property(
         Property::new("addr", Kind::Str)
             .policy(qom::PhasePolicy::BeforeRealize)
@@ -274,7 +302,7 @@ pub(crate) fn types(platform: &PlatformRef) -> Vec<TypeInfo> {
             release(&p_unrealize, o);
             unplug(&p_unrealize, o);
         });
-    vec![host, device_type(platform)]
+    vec![host, device_type(platform), hotplug::register(platform)]
 }
 
 #[cfg(test)]

@@ -11,6 +11,9 @@
  *               (default 1) unless the device is read-only, reads it back, flushes; on a
  *               read-only device checks that a write fails with IOERR; and checks that a
  *               read past the end fails with IOERR.
+ * With `hotplug=N`, it then serves hotplug as the DSDT's GED _EVT and PCNT methods would,
+ * polling the GED: brings up each slot the host adds, ejects each slot the host asks for,
+ * and ends after N ejects.
  * Ends through isa-debug-exit: 0 if at least `min=N` (default 1) virtio devices were found
  * and every one worked, else the number of the first failed step. */
 #include "rt.h"
@@ -259,44 +262,85 @@ static int use_blk(struct vdev *d) {
     return 0;
 }
 
+/* Finds and uses the device in `slot`: 0 if there is none, 1 if it is a virtio device that
+ * worked; a failed step ends the guest. */
+static int probe(u8 slot) {
+    u32 id = cf8_read32(slot, 0);
+    if (id != cfg_read32(slot, 0)) {
+        puts("pci: 0xcf8 and ECAM disagree\n");
+        debug_exit(2);
+    }
+    if (id == 0xffffffffu) return 0;
+    puts("pci ");
+    putu(slot);
+    puts(" ");
+    putx(id & 0xffff);
+    puts(":");
+    putx(id >> 16);
+    puts("\n");
+    if ((id & 0xffff) != VIRTIO_VENDOR) return 0;
+    struct vdev d = {.slot = slot};
+    cfg_write16(slot, 0x04, 0x6); /* memory decoding and bus mastering */
+    if (find_structures(&d)) debug_exit(3);
+    int failed = 0;
+    switch (id >> 16) {
+    case 0x1044: failed = use_rng(&d); break;
+    case 0x1042: failed = use_blk(&d); break;
+    default: puts("virtio: unknown device\n"); failed = 4;
+    }
+    if (failed) {
+        puts("virtio: failed at step ");
+        putu(failed);
+        puts("\n");
+        debug_exit((u8)failed);
+    }
+    return 1;
+}
+
+#define GED_EVENTS 0xfed00000UL
+#define HOTPLUG_PCIU 0xfed01000UL
+#define HOTPLUG_PCID 0xfed01004UL
+#define HOTPLUG_B0EJ 0xfed01008UL
+
+/* As the DSDT's _EVT and PCNT would, polled: on a hotplug event, brings up each added slot
+ * and ejects each slot the host asks for, until `ejects` slots were ejected. */
+static void serve_hotplug(u64 ejects) {
+    puts("hotplug: ready\n");
+    u64 done = 0;
+    while (done < ejects) {
+        if (!(mmio_read32(GED_EVENTS) & 2)) continue;
+        u32 up = mmio_read32(HOTPLUG_PCIU), down = mmio_read32(HOTPLUG_PCID);
+        for (u8 slot = 1; slot < 32; slot++) {
+            if (up & (1u << slot)) {
+                puts("hotplug: slot ");
+                putu(slot);
+                puts(" added\n");
+                probe(slot);
+            }
+            if (down & (1u << slot)) {
+                puts("hotplug: ejecting slot ");
+                putu(slot);
+                puts("\n");
+                mmio_write32(HOTPLUG_B0EJ, 1u << slot);
+                done++;
+            }
+        }
+    }
+    puts("hotplug: ");
+    putu(done);
+    puts(" ejected\n");
+}
+
 void guest_main(const u8 *zero_page) {
     u64 min = cmdline_u64(zero_page, "min", 1);
     write_sector = cmdline_u64(zero_page, "wsector", 1);
     int found = 0;
-    for (u8 slot = 0; slot < 32; slot++) {
-        u32 id = cf8_read32(slot, 0);
-        if (id != cfg_read32(slot, 0)) {
-            puts("pci: 0xcf8 and ECAM disagree\n");
-            debug_exit(2);
-        }
-        if (id == 0xffffffffu) continue;
-        puts("pci ");
-        putu(slot);
-        puts(" ");
-        putx(id & 0xffff);
-        puts(":");
-        putx(id >> 16);
-        puts("\n");
-        if ((id & 0xffff) != VIRTIO_VENDOR) continue;
-        struct vdev d = {.slot = slot};
-        cfg_write16(slot, 0x04, 0x6); /* memory decoding and bus mastering */
-        if (find_structures(&d)) debug_exit(3);
-        found++;
-        int failed = 0;
-        switch (id >> 16) {
-        case 0x1044: failed = use_rng(&d); break;
-        case 0x1042: failed = use_blk(&d); break;
-        default: puts("virtio: unknown device\n"); failed = 4;
-        }
-        if (failed) {
-            puts("virtio: failed at step ");
-            putu(failed);
-            puts("\n");
-            debug_exit((u8)failed);
-        }
-    }
+    for (u8 slot = 0; slot < 32; slot++) found += probe(slot);
     puts("virtio: ");
     putu(found);
     puts(" devices\n");
-    debug_exit(found >= (int)min ? 0 : 5);
+    if (found < (int)min) debug_exit(5);
+    u64 ejects = cmdline_u64(zero_page, "hotplug", 0);
+    if (ejects) serve_hotplug(ejects);
+    debug_exit(0);
 }
