@@ -19,6 +19,18 @@ pub trait BusDevice: Send + Sync {
     fn reset(&self) {}
 }
 
+/// Answers a read of `data.len()` bytes at `offset` of a register window: the window's
+/// bytes, and zeros past its end.
+pub fn read_window(window: &[u8], offset: usize, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = offset
+            .checked_add(i)
+            .and_then(|at| window.get(at))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 struct Range {
     len: u64,
     owner: String,
@@ -183,6 +195,15 @@ mod tests {
         fn write(&self, offset: u64, data: &[u8]) {
             self.0.lock().push((offset, data.to_vec()));
         }
+    }
+
+    #[test]
+    fn register_windows_read_zeros_past_their_end() {
+        let mut data = [0xaa; 4];
+        read_window(&[1, 2, 3], 1, &mut data);
+        assert_eq!(data, [2, 3, 0, 0]);
+        read_window(&[1, 2, 3], usize::MAX, &mut data);
+        assert_eq!(data, [0; 4]);
     }
 
     #[test]

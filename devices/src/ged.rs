@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use parking_lot::Mutex;
 use qom::{Kind, Property, TypeInfo, Value};
 
-use crate::bus::BusDevice;
+use crate::bus::{BusDevice, read_window};
 use crate::device::{DEVICE, Space, claim, instance, release};
 use crate::interrupt::IrqLine;
 use crate::platform::{PlatformRef, upgrade};
@@ -49,10 +49,7 @@ impl BusDevice for Ged {
         } else {
             0
         };
-        let bytes = value.to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = bytes.get(offset as usize + i).copied().unwrap_or(0);
-        }
+        read_window(&value.to_le_bytes(), offset as usize, data);
     }
     fn write(&self, _offset: u64, _data: &[u8]) {}
     fn reset(&self) {

@@ -17,6 +17,16 @@ pub const RNG_BACKEND: &str = "rng-backend";
 pub const RNG_BUILTIN: &str = "rng-builtin";
 pub const RNG_RANDOM: &str = "rng-random";
 
+/// Fills `buf` from the host kernel's getrandom; how many bytes it filled.
+///
+/// # Errors
+/// getrandom failed.
+pub fn getrandom(buf: &mut [u8]) -> std::io::Result<usize> {
+    // SAFETY: buf is valid for writes of buf.len() bytes; getrandom writes at most that many.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
+}
+
 /// Where an entropy backend gets its bytes.
 enum Source {
     Getrandom,
@@ -36,12 +46,7 @@ impl RngBackend {
     /// The source cannot be read (a closed file, a getrandom failure).
     pub fn fill(&self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = match &self.source {
-            Source::Getrandom => {
-                // SAFETY: buf is valid for writes of buf.len() bytes; getrandom writes at
-                // most that many.
-                let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
-                usize::try_from(n).map_err(|_| std::io::Error::last_os_error())?
-            }
+            Source::Getrandom => getrandom(buf)?,
             Source::File(file) => match file.lock().as_mut() {
                 Some(f) => f.read(buf)?,
                 None => return Err(std::io::Error::other("the entropy source is not open")),

@@ -193,9 +193,7 @@ impl PciConfig {
 
     /// Reads `data.len()` bytes at `offset`; beyond the header reads as zeros.
     pub fn read(&self, offset: usize, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = self.bytes.get(offset + i).copied().unwrap_or(0);
-        }
+        crate::bus::read_window(&self.bytes, offset, data);
     }
 
     /// The guest writes `data` at `offset`: only writable bits change, write-1-to-clear bits

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use qom::{Kind, Property, TypeInfo, Value};
 
-use crate::bus::BusDevice;
+use crate::bus::{BusDevice, read_window};
 use crate::device::{DEVICE, Space, claim, instance, release};
 use crate::platform::{MachineRequest, PlatformRef};
 
@@ -60,10 +60,7 @@ impl BusDevice for Hotplug {
             PCID => self.down.load(Ordering::SeqCst),
             _ => 0,
         };
-        let bytes = value.to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = bytes.get(i).copied().unwrap_or(0);
-        }
+        read_window(&value.to_le_bytes(), 0, data);
     }
 
     fn write(&self, offset: u64, data: &[u8]) {

@@ -15,6 +15,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::{Backend, QUEUE_MAX, VIRTIO_DEVICE, VirtioPci};
 use crate::USER_DEVICE;
+use crate::bus::read_window;
 use crate::device::{get_string, instance};
 use crate::platform::PlatformRef;
 
@@ -246,9 +247,7 @@ impl Backend for Blk {
         config[0..8].copy_from_slice(&sectors.to_le_bytes());
         config[12..16].copy_from_slice(&u32::from(QUEUE_MAX - 2).to_le_bytes());
         config[20..24].copy_from_slice(&(SECTOR as u32).to_le_bytes());
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = config.get(offset as usize + i).copied().unwrap_or(0);
-        }
+        read_window(&config, offset as usize, data);
     }
 
     fn realize(&mut self, obj: &ObjectRef) -> qom::Result<()> {

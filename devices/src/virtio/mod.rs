@@ -19,6 +19,7 @@ use qom::{Field, Kind, Notifier, NotifierDecl, ObjectRef, Property, TypeInfo, Va
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
+use crate::bus::read_window;
 use crate::device::instance;
 use crate::pci::config::{COMMAND_INTX_DISABLE, Ids};
 use crate::pci::{self, Bar, BarKind, IntxLine, PCI_DEVICE, PciConfig, PciDevice};
@@ -440,12 +441,9 @@ impl VirtioPci {
     }
 }
 
+/// Answers a read at `offset` inside the register field starting at `field_start`.
 fn put(value: u64, field_start: u64, offset: u64, data: &mut [u8]) {
-    let bytes = value.to_le_bytes();
-    let skip = (offset - field_start) as usize;
-    for (i, b) in data.iter_mut().enumerate() {
-        *b = bytes.get(skip + i).copied().unwrap_or(0);
-    }
+    read_window(&value.to_le_bytes(), (offset - field_start) as usize, data);
 }
 
 impl PciDevice for VirtioPci {

@@ -13,7 +13,7 @@ use super::{Backend, VIRTIO_DEVICE, VirtioPci};
 use crate::USER_DEVICE;
 use crate::device::get_string;
 use crate::platform::PlatformRef;
-use crate::rng::{RNG_BACKEND, RngBackend};
+use crate::rng::{RNG_BACKEND, RngBackend, getrandom};
 
 pub const TYPE: &str = "virtio-rng-pci";
 const DEVICE_ID: u16 = 4;
@@ -28,12 +28,7 @@ impl Rng {
     fn fill(&self, buf: &mut [u8]) -> std::io::Result<usize> {
         match &self.source {
             Some(backend) => backend.fill(buf),
-            None => {
-                // SAFETY: buf is valid for writes of buf.len() bytes; getrandom writes at
-                // most that many.
-                let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
-                usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
-            }
+            None => getrandom(buf),
         }
     }
 }
