@@ -400,3 +400,188 @@ fn hot_plug_and_unplug_of_a_running_guest_over_qmp() {
         assert!(out.contains(line), "no '{line}' in:\n{out}");
     }
 }
+
+#[test]
+fn bad_hotplug_requests_on_a_running_guest_change_nothing() {
+    require_kvm!();
+    let dir = TempDir::new("hotplug-bad");
+    let console = dir.path("console");
+    let q = Qomu::spawn(&[
+        "-S",
+        "--kernel",
+        &guest("virtio"),
+        "--append",
+        "min=0 hotplug=1",
+        "--device",
+        "isa-debug-exit,id=dbg",
+        "--serial",
+        &format!("file:{}", console.display()),
+    ]);
+    let mut c = q.connect();
+    c.negotiate();
+    c.cmd(r#"{"execute": "cont"}"#);
+    wait_console(&console, "hotplug: ready");
+    let before = (peripherals(&mut c), pci_slots(&mut c));
+    let missing = dir.path("missing.img").display().to_string();
+    let directory = dir.0.display().to_string();
+    for (execute, args, want) in [
+        (
+            "device_del",
+            json!({"id": "dbg"}),
+            "Device 'isa-debug-exit' does not support hotplugging",
+        ),
+        (
+            "device_del",
+            json!({"id": "/machine/unattached/serial0"}),
+            "Device 'isa-serial' does not support hotplugging",
+        ),
+        (
+            "device_del",
+            json!({"id": "/machine/unattached/pci-host"}),
+            "Device 'pci-host' does not support hotplugging",
+        ),
+        (
+            "device_add",
+            json!({"driver": "isa-serial", "id": "com2"}),
+            "Parameter 'driver' expects a pluggable device type",
+        ),
+        (
+            "device_add",
+            json!({"driver": "virtio-blk-pci", "id": "disk0"}),
+            "virtio-blk-pci: file property not set",
+        ),
+        (
+            "device_add",
+            json!({"driver": "virtio-blk-pci", "id": "disk0", "file": missing}),
+            &format!("Could not open '{missing}': No such file or directory (os error 2)"),
+        ),
+        (
+            "device_add",
+            json!({"driver": "virtio-blk-pci", "id": "disk0", "file": directory}),
+            &format!("Could not open '{directory}': Is a directory (os error 21)"),
+        ),
+        (
+            "device_add",
+            json!({"driver": "virtio-rng-pci", "id": "rng0", "addr": "0"}),
+            "PCI: slot 0 function 0 not available for virtio-rng-pci, in use by pci-host",
+        ),
+    ] {
+        let r = c.cmd(&json!({"execute": execute, "arguments": args}).to_string());
+        assert_eq!(r["error"]["class"], "GenericError", "{execute} {args}: {r}");
+        assert_eq!(r["error"]["desc"], want, "{execute} {args}");
+        assert_eq!(
+            (peripherals(&mut c), pci_slots(&mut c)),
+            before,
+            "{execute} {args} changed the tree"
+        );
+    }
+    // Nothing reached the guest: no slot was announced to it.
+    let r = c.cmd(r#"{"execute": "qom-get", "arguments": {"path": "/machine/unattached/pci-hotplug", "property": "added"}}"#);
+    assert_eq!(r["return"], json!(0), "{r}");
+}
+
+#[test]
+fn hot_plug_and_unplug_of_a_running_guest_over_dbus() {
+    use qomu_tests::dbus::{MACHINE, MACHINE_IFACE, NAME, ROOT, ROOT1, SessionBus, member, path};
+    use std::collections::HashMap;
+    use zbus::{OwnedObjectPath, Variant};
+
+    require_kvm!();
+    let dir = TempDir::new("hotplug-dbus");
+    let console = dir.path("console");
+    let disk = image(&dir, 16, "PLUGGED OVER D-BUS");
+    let bus = SessionBus::start();
+    // The guest waits for a second eject, so it is still there to look at afterwards.
+    let q = bus.qomu(&[
+        "-S",
+        "--kernel",
+        &guest("virtio"),
+        "--append",
+        "min=0 hotplug=2",
+        "--device",
+        "isa-debug-exit",
+        "--serial",
+        &format!("file:{}", console.display()),
+    ]);
+    let c = bus.client();
+    let watcher = bus.client();
+    let mut removed = watcher.listen(
+        "type='signal',interface='org.freedesktop.DBus.ObjectManager',member='InterfacesRemoved'",
+    );
+    // Subscribe on the type before anything is plugged.
+    let mut events = Vec::new();
+    for notifier in ["plugged", "driver-ok", "unplugged"] {
+        let m = c.ok(ROOT, ROOT1, "SubscribeType", &("virtio-device", notifier));
+        let sub: OwnedObjectPath = m.body().deserialize().unwrap();
+        events.push(c.listen(&format!("type='signal',path='{}'", sub.as_str())));
+    }
+    let [plugged, driver_ok, unplugged] = &mut events[..] else {
+        unreachable!()
+    };
+    c.ok(MACHINE, MACHINE_IFACE, "Cont", &());
+    wait_console(&console, "hotplug: ready");
+
+    let props: HashMap<&str, Variant<'_>> = HashMap::from([
+        ("file", Variant::from(disk.to_str().unwrap())),
+        ("serial", Variant::from("DBUS")),
+    ]);
+    let opts: HashMap<&str, Variant<'_>> = HashMap::from([
+        ("id", Variant::from("disk0")),
+        ("bus", Variant::from("pci.0")),
+        ("properties", Variant::from(props)),
+    ]);
+    c.ok(
+        MACHINE,
+        MACHINE_IFACE,
+        "DeviceAdd",
+        &("virtio-blk-pci", opts),
+    );
+    let device = "/org/qomu/VM1/machine/peripheral/disk0";
+    let m = plugged.wait_for("Plugged", |m| member(m) == "Plugged");
+    let (source, bus_name, slot): (OwnedObjectPath, String, u8) = m.body().deserialize().unwrap();
+    assert_eq!(
+        (source.as_str(), bus_name.as_str(), slot),
+        (device, "pci.0", 1)
+    );
+    let m = driver_ok.wait_for("DriverOk", |m| member(m) == "DriverOk");
+    let (source, features): (OwnedObjectPath, u64) = m.body().deserialize().unwrap();
+    assert_eq!(source.as_str(), device);
+    assert_eq!(features >> 32 & 1, 1, "VERSION_1");
+
+    c.ok(MACHINE, MACHINE_IFACE, "DeviceDel", &("disk0",));
+    let m = unplugged.wait_for("Unplugged", |m| member(m) == "Unplugged");
+    let (source,): (OwnedObjectPath,) = m.body().deserialize().unwrap();
+    assert_eq!(source.as_str(), device);
+    let m = removed.wait_for("the device's InterfacesRemoved", |m| {
+        m.body()
+            .deserialize::<(OwnedObjectPath, Vec<String>)>()
+            .is_ok_and(|(p, _)| p.as_str() == device)
+    });
+    assert_eq!(path(&m), ROOT);
+    // Clean: not on D-Bus, not in the tree, not on the bus.
+    let tree = qomu_tests::dbus::stdout_ok(&bus.busctl(&["tree", NAME]));
+    assert!(!tree.contains(device), "{tree}");
+    let mut qmp = q.connect();
+    qmp.negotiate();
+    let children = peripherals(&mut qmp)["return"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["type"].as_str().unwrap().starts_with("child<"))
+        .count();
+    assert_eq!(children, 0, "/machine/peripheral is empty again");
+    assert_eq!(
+        pci_slots(&mut qmp),
+        json!([{"slot": 0, "device": "/machine/unattached/pci-host"}])
+    );
+    let out = std::fs::read_to_string(&console).unwrap();
+    for line in [
+        "hotplug: slot 1 added",
+        "virtio-blk: serial DBUS",
+        "virtio-blk: sector 0: PLUGGED OVER D-BUS",
+        "virtio-blk: ok",
+        "hotplug: ejecting slot 1",
+    ] {
+        assert!(out.contains(line), "no '{line}' in:\n{out}");
+    }
+}
