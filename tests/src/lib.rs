@@ -418,6 +418,30 @@ impl QmpRaw {
         }
     }
 
+    /// Every qom path below `/`, walked with qom-list along `child<>` properties.
+    pub fn tree(&mut self) -> std::collections::BTreeSet<String> {
+        let mut out = std::collections::BTreeSet::new();
+        let mut todo = vec!["/".to_owned()];
+        while let Some(path) = todo.pop() {
+            let r = self.cmd(&format!(
+                r#"{{"execute": "qom-list", "arguments": {{"path": "{path}"}}}}"#
+            ));
+            for p in r["return"].as_array().expect("qom-list") {
+                if p["type"].as_str().is_some_and(|t| t.starts_with("child<")) {
+                    let name = p["name"].as_str().unwrap();
+                    let child = if path == "/" {
+                        format!("/{name}")
+                    } else {
+                        format!("{path}/{name}")
+                    };
+                    todo.push(child.clone());
+                    out.insert(child);
+                }
+            }
+        }
+        out
+    }
+
     /// The next event named `name` (others stay queued).
     pub fn wait_event(&mut self, name: &str) -> serde_json::Value {
         loop {

@@ -21,30 +21,6 @@ fn busctl_tree(bus: &SessionBus) -> BTreeSet<String> {
         .collect()
 }
 
-/// Every qom path, walked over QMP with qom-list.
-fn qmp_tree(qmp: &mut QmpRaw) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    let mut todo = vec!["/".to_owned()];
-    while let Some(path) = todo.pop() {
-        let r = qmp.cmd(&format!(
-            r#"{{"execute": "qom-list", "arguments": {{"path": "{path}"}}}}"#
-        ));
-        for p in r["return"].as_array().expect("qom-list") {
-            if p["type"].as_str().is_some_and(|t| t.starts_with("child<")) {
-                let name = p["name"].as_str().unwrap();
-                let child = if path == "/" {
-                    format!("/{name}")
-                } else {
-                    format!("{path}/{name}")
-                };
-                todo.push(child.clone());
-                out.insert(child);
-            }
-        }
-    }
-    out
-}
-
 /// The D-Bus path of a qom path (the escape of docs/dbus.md, written out again here so
 /// that the test checks it rather than trusting it).
 fn dbus_path(qom: &str) -> String {
@@ -77,7 +53,7 @@ fn busctl_tree_lists_exactly_the_qom_tree() {
     let mut qmp = q.connect();
     qmp.negotiate();
     let tree = busctl_tree(&bus);
-    let expected: BTreeSet<String> = qmp_tree(&mut qmp).iter().map(|p| dbus_path(p)).collect();
+    let expected: BTreeSet<String> = qmp.tree().iter().map(|p| dbus_path(p)).collect();
     for p in &expected {
         assert!(tree.contains(p), "busctl tree lacks {p}:\n{tree:#?}");
     }

@@ -120,6 +120,14 @@ fn bad_device_requests_are_refused_and_change_nothing() {
             "Device '/objects/none' not found",
         ),
         (
+            json!({"driver": "virtio-blk-pci", "id": "x", "file": missing}),
+            &format!("Could not open '{missing}': No such file or directory (os error 2)"),
+        ),
+        (
+            json!({"driver": "virtio-blk-pci", "id": "x", "file": image, "serial": "123456789012345678901"}),
+            "Property 'virtio-blk-pci.serial' takes at most 20 bytes",
+        ),
+        (
             json!({"driver": "virtio-device", "id": "x"}),
             "Parameter 'driver' expects a non-abstract device type",
         ),
@@ -584,4 +592,113 @@ fn hot_plug_and_unplug_of_a_running_guest_over_dbus() {
     ] {
         assert!(out.contains(line), "no '{line}' in:\n{out}");
     }
+}
+
+/// What a plug/unplug cycle could leak, read from outside the process and over QMP.
+#[derive(Debug, PartialEq)]
+struct Footprint {
+    fds: usize,
+    tree: std::collections::BTreeSet<String>,
+    subscriptions: usize,
+}
+
+fn footprint(q: &Qomu, c: &mut QmpRaw) -> (Footprint, u64) {
+    let pid = q.child.id();
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    let tree = c.tree();
+    let subscriptions = tree
+        .iter()
+        .filter(|p| p.starts_with("/subscriptions/"))
+        .count();
+    (
+        Footprint {
+            fds,
+            tree,
+            subscriptions,
+        },
+        rss_kib,
+    )
+}
+
+#[test]
+fn a_hundred_plug_unplug_cycles_leave_nothing_behind() {
+    require_kvm!();
+    const CYCLES: usize = 100;
+    let dir = TempDir::new("hotplug-cycles");
+    let console = dir.path("console");
+    let disk = image(&dir, 16, "CYCLED");
+    // The guest serves more ejects than asked for, so it is still running at the end.
+    let q = Qomu::spawn(&[
+        "-S",
+        "--kernel",
+        &guest("virtio"),
+        "--append",
+        &format!("min=0 hotplug={}", CYCLES + 1),
+        "--serial",
+        &format!("file:{}", console.display()),
+    ]);
+    let mut c = q.connect();
+    c.negotiate();
+    for notifier in ["plugged", "driver-ok"] {
+        c.cmd(&format!(
+            r#"{{"execute": "__org.qomu_subscribe", "arguments": {{"type": "virtio-device", "notifier": "{notifier}"}}}}"#
+        ));
+    }
+    c.cmd(r#"{"execute": "cont"}"#);
+    wait_console(&console, "hotplug: ready");
+    let (start, _) = footprint(&q, &mut c);
+    let mut rss = Vec::new();
+    for i in 0..CYCLES {
+        let (driver, extra) = if i % 2 == 0 {
+            ("virtio-rng-pci", json!({}))
+        } else {
+            ("virtio-blk-pci", json!({"file": disk}))
+        };
+        let mut args = json!({"driver": driver, "id": "dev"});
+        args.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let r = c.cmd(&json!({"execute": "device_add", "arguments": args}).to_string());
+        assert_eq!(r, json!({"return": {}}), "cycle {i}");
+        let path = "/machine/peripheral/dev";
+        c.wait_notify("plugged", path);
+        c.wait_notify("driver-ok", path);
+        // A subscription to the device itself, which its owner removes afterwards.
+        let r = c.cmd(&format!(
+            r#"{{"execute": "__org.qomu_subscribe", "arguments": {{"path": "{path}", "notifier": "unplugged"}}}}"#
+        ));
+        let sub = r["return"]["subscription"].as_str().unwrap().to_owned();
+        let r = c.cmd(r#"{"execute": "device_del", "arguments": {"id": "dev"}}"#);
+        assert_eq!(r, json!({"return": {}}), "cycle {i}");
+        c.wait_notify("unplugged", path);
+        c.wait_event("DEVICE_DELETED");
+        let r = c.cmd(&format!(
+            r#"{{"execute": "__org.qomu_unsubscribe", "arguments": {{"subscription": "{sub}"}}}}"#
+        ));
+        assert_eq!(r, json!({"return": {}}), "cycle {i}");
+        if i % 10 == 9 {
+            rss.push(footprint(&q, &mut c).1);
+        }
+    }
+    let (end, _) = footprint(&q, &mut c);
+    assert_eq!(end, start, "after {CYCLES} cycles");
+    // The allocator keeps what it got once; what must not happen is growth with the
+    // number of cycles. The first ten warm it up; the last ninety may not add 1 MiB.
+    eprintln!("RSS every 10 cycles (KiB): {rss:?}");
+    let grown = rss.last().unwrap().saturating_sub(rss[0]);
+    assert!(grown < 1024, "RSS grew {grown} KiB over 90 cycles: {rss:?}");
+    let out = std::fs::read_to_string(&console).unwrap();
+    assert_eq!(
+        out.matches("hotplug: ejecting slot 1").count(),
+        CYCLES,
+        "{out}"
+    );
 }
