@@ -950,16 +950,18 @@ impl Machine {
             .occupants()
             .into_iter()
             .find_map(|(s, path)| (s == slot).then_some(path));
+        // The controller forgets the slot before DEVICE_DELETED goes out: a client that
+        // plugs the slot again as soon as it reads the event must find it announced, not
+        // cleared behind it.
+        h.removed(slot);
         if let Some(dev) = path.and_then(|p| self.tree.lookup(&p).ok()) {
             if let Ok(n) = dev.notifier("unplugged") {
                 n.emit(empty);
             }
             if let Err(e) = self.remove_device(&dev) {
                 tracing::warn!("cannot remove {} after its eject: {e}", dev.path());
-                return;
             }
         }
-        h.removed(slot);
     }
 
     /// Deletes a device and announces DEVICE_DELETED.

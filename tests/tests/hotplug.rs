@@ -348,6 +348,7 @@ fn hot_plug_and_unplug_of_a_running_guest_over_qmp() {
             r#"{{"execute": "__org.qomu_subscribe", "arguments": {{"type": "virtio-device", "notifier": "{notifier}"}}}}"#
         ));
     }
+    c.cmd(r#"{"execute": "__org.qomu_subscribe", "arguments": {"path": "/machine/unattached/pci-hotplug", "notifier": "eject"}}"#);
     let tree_before = peripherals(&mut c);
     c.cmd(r#"{"execute": "cont"}"#);
     wait_console(&console, "hotplug: ready");
@@ -376,6 +377,10 @@ fn hot_plug_and_unplug_of_a_running_guest_over_qmp() {
         "{again}"
     );
     c.wait_notify("unplug-requested", "/machine/peripheral/rng0");
+    assert_eq!(
+        c.wait_notify("eject", "/machine/unattached/pci-hotplug"),
+        json!({"slot": 1, "requested": true})
+    );
     c.wait_notify("unplugged", "/machine/peripheral/rng0");
     let deleted = c.wait_event("DEVICE_DELETED");
     assert_eq!(
