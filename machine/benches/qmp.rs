@@ -2,128 +2,12 @@
 //! (`qemu-system-x86_64 -M none -S`) in one run. Prints `bench:` lines for both and
 //! `ratio:` lines qomu/QEMU, plus qomu's event fan-out to 100 connections.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::io::Write;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use serde_json::Value as Json;
-
-const QOMU: &str = env!("CARGO_BIN_EXE_qomu");
-
-struct Client {
-    stream: UnixStream,
-    buf: Vec<u8>,
-    /// Messages read while waiting for something else: QEMU may send an event before the
-    /// reply to the command that caused it, and qomu either way round.
-    replies: std::collections::VecDeque<Json>,
-    events: std::collections::VecDeque<Json>,
-}
-
-impl Client {
-    fn connect(path: &Path) -> Client {
-        let stream = UnixStream::connect(path).expect("connect");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .expect("timeout");
-        Client {
-            stream,
-            buf: Vec::new(),
-            replies: Default::default(),
-            events: Default::default(),
-        }
-    }
-
-    fn line(&mut self) -> Json {
-        loop {
-            if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
-                let line: Vec<u8> = self.buf.drain(..i + 2).take(i).collect();
-                return serde_json::from_slice(&line).expect("JSON");
-            }
-            let mut chunk = [0u8; 65536];
-            let n = self.stream.read(&mut chunk).expect("read");
-            assert!(n > 0, "server closed");
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
-    }
-
-    /// Reads one message into its queue.
-    fn pump(&mut self) {
-        let m = self.line();
-        if m.get("event").is_some() {
-            self.events.push_back(m);
-        } else {
-            self.replies.push_back(m);
-        }
-    }
-
-    fn cmd(&mut self, text: &str) -> Json {
-        self.stream.write_all(text.as_bytes()).expect("write");
-        self.reply()
-    }
-
-    fn reply(&mut self) -> Json {
-        loop {
-            if let Some(r) = self.replies.pop_front() {
-                return r;
-            }
-            self.pump();
-        }
-    }
-
-    /// Waits for event `name`; earlier events of other names are dropped.
-    fn wait_event(&mut self, name: &str) {
-        loop {
-            while let Some(e) = self.events.pop_front() {
-                if e["event"] == name {
-                    return;
-                }
-            }
-            self.pump();
-        }
-    }
-
-    fn handshake(path: &Path) -> Client {
-        let mut c = Client::connect(path);
-        c.line();
-        c.cmd(r#"{"execute": "qmp_capabilities"}"#);
-        c
-    }
-}
-
-struct Server {
-    child: Child,
-    sock: PathBuf,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.sock);
-    }
-}
-
-fn start(program: &str, args: &[String], sock: PathBuf) -> Server {
-    let _ = std::fs::remove_file(&sock);
-    let child = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while UnixStream::connect(&sock).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "{program} did not open its QMP socket"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Server { child, sock }
-}
+mod common;
+use common::{Client, QOMU, Server, percentile, start};
 
 fn qomu(tag: &str) -> Server {
     let sock = std::env::temp_dir().join(format!("qomu-bench-{tag}-{}.sock", std::process::id()));
@@ -164,10 +48,6 @@ fn qemu() -> Option<Server> {
     .chain([format!("unix:{},server=on,wait=off", sock.display())])
     .collect::<Vec<_>>();
     Some(start(program, &args, sock))
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    sorted[((sorted.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e6
 }
 
 /// Every figure for one server, in µs (and req/s).

@@ -9,10 +9,10 @@
 //!
 //! An eject is carried out by the machine's control thread, never on the vCPU thread.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
 
-use qom::{Kind, Property, TypeInfo, Value};
+use qom::{Field, Kind, Notifier, NotifierDecl, Property, TypeInfo, Value};
 
 use crate::bus::{BusDevice, read_window};
 use crate::device::{DEVICE, Space, claim, instance, release};
@@ -29,6 +29,8 @@ pub struct Hotplug {
     up: AtomicU32,
     down: AtomicU32,
     platform: PlatformRef,
+    /// `eject`, once realized.
+    eject: OnceLock<Notifier>,
 }
 
 impl Hotplug {
@@ -71,6 +73,16 @@ impl BusDevice for Hotplug {
         // Only a slot the host asked to release can be ejected: a guest ejecting whatever it
         // likes must not take devices away from under the host.
         let wanted = bits & self.down.load(Ordering::SeqCst);
+        if let Some(n) = self.eject.get() {
+            for slot in (0..32u8).filter(|s| bits & (1 << s) != 0) {
+                n.emit(|| {
+                    Value::map([
+                        ("slot", Value::UInt(slot.into())),
+                        ("requested", Value::Bool(wanted & (1 << slot) != 0)),
+                    ])
+                });
+            }
+        }
         if let Some(platform) = self.platform.upgrade() {
             for slot in (0..32u8).filter(|s| wanted & (1 << s) != 0) {
                 platform.request(MachineRequest::EjectPciSlot(slot));
@@ -102,15 +114,34 @@ pub(crate) fn register(platform: &PlatformRef) -> TypeInfo {
             "Slots the guest is asked to release (PCID)",
             |h| h.down.load(Ordering::SeqCst),
         ))
+        .notifier(
+            NotifierDecl::new(
+                "eject",
+                Kind::structure(
+                    "PciEject",
+                    vec![
+                        Field::new("slot", Kind::uint8(), "The slot the guest ejected"),
+                        Field::new(
+                            "requested",
+                            Kind::Bool,
+                            "Whether the host had asked for it (otherwise the eject is ignored)",
+                        ),
+                    ],
+                ),
+            )
+            .description("The guest wrote a slot's bit to B0EJ (on the vCPU thread, as it writes)"),
+        )
         .constructor(move |_| {
             Ok(Arc::new(Hotplug {
                 up: AtomicU32::new(0),
                 down: AtomicU32::new(0),
                 platform: p_new.clone(),
+                eject: OnceLock::new(),
             }))
         })
         .realize(move |o| {
             let dev = instance::<Hotplug>(o)?;
+            let _ = dev.eject.set(o.notifier("eject")?);
             claim(&p_realize, o, Space::Mmio, MMIO_BASE, MMIO_LEN, dev)
         })
         .unrealize(move |o| release(&p_unrealize, o))

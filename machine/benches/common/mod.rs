@@ -1,0 +1,130 @@
+//! What the QMP benchmarks share: a raw-socket QMP client that keeps replies and events
+//! apart, and a server process killed on drop.
+#![allow(dead_code)] // each bench uses its own part
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value as Json;
+
+pub const QOMU: &str = env!("CARGO_BIN_EXE_qomu");
+
+pub struct Client {
+    pub stream: UnixStream,
+    buf: Vec<u8>,
+    /// Messages read while waiting for something else: QEMU may send an event before the
+    /// reply to the command that caused it, and qomu either way round.
+    pub replies: std::collections::VecDeque<Json>,
+    pub events: std::collections::VecDeque<Json>,
+}
+
+impl Client {
+    pub fn connect(path: &Path) -> Client {
+        let stream = UnixStream::connect(path).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        Client {
+            stream,
+            buf: Vec::new(),
+            replies: Default::default(),
+            events: Default::default(),
+        }
+    }
+
+    pub fn line(&mut self) -> Json {
+        loop {
+            if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                let line: Vec<u8> = self.buf.drain(..i + 2).take(i).collect();
+                return serde_json::from_slice(&line).expect("JSON");
+            }
+            let mut chunk = [0u8; 65536];
+            let n = self.stream.read(&mut chunk).expect("read");
+            assert!(n > 0, "server closed");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Reads one message into its queue.
+    pub fn pump(&mut self) {
+        let m = self.line();
+        if m.get("event").is_some() {
+            self.events.push_back(m);
+        } else {
+            self.replies.push_back(m);
+        }
+    }
+
+    pub fn cmd(&mut self, text: &str) -> Json {
+        self.stream.write_all(text.as_bytes()).expect("write");
+        self.reply()
+    }
+
+    pub fn reply(&mut self) -> Json {
+        loop {
+            if let Some(r) = self.replies.pop_front() {
+                return r;
+            }
+            self.pump();
+        }
+    }
+
+    /// Waits for event `name`; earlier events of other names are dropped.
+    pub fn wait_event(&mut self, name: &str) {
+        loop {
+            while let Some(e) = self.events.pop_front() {
+                if e["event"] == name {
+                    return;
+                }
+            }
+            self.pump();
+        }
+    }
+
+    pub fn handshake(path: &Path) -> Client {
+        let mut c = Client::connect(path);
+        c.line();
+        c.cmd(r#"{"execute": "qmp_capabilities"}"#);
+        c
+    }
+}
+
+pub struct Server {
+    pub child: Child,
+    pub sock: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.sock);
+    }
+}
+
+pub fn start(program: &str, args: &[String], sock: PathBuf) -> Server {
+    let _ = std::fs::remove_file(&sock);
+    let child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while UnixStream::connect(&sock).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{program} did not open its QMP socket"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Server { child, sock }
+}
+
+pub fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e6
+}
