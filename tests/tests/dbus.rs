@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use qomu_tests::dbus::*;
-use qomu_tests::{QmpRaw, Qomu, TempDir, require_kvm};
+use qomu_tests::{Qomu, TempDir, require_kvm};
 use zbus::{ObjectPath, OwnedObjectPath, OwnedVariant, Variant};
 
 fn guest(name: &str) -> String {
@@ -843,4 +843,106 @@ fn quit_replies_and_announces_before_the_end() {
         (MACHINE, false, "host-qmp-quit")
     );
     assert_eq!(q.wait_exit(Duration::from_secs(20)), Some(0));
+}
+
+#[test]
+fn a_subscription_made_for_another_connection_is_that_connections() {
+    let bus = SessionBus::start();
+    let dir = TempDir::new("dbus-owner");
+    let socket = dir.path("p2p.sock");
+    let p2p = format!("unix:{}", socket.display());
+    let q = bus.qomu(&["-S", "--dbus-p2p", &p2p]);
+    let caller = bus.client();
+    let listener = bus.client();
+    let owner = listener.unique_name();
+    let mut events = listener.listen("type='signal',member='PropertyChanged'");
+    let watcher = bus.client();
+    let mut removed = watcher.listen(
+        "type='signal',interface='org.freedesktop.DBus.ObjectManager',member='InterfacesRemoved'",
+    );
+    let opts: HashMap<&str, Variant<'_>> =
+        HashMap::from([("owner", Variant::from(owner.as_str()))]);
+    let sub = object_path_of(&caller.ok(
+        MACHINE,
+        OBJECT1,
+        "SubscribeWithOptions",
+        &("property-changed", &opts),
+    ));
+    assert_eq!(
+        String::try_from(watcher.get(&sub, "org.qomu.Type.Subscription", "Owner")).unwrap(),
+        owner
+    );
+    // The caller cannot remove it; its owner could.
+    let e = caller.err(&sub, OBJECT1, "Delete", &());
+    assert_eq!(e.name, "org.freedesktop.DBus.Error.AccessDenied");
+
+    // The events go to the owner.
+    caller
+        .set(MACHINE, MACHINE_IFACE, "Cpus", Variant::from(2u8))
+        .unwrap();
+    let m = events.wait_for("PropertyChanged", |m| path(m) == sub);
+    assert_eq!(
+        m.header().destination().map(|d| d.as_str().to_owned()),
+        Some(owner.clone())
+    );
+
+    // It outlives the caller and ends with the owner.
+    zbus::block_on(caller.conn.close()).unwrap();
+    let gone = removed.collect(Duration::from_millis(300));
+    assert!(!gone.iter().any(|m| {
+        m.body()
+            .deserialize::<(OwnedObjectPath, Vec<String>)>()
+            .is_ok_and(|(p, _)| p.as_str() == sub)
+    }));
+    assert!(busctl_tree(&bus).contains(&sub));
+    zbus::block_on(listener.conn.close()).unwrap();
+    removed.wait_for("the subscription's InterfacesRemoved", |m| {
+        m.body()
+            .deserialize::<(OwnedObjectPath, Vec<String>)>()
+            .is_ok_and(|(p, _)| p.as_str() == sub)
+    });
+
+    // Refused, creating nothing: an owner not on the bus, a mistyped owner, and any owner
+    // from a peer-to-peer connection (there is no bus to name a connection on).
+    let c = bus.client();
+    let mut qmp = q.connect();
+    qmp.negotiate();
+    let before = qmp.tree();
+    for (value, name, text) in [
+        (
+            Variant::from(":1.9999"),
+            "org.freedesktop.DBus.Error.NameHasNoOwner",
+            "subscription owner ':1.9999' is not on the bus",
+        ),
+        (
+            Variant::from("org.example.Nobody"),
+            "org.freedesktop.DBus.Error.NameHasNoOwner",
+            "subscription owner 'org.example.Nobody' is not on the bus",
+        ),
+        (
+            Variant::from(7u32),
+            "org.freedesktop.DBus.Error.InvalidArgs",
+            "unknown or mistyped subscription option 'owner'; options are queue-limit (u), coalesce (b) and owner (s)",
+        ),
+    ] {
+        let opts: HashMap<&str, Variant<'_>> = HashMap::from([("owner", value)]);
+        let e = c.err(
+            ROOT,
+            ROOT1,
+            "SubscribeTypeWithOptions",
+            &("isa-serial", "line", &opts),
+        );
+        assert_eq!((e.name.as_str(), e.message.as_str()), (name, text));
+    }
+    let peer = Client::connect_p2p(&socket);
+    let name = c.unique_name();
+    let opts: HashMap<&str, Variant<'_>> = HashMap::from([("owner", Variant::from(name.as_str()))]);
+    let e = peer.err(
+        MACHINE,
+        OBJECT1,
+        "SubscribeWithOptions",
+        &("property-changed", &opts),
+    );
+    assert_eq!(e.name, "org.freedesktop.DBus.Error.InvalidArgs");
+    assert_eq!(qmp.tree(), before);
 }

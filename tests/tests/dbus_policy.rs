@@ -82,6 +82,17 @@ fn start_bus(dir: &Path) -> SystemLikeBus {
     SystemLikeBus { child, address }
 }
 
+/// A child process killed when the test ends, passed or not (a failing assertion must not
+/// leave it holding the test's output open).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn as_nobody(program: &Path, args: &[&str]) -> Output {
     Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
@@ -137,6 +148,7 @@ fn system_bus_policy_lets_root_drive_and_others_watch() {
         .args(["-S", "--serial", "none", "--dbus", &bus.address])
         .stdin(Stdio::null())
         .spawn()
+        .map(KillOnDrop)
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while !busctl(&bus.address, false, &["status", NAME])
@@ -193,6 +205,82 @@ fn system_bus_policy_lets_root_drive_and_others_watch() {
     stdout_ok(&busctl(&bus.address, false, &set));
     assert_eq!(stdout_ok(&busctl(&bus.address, false, &get)).trim(), "y 2");
 
+    // A subscription made for another connection (the `owner` option) must be for one of
+    // the caller's own user: neither user may aim events at the other's connections.
+    let listener = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .args([
+            "gdbus",
+            "monitor",
+            "--address",
+            &bus.address,
+            "--dest",
+            NAME,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(KillOnDrop)
+        .unwrap();
+    let pid = listener.0.id().to_string();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let nobody_name = loop {
+        let list = stdout_ok(&busctl(
+            &bus.address,
+            false,
+            &["list", "--unique", "--no-legend"],
+        ));
+        if let Some(name) = list.lines().find_map(|l| {
+            let mut f = l.split_whitespace();
+            let name = f.next()?;
+            (f.next()? == pid).then(|| name.to_owned())
+        }) {
+            break name;
+        }
+        assert!(Instant::now() < deadline, "gdbus monitor did not connect");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // gdbus, not busctl: busctl prints only "Access denied" for AccessDenied errors.
+    let for_owner = |nobody: bool, owner: &str| {
+        let options = format!("{{'owner': <'{owner}'>}}");
+        let args = [
+            "call",
+            "--address",
+            &bus.address,
+            "--dest",
+            NAME,
+            "--object-path",
+            "/org/qomu/VM1",
+            "--method",
+            "org.qomu.Root1.SubscribeTypeWithOptions",
+            "isa-serial",
+            "line",
+            &options,
+        ];
+        if nobody {
+            as_nobody(Path::new("/usr/bin/gdbus"), &args)
+        } else {
+            Command::new("gdbus").args(args).output().unwrap()
+        }
+    };
+    let out = for_owner(false, &nobody_name);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is another user's connection"), "{err}");
+    // qomu's own connection is root's.
+    let out = for_owner(true, NAME);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is another user's connection"), "{err}");
+    // For its own connection, nobody may.
+    let me = stdout_ok(&for_owner(true, &nobody_name));
+    assert!(
+        me.starts_with("(objectpath '/org/qomu/VM1/subscriptions/"),
+        "{me}"
+    );
+    drop(listener);
+
     stdout_ok(&busctl(
         &bus.address,
         false,
@@ -200,7 +288,7 @@ fn system_bus_policy_lets_root_drive_and_others_watch() {
     ));
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if let Ok(Some(status)) = vm.try_wait() {
+        if let Ok(Some(status)) = vm.0.try_wait() {
             assert!(status.success());
             break;
         }

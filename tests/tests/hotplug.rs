@@ -707,3 +707,103 @@ fn a_hundred_plug_unplug_cycles_leave_nothing_behind() {
         "{out}"
     );
 }
+
+fn example(name: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(name)
+}
+
+fn run_example(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().expect("run the example");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
+    text
+}
+
+#[test]
+fn the_hotplug_examples_plug_and_unplug_a_device_over_qmp_and_dbus() {
+    use qomu_tests::dbus::SessionBus;
+
+    require_kvm!();
+    let dir = TempDir::new("hotplug-examples");
+    let console = dir.path("console");
+    let disk = image(&dir, 16, "EXAMPLE DISK");
+    let bus = SessionBus::start();
+    // Two ejects for the examples, a third that never comes keeps the guest running.
+    let q = bus.qomu(&[
+        "-S",
+        "--kernel",
+        &guest("virtio"),
+        "--append",
+        "min=0 hotplug=3",
+        "--serial",
+        &format!("file:{}", console.display()),
+    ]);
+    let mut c = q.connect();
+    c.negotiate();
+    c.cmd(r#"{"execute": "cont"}"#);
+    wait_console(&console, "hotplug: ready");
+    let before = c.tree();
+
+    let out = run_example(
+        std::process::Command::new("python3")
+            .arg(example("hotplug.py"))
+            .arg(&q.qmp)
+            .args(["--id", "rng9", "--timeout", "30"]),
+    );
+    for line in [
+        "subscribed to plugged of every virtio-rng-pci: /subscriptions/",
+        "plugged (bus pci.0, slot 1) after",
+        "driver-ok (features 0x1",
+        "unplugged after",
+        "DEVICE_DELETED after",
+    ] {
+        assert!(out.contains(line), "no '{line}' in:\n{out}");
+    }
+
+    let out = run_example(
+        std::process::Command::new("bash")
+            .arg(example("hotplug.sh"))
+            .args([
+                "virtio-blk-pci",
+                "disk-9",
+                &format!("file={}", disk.display()),
+                "serial=EX9",
+            ])
+            .env("DBUS_SESSION_BUS_ADDRESS", &bus.address)
+            .env("QOMU_TIMEOUT", "30"),
+    );
+    for line in [
+        "subscribed to driver-ok of every virtio-blk-pci: \"/org/qomu/VM1/subscriptions/",
+        "plugged ('pci.0', byte 0x01) after",
+        "driver-ok (features uint64 ",
+        "unplugged after",
+    ] {
+        assert!(out.contains(line), "no '{line}' in:\n{out}");
+    }
+    let guest = std::fs::read_to_string(&console).unwrap();
+    for line in [
+        "virtio-rng: ok",
+        "virtio-blk: serial EX9",
+        "virtio-blk: sector 0: EXAMPLE DISK",
+        "hotplug: ejecting slot 1",
+    ] {
+        assert!(guest.contains(line), "no '{line}' in:\n{guest}");
+    }
+    // Both examples' subscriptions ended with their connections (the bus tells qomu that
+    // the monitor left a moment after the script has ended).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while c.tree() != before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the examples left {:?}",
+            c.tree().difference(&before).collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

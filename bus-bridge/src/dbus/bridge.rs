@@ -75,6 +75,12 @@ pub struct Bridge {
 pub enum Outcome {
     Reply(Message),
     Error(DbusError),
+    /// A subscription for another connection (the `owner` option): the bus is asked who
+    /// that is first, so it runs off the connection's message loop.
+    Delegated {
+        caller: String,
+        request: SubscribeRequest,
+    },
     /// An action: it may take a while, so it runs off the bridge's thread.
     Action {
         object: ObjectRef,
@@ -220,6 +226,26 @@ impl Bridge {
         let reply = match outcome {
             Outcome::Reply(reply) => Ok(reply),
             Outcome::Error(e) => Err(e),
+            Outcome::Delegated { caller, request } => {
+                let bridge = self.clone();
+                let conn = peer.conn.clone();
+                zruntime::spawn(async move {
+                    let hdr = msg.header();
+                    let reply = bridge
+                        .delegated_subscribe(&conn, &caller, request)
+                        .await
+                        .and_then(|path| {
+                            Message::method_return(&hdr)
+                                .build(&bridge.object_path(&path))
+                                .map_err(build_failed)
+                        });
+                    if wants_reply {
+                        send_reply(&conn, &hdr, reply).await;
+                    }
+                })
+                .detach();
+                return;
+            }
             Outcome::Action {
                 object,
                 iface,
@@ -325,6 +351,12 @@ impl Bridge {
             (OBJECT_MANAGER, "GetManagedObjects") if obj.path() == "/" => ret
                 .build(&ManagedObjects { bridge: self })
                 .map_err(build_failed),
+            (OBJECT1, "Subscribe" | "SubscribeWithOptions") => {
+                return self.subscribe(peer, hdr, Target::Object(obj.path().to_owned()), msg);
+            }
+            (ROOT1, "SubscribeType" | "SubscribeTypeWithOptions") if obj.path() == "/" => {
+                return self.subscribe_type(peer, hdr, msg);
+            }
             (OBJECT1, _) => self.object1(peer, hdr, obj, member, msg),
             (ROOT1, _) if obj.path() == "/" => self.root1(peer, hdr, member, msg),
             (i, m) if i.starts_with(schema::TYPE_PREFIX) => {
@@ -691,25 +723,6 @@ impl Bridge {
                 obj.set(name, value).map_err(|e| from_qom(&e, Some(&sig)))?;
                 ret.build(&()).map_err(build_failed)
             }
-            "Subscribe" | "SubscribeWithOptions" => {
-                let (notifier, opts) = if member == "Subscribe" {
-                    let (n,): (&str,) = args.get("s")?;
-                    (n, SubscribeOptions::default())
-                } else {
-                    let (n, o): (&str, Options<'_>) = args.get("sa{sv}")?;
-                    (n, subscribe_options(&o)?)
-                };
-                let path = self
-                    .events
-                    .subscribe_for(
-                        &Self::caller(peer, hdr),
-                        Target::Object(obj.path().to_owned()),
-                        notifier,
-                        opts,
-                    )
-                    .map_err(|e| from_qom(&e, None))?;
-                ret.build(&self.object_path(&path)).map_err(build_failed)
-            }
             "Delete" => {
                 args.get::<()>("")?;
                 if obj.class().implements(SUBSCRIPTION) {
@@ -725,6 +738,150 @@ impl Bridge {
         }
     }
 
+    // ---- subscribing ----
+
+    /// `Object1.Subscribe[WithOptions]`.
+    fn subscribe(&self, peer: &Peer, hdr: &Header<'_>, target: Target, msg: &Message) -> Outcome {
+        let member = hdr.member().map_or("", |m| m.as_str());
+        let args = CallArgs::of(msg, member);
+        let parsed = if member == "Subscribe" {
+            args.get::<(&str,)>("s")
+                .map(|(n,)| (n, Ok((SubscribeOptions::default(), None))))
+        } else {
+            args.get::<(&str, Options<'_>)>("sa{sv}")
+                .map(|(n, o)| (n, subscribe_options(&o)))
+        };
+        match parsed {
+            Ok((notifier, Ok((opts, owner)))) => self.subscribe_request(
+                peer,
+                hdr,
+                SubscribeRequest {
+                    target,
+                    notifier: notifier.to_owned(),
+                    opts,
+                    owner,
+                },
+            ),
+            Ok((_, Err(e))) | Err(e) => e.into(),
+        }
+    }
+
+    /// `Root1.SubscribeType[WithOptions]`.
+    fn subscribe_type(&self, peer: &Peer, hdr: &Header<'_>, msg: &Message) -> Outcome {
+        let member = hdr.member().map_or("", |m| m.as_str());
+        let args = CallArgs::of(msg, member);
+        let parsed = if member == "SubscribeType" {
+            args.get::<(&str, &str)>("ss")
+                .map(|(t, n)| (t, n, Ok((SubscribeOptions::default(), None))))
+        } else {
+            args.get::<(&str, &str, Options<'_>)>("ssa{sv}")
+                .map(|(t, n, o)| (t, n, subscribe_options(&o)))
+        };
+        match parsed {
+            Ok((typename, notifier, Ok((opts, owner)))) => self.subscribe_request(
+                peer,
+                hdr,
+                SubscribeRequest {
+                    target: Target::Type(typename.to_owned()),
+                    notifier: notifier.to_owned(),
+                    opts,
+                    owner,
+                },
+            ),
+            Ok((_, _, Err(e))) | Err(e) => e.into(),
+        }
+    }
+
+    /// Subscribes for the caller, or hands a request for another owner to
+    /// [`Bridge::delegated_subscribe`].
+    fn subscribe_request(
+        &self,
+        peer: &Peer,
+        hdr: &Header<'_>,
+        request: SubscribeRequest,
+    ) -> Outcome {
+        let caller = Self::caller(peer, hdr);
+        if request.owner.is_some() {
+            if peer.kind != PeerKind::Bus {
+                return DbusError::invalid_args(
+                    "option 'owner' names a connection on the bus; a peer-to-peer connection has none",
+                )
+                .into();
+            }
+            return Outcome::Delegated { caller, request };
+        }
+        let result = self
+            .events
+            .subscribe_for(&caller, request.target, &request.notifier, request.opts)
+            .map_err(|e| from_qom(&e, None))
+            .and_then(|path| {
+                Message::method_return(hdr)
+                    .build(&self.object_path(&path))
+                    .map_err(build_failed)
+            });
+        match result {
+            Ok(m) => Outcome::Reply(m),
+            Err(e) => Outcome::Error(e),
+        }
+    }
+
+    /// A subscription owned by another connection of the caller's user (the `owner`
+    /// option): it delivers to that connection and dies with it, so a one-shot tool
+    /// (`busctl call`) can subscribe for a listener that stays (`gdbus monitor`).
+    async fn delegated_subscribe(
+        &self,
+        conn: &Connection,
+        caller: &str,
+        request: SubscribeRequest,
+    ) -> Result<String, DbusError> {
+        let name = request.owner.unwrap_or_default();
+        let gone = || {
+            DbusError::new(
+                "org.freedesktop.DBus.Error.NameHasNoOwner",
+                format!("subscription owner '{name}' is not on the bus"),
+            )
+        };
+        let ask = |member: &'static str, arg: String| async move {
+            conn.call_method(Some(BUS_NAME), BUS_PATH, Some(BUS_NAME), member, &(arg,))
+                .await
+        };
+        let owner: String = if name.starts_with(':') {
+            name.clone()
+        } else {
+            ask("GetNameOwner", name.clone())
+                .await
+                .ok()
+                .and_then(|m| m.body().deserialize::<String>().ok())
+                .ok_or_else(gone)?
+        };
+        let uid = |reply: zbus::Result<Message>| {
+            reply.ok().and_then(|m| m.body().deserialize::<u32>().ok())
+        };
+        let owner_uid = uid(ask("GetConnectionUnixUser", owner.clone()).await).ok_or_else(gone)?;
+        let caller_uid = uid(ask("GetConnectionUnixUser", caller.to_owned()).await);
+        if caller_uid != Some(owner_uid) {
+            return Err(DbusError::new(
+                error::ACCESS_DENIED,
+                format!("subscription owner '{name}' is another user's connection"),
+            ));
+        }
+        let path = self
+            .events
+            .subscribe_for(&owner, request.target, &request.notifier, request.opts)
+            .map_err(|e| from_qom(&e, None))?;
+        // Had the owner left before the subscription existed, its NameOwnerChanged found
+        // nothing to drop: ask again now that it exists.
+        let still_there = ask("NameHasOwner", owner.clone())
+            .await
+            .ok()
+            .and_then(|m| m.body().deserialize::<bool>().ok());
+        if still_there != Some(true) {
+            self.events.drop_owner(&owner);
+            return Err(gone());
+        }
+        Ok(path)
+    }
+
     // ---- org.qomu.Root1 ----
 
     fn root1(
@@ -737,25 +894,6 @@ impl Bridge {
         let args = CallArgs::of(msg, member);
         let ret = Message::method_return(hdr);
         match member {
-            "SubscribeType" | "SubscribeTypeWithOptions" => {
-                let (typename, notifier, opts) = if member == "SubscribeType" {
-                    let (t, n): (&str, &str) = args.get("ss")?;
-                    (t, n, SubscribeOptions::default())
-                } else {
-                    let (t, n, o): (&str, &str, Options<'_>) = args.get("ssa{sv}")?;
-                    (t, n, subscribe_options(&o)?)
-                };
-                let path = self
-                    .events
-                    .subscribe_for(
-                        &Self::caller(peer, hdr),
-                        Target::Type(typename.to_owned()),
-                        notifier,
-                        opts,
-                    )
-                    .map_err(|e| from_qom(&e, None))?;
-                ret.build(&self.object_path(&path)).map_err(build_failed)
-            }
             "Unsubscribe" => {
                 let (path,): (ObjectPath<'_>,) = args.get("o")?;
                 let qom_path = names::qom_path(self.root(), path.as_str())
@@ -961,9 +1099,22 @@ fn mismatch_error(what: &str, m: &TypeMismatch) -> DbusError {
 /// An `a{sv}` argument.
 type Options<'a> = BTreeMap<&'a str, Variant<'a>>;
 
-/// `queue-limit` (any unsigned integer type) and `coalesce` (`b`).
-fn subscribe_options(options: &Options<'_>) -> Result<SubscribeOptions, DbusError> {
+/// A subscription asked for over D-Bus.
+pub struct SubscribeRequest {
+    target: Target,
+    notifier: String,
+    opts: SubscribeOptions,
+    /// Another connection to own it (the `owner` option).
+    owner: Option<String>,
+}
+
+/// `queue-limit` (any unsigned integer type), `coalesce` (`b`) and `owner` (`s`, a bus
+/// name).
+fn subscribe_options(
+    options: &Options<'_>,
+) -> Result<(SubscribeOptions, Option<String>), DbusError> {
     let mut out = SubscribeOptions::default();
+    let mut owner = None;
     for (&key, value) in options {
         let value = match value {
             Variant::Variant(inner) => inner.as_ref(),
@@ -971,6 +1122,7 @@ fn subscribe_options(options: &Options<'_>) -> Result<SubscribeOptions, DbusErro
         };
         match (key, value) {
             ("coalesce", Variant::Bool(b)) => out.coalesce = *b,
+            ("owner", Variant::Str(name)) => owner = Some(name.as_str().to_owned()),
             ("queue-limit", v) => {
                 out.queue_limit = Some(match v {
                     Variant::U8(n) => (*n).into(),
@@ -988,12 +1140,12 @@ fn subscribe_options(options: &Options<'_>) -> Result<SubscribeOptions, DbusErro
             }
             (k, _) => {
                 return Err(DbusError::invalid_args(format!(
-                    "unknown or mistyped subscription option '{k}'; options are queue-limit (u) and coalesce (b)"
+                    "unknown or mistyped subscription option '{k}'; options are queue-limit (u), coalesce (b) and owner (s)"
                 )));
             }
         }
     }
-    Ok(out)
+    Ok((out, owner))
 }
 
 /// Sends a method's reply or error reply.
