@@ -552,6 +552,7 @@ impl Machine {
         // Last: the bus keeps the VM's fd, and a launch that failed must leave no VM behind
         // (its irqfds would keep the lines' eventfds from the next attempt's VM).
         self.pci.attach_irqchip(vm.irqchip());
+        self.pci.msi().attach(vm.msi_chip());
         let _ = self.memory.set(vm.memory().clone());
         Ok(Launched {
             vm,

@@ -5,16 +5,18 @@
 use std::sync::Arc;
 
 use devices::IrqLine;
-use devices::pci::IrqChip;
+use devices::pci::{IrqChip, MsiChip};
 use kvm_bindings::{
-    CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
-    KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED,
-    KVM_PIT_SPEAKER_DUMMY, Msrs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
-    kvm_msr_entry, kvm_pit_config, kvm_pit_state2, kvm_regs, kvm_userspace_memory_region,
-    kvm_vcpu_events,
+    CpuId, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE,
+    KVM_MP_STATE_UNINITIALIZED, KVM_PIT_SPEAKER_DUMMY, KvmIrqRouting, Msrs, kvm_fpu,
+    kvm_irq_routing_entry, kvm_irq_routing_irqchip, kvm_irq_routing_msi, kvm_irqchip,
+    kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_config, kvm_pit_state2, kvm_regs,
+    kvm_userspace_memory_region, kvm_vcpu_events,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootEntry};
 use crate::layout::{TSS_ADDR, ram_regions};
@@ -62,6 +64,61 @@ impl IrqChip for KvmIrqChip {
         if let Err(e) = self.0.set_irq_line(gsi, level) {
             tracing::warn!("cannot set GSI {gsi} to {level}: {e}");
         }
+    }
+}
+
+impl MsiChip for KvmIrqChip {
+    fn set_msi_routes(&self, routes: &[(u32, u64, u32)]) -> std::io::Result<()> {
+        // The table replaces KVM's whole default one: the irqchip's routes go first, as KVM
+        // sets them up (GSI 0-15 to the PICs and the IOAPIC, 16-23 to the IOAPIC).
+        let irqchip = |gsi: u32, chip: u32, pin: u32| {
+            let mut e = kvm_irq_routing_entry {
+                gsi,
+                type_: KVM_IRQ_ROUTING_IRQCHIP,
+                ..Default::default()
+            };
+            e.u.irqchip = kvm_irq_routing_irqchip { irqchip: chip, pin };
+            e
+        };
+        let mut entries = Vec::with_capacity(40 + routes.len());
+        for gsi in 0..24 {
+            if gsi < 8 {
+                entries.push(irqchip(gsi, KVM_IRQCHIP_PIC_MASTER, gsi));
+            } else if gsi < 16 {
+                entries.push(irqchip(gsi, KVM_IRQCHIP_PIC_SLAVE, gsi - 8));
+            }
+            entries.push(irqchip(gsi, KVM_IRQCHIP_IOAPIC, gsi));
+        }
+        for &(gsi, address, data) in routes {
+            let mut e = kvm_irq_routing_entry {
+                gsi,
+                type_: KVM_IRQ_ROUTING_MSI,
+                ..Default::default()
+            };
+            e.u.msi = kvm_irq_routing_msi {
+                address_lo: address as u32,
+                address_hi: (address >> 32) as u32,
+                data,
+                ..Default::default()
+            };
+            entries.push(e);
+        }
+        let table = KvmIrqRouting::from_entries(&entries).map_err(std::io::Error::other)?;
+        self.0
+            .set_gsi_routing(&table)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+
+    fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> std::io::Result<()> {
+        self.0
+            .register_irqfd(fd, gsi)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+
+    fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> std::io::Result<()> {
+        self.0
+            .unregister_irqfd(fd, gsi)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
     }
 }
 
@@ -165,6 +222,11 @@ impl Vm {
 
     /// The in-kernel IOAPIC as level-triggered lines (PCI INTx).
     pub fn irqchip(&self) -> Arc<dyn IrqChip> {
+        Arc::new(KvmIrqChip(self.fd.clone()))
+    }
+
+    /// MSI routing and irqfds, for the PCI bus's MSI-X vectors.
+    pub fn msi_chip(&self) -> Arc<dyn MsiChip> {
         Arc::new(KvmIrqChip(self.fd.clone()))
     }
 

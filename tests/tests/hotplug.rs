@@ -807,3 +807,40 @@ fn the_hotplug_examples_plug_and_unplug_a_device_over_qmp_and_dbus() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn virtio_interrupts_go_through_msi_x_once_the_driver_enables_it() {
+    require_kvm!();
+    let dir = TempDir::new("virtio-msix");
+    let console = dir.path("console");
+    let mut q = Qomu::spawn(&[
+        "-S",
+        "--kernel",
+        &guest("virtio"),
+        "--append",
+        // hotplug=1: the guest stays, waiting for an eject, while the counters are read.
+        "msix=1 hotplug=1",
+        "--device",
+        "isa-debug-exit",
+        "--device",
+        "virtio-rng-pci,id=rng0",
+        "--serial",
+        &format!("file:{}", console.display()),
+    ]);
+    let mut c = q.connect();
+    c.negotiate();
+    let get = |c: &mut QmpRaw, property: &str| {
+        c.cmd(&format!(
+            r#"{{"execute": "qom-get", "arguments": {{"path": "rng0", "property": "{property}"}}}}"#
+        ))["return"]
+            .clone()
+    };
+    c.cmd(r#"{"execute": "cont"}"#);
+    wait_console(&console, "hotplug: ready");
+    let out = std::fs::read_to_string(&console).unwrap();
+    assert!(out.contains("virtio-rng: msi-x ok"), "{out}");
+    // One message held back by the mask and sent on unmasking, one sent at once; no INTx.
+    assert_eq!(get(&mut c, "msix-messages"), json!(2));
+    assert_eq!(get(&mut c, "interrupts"), json!(0));
+    assert!(q.is_running());
+}

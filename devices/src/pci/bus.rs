@@ -126,6 +126,8 @@ pub struct PciBus {
     intx: Arc<Intx>,
     /// Serializes remapping (several vCPUs may program BARs at once).
     remap: Mutex<()>,
+    /// The MSI-X vectors of the bus's devices.
+    msi: Arc<super::MsiRouter>,
 }
 
 impl std::fmt::Debug for PciBus {
@@ -154,7 +156,13 @@ impl PciBus {
                 asserted: Mutex::new([0; INTX_GSIS as usize]),
             }),
             remap: Mutex::new(()),
+            msi: Arc::default(),
         })
+    }
+
+    /// The MSI vectors of the bus's devices.
+    pub fn msi(&self) -> &Arc<super::MsiRouter> {
+        &self.msi
     }
 
     /// Connects the INTx lines to the interrupt controller (once the VM exists), and

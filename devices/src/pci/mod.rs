@@ -7,6 +7,8 @@
 pub mod bus;
 pub mod config;
 pub mod hotplug;
+pub mod msi;
+pub mod msix;
 
 use std::sync::Arc;
 
@@ -15,6 +17,8 @@ use qom::{Field, Kind, NotifierDecl, ObjectRef, Property, TypeInfo, Value};
 
 pub use bus::{ConfigPorts, Ecam, IntxLine, IrqChip, PciBus, PciDevice, PlugError, intx_gsi};
 pub use config::{Bar, BarKind, Ids, PciConfig};
+pub use msi::{MsiChip, MsiRouter, MsiVector};
+pub use msix::Msix;
 
 use crate::device::{DEVICE, Space, claim, get_string, release};
 use crate::platform::{PlatformRef, upgrade};

@@ -3,7 +3,9 @@
 //! virtqueues from the virtio-queue crate. Device models plug in as a [`Backend`].
 //!
 //! Queues are processed on the vCPU thread that writes the notify register. Interrupts go
-//! through INTx (the ISR byte says why; reading it lowers the line).
+//! through MSI-X once the driver enables it (one vector for configuration changes, one
+//! per queue, table and PBA in the same BAR), else through INTx (the ISR byte says why;
+//! reading it lowers the line).
 //!
 //! The qom side: the abstract type `virtio-device` (a `pci-device`) with the transport's
 //! state as properties and the `driver-ok` notifier; each model is a concrete subtype.
@@ -22,7 +24,7 @@ use vm_memory::GuestMemoryMmap;
 use crate::bus::read_window;
 use crate::device::instance;
 use crate::pci::config::{COMMAND_INTX_DISABLE, Ids};
-use crate::pci::{self, Bar, BarKind, IntxLine, PCI_DEVICE, PciConfig, PciDevice};
+use crate::pci::{self, Bar, BarKind, IntxLine, Msix, PCI_DEVICE, PciConfig, PciDevice};
 use crate::platform::{PlatformRef, upgrade};
 
 /// The abstract qom type of virtio devices.
@@ -31,7 +33,7 @@ pub const VIRTIO_DEVICE: &str = "virtio-device";
 const VENDOR: u16 = 0x1af4;
 /// The BAR holding every structure, and its layout.
 const BAR_INDEX: usize = 4;
-const BAR_SIZE: u64 = 0x4000;
+const BAR_SIZE: u64 = 0x8000;
 const COMMON: u64 = 0x0000;
 const COMMON_LEN: u64 = 0x38;
 const ISR: u64 = 0x1000;
@@ -39,6 +41,8 @@ const DEVICE_CONFIG: u64 = 0x2000;
 const DEVICE_CONFIG_LEN: u64 = 0x1000;
 const NOTIFY: u64 = 0x3000;
 const NOTIFY_MULTIPLIER: u32 = 4;
+const MSIX_TABLE: u64 = 0x4000;
+const MSIX_PBA: u64 = 0x5000;
 /// Largest queue offered.
 pub const QUEUE_MAX: u16 = 256;
 const NO_VECTOR: u16 = 0xffff;
@@ -111,6 +115,10 @@ struct Transport {
     queues: Vec<Queue>,
     isr: u8,
     generation: u8,
+    /// MSI-X vectors the table has, and those the driver chose (NO_VECTOR: none).
+    msix_vectors: u16,
+    config_vector: u16,
+    queue_vectors: Vec<u16>,
 }
 
 impl Transport {
@@ -134,9 +142,17 @@ impl Transport {
         self.driver_features = 0;
         self.queue_select = 0;
         self.isr = 0;
+        self.config_vector = NO_VECTOR;
+        self.queue_vectors.fill(NO_VECTOR);
         for q in &mut self.queues {
             q.reset();
         }
+    }
+
+    /// A vector the driver asks for, or NO_VECTOR if the table has no such entry (the
+    /// driver reads it back to learn that).
+    fn vector(&self, v: u16) -> u16 {
+        if v < self.msix_vectors { v } else { NO_VECTOR }
     }
 }
 
@@ -156,6 +172,8 @@ struct Counters {
 /// A virtio device on PCI.
 pub struct VirtioPci {
     config: Mutex<PciConfig>,
+    /// Locked after `config`, never before.
+    msix: Mutex<Msix>,
     transport: Mutex<Transport>,
     intx: Mutex<Option<Arc<IntxLine>>>,
     memory: OnceLock<GuestMemoryMmap>,
@@ -210,8 +228,17 @@ impl VirtioPci {
                 &NOTIFY_MULTIPLIER.to_le_bytes(),
             ),
         );
+        let vectors = queues as u16 + 1;
+        let msix = Msix::new(
+            &mut config,
+            vectors,
+            BAR_INDEX as u8,
+            MSIX_TABLE as u32,
+            MSIX_PBA as u32,
+        );
         VirtioPci {
             config: Mutex::new(config),
+            msix: Mutex::new(msix),
             transport: Mutex::new(Transport {
                 backend,
                 status: 0,
@@ -222,6 +249,9 @@ impl VirtioPci {
                 queues: new_queues(queues),
                 isr: 0,
                 generation: 0,
+                msix_vectors: vectors,
+                config_vector: NO_VECTOR,
+                queue_vectors: vec![NO_VECTOR; queues],
             }),
             intx: Mutex::new(None),
             memory: OnceLock::new(),
@@ -280,13 +310,21 @@ impl VirtioPci {
                     _ => 0,
                 },
             ),
-            0x10 | 0x11 => (0x10, u64::from(NO_VECTOR)),
+            0x10 | 0x11 => (0x10, u64::from(t.config_vector)),
             0x12 | 0x13 => (0x12, t.queues.len() as u64),
             0x14 => (0x14, u64::from(t.status)),
             0x15 => (0x15, u64::from(t.generation)),
             0x16 | 0x17 => (0x16, u64::from(t.queue_select)),
             0x18 | 0x19 => (0x18, u64::from(qu16(|q| q.size()))),
-            0x1a | 0x1b => (0x1a, u64::from(NO_VECTOR)),
+            0x1a | 0x1b => (
+                0x1a,
+                u64::from(
+                    t.queue_vectors
+                        .get(usize::from(t.queue_select))
+                        .copied()
+                        .unwrap_or(NO_VECTOR),
+                ),
+            ),
             0x1c | 0x1d => (0x1c, u64::from(qu16(|q| u16::from(q.ready())))),
             0x1e | 0x1f => (
                 0x1e,
@@ -326,7 +364,14 @@ impl VirtioPci {
                     }
                 }
             }
-            (0x10, 2) | (0x1a, 2) => {} // no MSI-X: vectors read NO_VECTOR
+            (0x10, 2) => t.config_vector = t.vector(low as u16),
+            (0x1a, 2) => {
+                let v = t.vector(low as u16);
+                let select = usize::from(t.queue_select);
+                if let Some(q) = t.queue_vectors.get_mut(select) {
+                    *q = v;
+                }
+            }
             (0x14, 1) => self.write_status(t, low as u8),
             (0x16, 2) => t.queue_select = low as u16,
             (0x18, 2) => {
@@ -427,11 +472,23 @@ impl VirtioPci {
             return;
         }
         self.counters.used.fetch_add(1, Ordering::Relaxed);
-        if q.needs_notification(mem).unwrap_or(true) {
-            t.isr |= ISR_QUEUE;
-            drop(t);
-            self.set_intx(true);
+        if !q.needs_notification(mem).unwrap_or(true) {
+            return;
         }
+        let vector = t.queue_vectors.get(index).copied().unwrap_or(NO_VECTOR);
+        let config = self.config.lock();
+        let mut msix = self.msix.lock();
+        if msix.enabled(&config) {
+            // Without a vector for the queue the driver asked for no interrupt.
+            if vector != NO_VECTOR {
+                msix.signal(&config, vector);
+            }
+            return;
+        }
+        drop((msix, config));
+        t.isr |= ISR_QUEUE;
+        drop(t);
+        self.set_intx(true);
     }
 
     fn read_isr(&self) -> u8 {
@@ -452,7 +509,13 @@ impl PciDevice for VirtioPci {
     }
 
     fn config_write(&self, offset: usize, data: &[u8]) -> bool {
-        let remap = self.config.lock().write(offset, data);
+        let remap = {
+            let mut config = self.config.lock();
+            let remap = config.write(offset, data);
+            // Clearing the function mask sends what waited.
+            self.msix.lock().unmasked(&config);
+            remap
+        };
         // INTx disable toggled: the line follows.
         if remap {
             let pending = self.transport.lock().isr != 0;
@@ -478,6 +541,8 @@ impl PciDevice for VirtioPci {
                     .backend
                     .read_config(offset - DEVICE_CONFIG, data);
             }
+            MSIX_TABLE..MSIX_PBA => self.msix.lock().table_read(offset - MSIX_TABLE, data),
+            MSIX_PBA..BAR_SIZE => self.msix.lock().pba_read(offset - MSIX_PBA, data),
             _ => data.fill(0),
         }
     }
@@ -494,9 +559,15 @@ impl PciDevice for VirtioPci {
                     .backend
                     .write_config(offset - DEVICE_CONFIG, data);
             }
-            NOTIFY..BAR_SIZE => {
+            NOTIFY..MSIX_TABLE => {
                 let index = ((offset - NOTIFY) / u64::from(NOTIFY_MULTIPLIER)) as usize;
                 self.notify(index);
+            }
+            MSIX_TABLE..MSIX_PBA => {
+                let config = self.config.lock();
+                self.msix
+                    .lock()
+                    .table_write(&config, offset - MSIX_TABLE, data);
             }
             _ => {}
         }
@@ -504,6 +575,7 @@ impl PciDevice for VirtioPci {
 
     fn reset(&self) {
         self.config.lock().reset();
+        self.msix.lock().reset();
         self.transport.lock().reset();
         self.set_intx(false);
     }
@@ -572,6 +644,15 @@ pub(crate) fn base_type(platform: &PlatformRef) -> TypeInfo {
                     ))
                 }),
         )
+        .property(
+            Property::new("msix-messages", Kind::uint64())
+                .description("MSI-X messages sent (interrupts while the driver has MSI-X on)")
+                .getter(|o| {
+                    Ok(Value::UInt(
+                        instance::<VirtioPci>(o)?.msix.lock().messages(),
+                    ))
+                }),
+        )
         .notifier(
             NotifierDecl::new(
                 "driver-ok",
@@ -589,10 +670,19 @@ pub(crate) fn base_type(platform: &PlatformRef) -> TypeInfo {
         .realize(move |o| {
             let dev = instance::<VirtioPci>(o)?;
             *dev.driver_ok.lock() = Some(o.notifier("driver-ok")?);
-            dev.transport.lock().backend.realize(o)?;
-            let slot = pci::plug(&p_realize, o, dev.clone())
-                .inspect_err(|_| dev.transport.lock().backend.unrealize())?;
-            let line = upgrade(&p_realize)?.pci_bus().intx_line(slot, 1);
+            let platform = upgrade(&p_realize)?;
+            dev.msix
+                .lock()
+                .connect(platform.pci_bus().msi())
+                .map_err(|e| qom::Error::failed(format!("cannot create MSI-X vectors: {e}")))?;
+            let undo = || {
+                dev.msix.lock().disconnect();
+                dev.transport.lock().backend.unrealize();
+            };
+            let realized = dev.transport.lock().backend.realize(o);
+            realized.inspect_err(|_| undo())?;
+            let slot = pci::plug(&p_realize, o, dev.clone()).inspect_err(|_| undo())?;
+            let line = platform.pci_bus().intx_line(slot, 1);
             dev.config.lock().set_interrupt(1, line.gsi() as u8);
             *dev.intx.lock() = Some(line);
             Ok(())
@@ -602,6 +692,7 @@ pub(crate) fn base_type(platform: &PlatformRef) -> TypeInfo {
             if let Ok(dev) = instance::<VirtioPci>(o) {
                 *dev.intx.lock() = None;
                 *dev.driver_ok.lock() = None;
+                dev.msix.lock().disconnect();
                 dev.transport.lock().backend.unrealize();
             }
         })

@@ -5,7 +5,9 @@
  * virtio 1.x driver does: reset, ACKNOWLEDGE, DRIVER, features (VERSION_1), FEATURES_OK,
  * queues, DRIVER_OK, and uses it:
  *   virtio-rng: reads 32 bytes of entropy twice, prints them, checks they are not all zero
- *               and differ.
+ *               and differ. With `msix=1` it turns MSI-X on first (queue on vector 1,
+ *               its entry masked): the first interrupt must wait in the PBA until the
+ *               entry is unmasked, the second go at once, and the ISR stay clear.
  *   virtio-blk: prints the capacity and the serial (get-id), prints the text at the start
  *               of sector 0, writes "written by the qomu test guest" to sector `wsector=N`
  *               (default 1) unless the device is read-only, reads it back, flushes; on a
@@ -46,11 +48,13 @@ struct vdev {
 #define COMMON_DF 0x04
 #define COMMON_GFSELECT 0x08
 #define COMMON_GF 0x0c
+#define COMMON_MSIX_CONFIG 0x10
 #define COMMON_NUMQ 0x12
 #define COMMON_STATUS 0x14
 #define COMMON_Q_SELECT 0x16
 #define COMMON_Q_SIZE 0x18
 #define COMMON_Q_ENABLE 0x1c
+#define COMMON_Q_MSIX 0x1a
 #define COMMON_Q_NOFF 0x1e
 #define COMMON_Q_DESC 0x20
 #define COMMON_Q_AVAIL 0x28
@@ -169,10 +173,43 @@ static void driver_ok(struct vdev *d) { mmio_write8(d->common + COMMON_STATUS, 1
 /* ---- devices ---- */
 
 static u8 entropy[2][32];
+static int use_msix;
+
+/* With msix=1: MSI-X on, the queue on vector 1, whose entry starts masked. */
+struct msix { u64 table, pba; };
+static int setup_msix(struct vdev *d, struct msix *m) {
+    u8 at = cfg_read8(d->slot, 0x34);
+    while (at && cfg_read8(d->slot, at) != 0x11) at = cfg_read8(d->slot, at + 1);
+    if (!at) return 16;
+    u16 control = (u16)cfg_read32(d->slot, at + 2);
+    if ((control & 0x7ff) + 1 != 2) return 16; /* config + one queue */
+    u32 t = cfg_read32(d->slot, at + 4), p = cfg_read32(d->slot, at + 8);
+    m->table = bar_address(d->slot, t & 7) + (t & ~7u);
+    m->pba = bar_address(d->slot, p & 7) + (p & ~7u);
+    cfg_write16(d->slot, at + 2, control | 0x8000);
+    if (!((u16)cfg_read32(d->slot, at + 2) & 0x8000)) return 16;
+    w32(m->table + 16, 0xfee00000); /* entry 1: the boot CPU, vector 0x41 */
+    w32(m->table + 20, 0);
+    w32(m->table + 24, 0x41);
+    w32(m->table + 28, 1); /* masked */
+    u64 c = d->common;
+    w16(c + COMMON_MSIX_CONFIG, 7); /* the table has no entry 7 */
+    if (mmio_read16(c + COMMON_MSIX_CONFIG) != 0xffff) return 17;
+    w16(c + COMMON_MSIX_CONFIG, 0);
+    w16(c + COMMON_Q_SELECT, 0);
+    w16(c + COMMON_Q_MSIX, 1);
+    if (mmio_read16(c + COMMON_MSIX_CONFIG) != 0 || mmio_read16(c + COMMON_Q_MSIX) != 1) return 17;
+    return 0;
+}
 
 static int use_rng(struct vdev *d) {
     struct queue *q = &queues[0];
+    struct msix m = {0, 0};
     if (negotiate(d, 0)) return 10;
+    if (use_msix) {
+        int e = setup_msix(d, &m);
+        if (e) return e;
+    }
     if (setup_queue(d, 0, q)) return 11;
     driver_ok(d);
     for (int round = 0; round < 2; round++) {
@@ -182,9 +219,22 @@ static int use_rng(struct vdev *d) {
         q->desc[0].flags = 2; /* device writes */
         long n = submit(q, 0, 1);
         if (n != 32) return 12;
+        if (use_msix) {
+            if (mmio_read8(d->isr) != 0) return 18; /* MSI-X, not INTx */
+            /* Round 0: the entry is masked, so the message waits in the PBA until it is
+             * unmasked; round 1: sent at once. */
+            u64 pending = mmio_read64(m.pba);
+            if (pending != (round == 0 ? 2 : 0)) return 19;
+            if (round == 0) {
+                w32(m.table + 28, 0);
+                if (mmio_read64(m.pba) != 0) return 19;
+            }
+            continue;
+        }
         if (!(mmio_read8(d->isr) & 1)) return 13; /* the ISR says "queue" once */
         if (mmio_read8(d->isr) != 0) return 14;   /* and reading cleared it */
     }
+    if (use_msix) puts("virtio-rng: msi-x ok\n");
     int nonzero = 0, differ = 0;
     puts("virtio-rng: ");
     for (int i = 0; i < 32; i++) {
@@ -334,6 +384,7 @@ static void serve_hotplug(u64 ejects) {
 void guest_main(const u8 *zero_page) {
     u64 min = cmdline_u64(zero_page, "min", 1);
     write_sector = cmdline_u64(zero_page, "wsector", 1);
+    use_msix = (int)cmdline_u64(zero_page, "msix", 0);
     int found = 0;
     for (u8 slot = 0; slot < 32; slot++) found += probe(slot);
     puts("virtio: ");
