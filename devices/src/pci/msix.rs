@@ -177,12 +177,9 @@ impl Msix {
     /// A reset: every entry masked and cleared, nothing pending (Message Control comes
     /// back with the configuration space).
     pub fn reset(&mut self) {
-        for (e, v) in self.table.iter_mut().zip(self.vectors.iter()) {
-            *e = [0, 0, 0, ENTRY_MASKED];
+        self.table.fill([0, 0, 0, ENTRY_MASKED]);
+        for v in &self.vectors {
             v.set_route(None);
-        }
-        for e in self.table.iter_mut().skip(self.vectors.len()) {
-            *e = [0, 0, 0, ENTRY_MASKED];
         }
         self.pending = 0;
     }
