@@ -352,10 +352,10 @@ impl Bridge {
                 .build(&ManagedObjects { bridge: self })
                 .map_err(build_failed),
             (OBJECT1, "Subscribe" | "SubscribeWithOptions") => {
-                return self.subscribe(peer, hdr, Target::Object(obj.path().to_owned()), msg);
+                return self.subscribe(peer, hdr, Some(obj), msg);
             }
             (ROOT1, "SubscribeType" | "SubscribeTypeWithOptions") if obj.path() == "/" => {
-                return self.subscribe_type(peer, hdr, msg);
+                return self.subscribe(peer, hdr, None, msg);
             }
             (OBJECT1, _) => self.object1(peer, hdr, obj, member, msg),
             (ROOT1, _) if obj.path() == "/" => self.root1(peer, hdr, member, msg),
@@ -740,55 +740,18 @@ impl Bridge {
 
     // ---- subscribing ----
 
-    /// `Object1.Subscribe[WithOptions]`.
-    fn subscribe(&self, peer: &Peer, hdr: &Header<'_>, target: Target, msg: &Message) -> Outcome {
-        let member = hdr.member().map_or("", |m| m.as_str());
-        let args = CallArgs::of(msg, member);
-        let parsed = if member == "Subscribe" {
-            args.get::<(&str,)>("s")
-                .map(|(n,)| (n, Ok((SubscribeOptions::default(), None))))
-        } else {
-            args.get::<(&str, Options<'_>)>("sa{sv}")
-                .map(|(n, o)| (n, subscribe_options(&o)))
-        };
-        match parsed {
-            Ok((notifier, Ok((opts, owner)))) => self.subscribe_request(
-                peer,
-                hdr,
-                SubscribeRequest {
-                    target,
-                    notifier: notifier.to_owned(),
-                    opts,
-                    owner,
-                },
-            ),
-            Ok((_, Err(e))) | Err(e) => e.into(),
-        }
-    }
-
+    /// `Object1.Subscribe[WithOptions]` on `object`, or, without one,
     /// `Root1.SubscribeType[WithOptions]`.
-    fn subscribe_type(&self, peer: &Peer, hdr: &Header<'_>, msg: &Message) -> Outcome {
-        let member = hdr.member().map_or("", |m| m.as_str());
-        let args = CallArgs::of(msg, member);
-        let parsed = if member == "SubscribeType" {
-            args.get::<(&str, &str)>("ss")
-                .map(|(t, n)| (t, n, Ok((SubscribeOptions::default(), None))))
-        } else {
-            args.get::<(&str, &str, Options<'_>)>("ssa{sv}")
-                .map(|(t, n, o)| (t, n, subscribe_options(&o)))
-        };
-        match parsed {
-            Ok((typename, notifier, Ok((opts, owner)))) => self.subscribe_request(
-                peer,
-                hdr,
-                SubscribeRequest {
-                    target: Target::Type(typename.to_owned()),
-                    notifier: notifier.to_owned(),
-                    opts,
-                    owner,
-                },
-            ),
-            Ok((_, _, Err(e))) | Err(e) => e.into(),
+    fn subscribe(
+        &self,
+        peer: &Peer,
+        hdr: &Header<'_>,
+        object: Option<&ObjectRef>,
+        msg: &Message,
+    ) -> Outcome {
+        match subscribe_args(object, hdr, msg) {
+            Ok(request) => self.subscribe_request(peer, hdr, request),
+            Err(e) => e.into(),
         }
     }
 
@@ -1106,6 +1069,46 @@ pub struct SubscribeRequest {
     opts: SubscribeOptions,
     /// Another connection to own it (the `owner` option).
     owner: Option<String>,
+}
+
+/// The arguments of a subscribe call: `(s notifier[, a{sv} options])` on `object`, or
+/// `(s type, s notifier[, a{sv} options])` without one.
+fn subscribe_args(
+    object: Option<&ObjectRef>,
+    hdr: &Header<'_>,
+    msg: &Message,
+) -> Result<SubscribeRequest, DbusError> {
+    let member = hdr.member().map_or("", |m| m.as_str());
+    let args = CallArgs::of(msg, member);
+    let with_options = member.ends_with("WithOptions");
+    let (target, notifier, options) = match (object, with_options) {
+        (Some(o), false) => {
+            let (n,): (&str,) = args.get("s")?;
+            (Target::Object(o.path().to_owned()), n, None)
+        }
+        (Some(o), true) => {
+            let (n, opts): (&str, Options<'_>) = args.get("sa{sv}")?;
+            (Target::Object(o.path().to_owned()), n, Some(opts))
+        }
+        (None, false) => {
+            let (t, n): (&str, &str) = args.get("ss")?;
+            (Target::Type(t.to_owned()), n, None)
+        }
+        (None, true) => {
+            let (t, n, opts): (&str, &str, Options<'_>) = args.get("ssa{sv}")?;
+            (Target::Type(t.to_owned()), n, Some(opts))
+        }
+    };
+    let (opts, owner) = match options {
+        Some(o) => subscribe_options(&o)?,
+        None => (SubscribeOptions::default(), None),
+    };
+    Ok(SubscribeRequest {
+        target,
+        notifier: notifier.to_owned(),
+        opts,
+        owner,
+    })
 }
 
 /// `queue-limit` (any unsigned integer type), `coalesce` (`b`) and `owner` (`s`, a bus
