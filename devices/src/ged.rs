@@ -66,6 +66,15 @@ pub(crate) fn register(platform: &PlatformRef) -> TypeInfo {
                 .description("Event bits the guest has not read yet")
                 .getter(|o| Ok(Value::UInt(instance::<Ged>(o)?.pending().into()))),
         )
+        .state(
+            1,
+            |o| crate::state::encode(o, &instance::<Ged>(o)?.pending()),
+            |o, bytes| {
+                let pending: u32 = crate::state::decode(o, bytes)?;
+                instance::<Ged>(o)?.pending.store(pending, Ordering::SeqCst);
+                Ok(())
+            },
+        )
         .constructor(|_| {
             Ok(Arc::new(Ged {
                 pending: AtomicU32::new(0),

@@ -34,6 +34,7 @@ pub mod port80;
 pub mod rng;
 pub mod rtc;
 pub mod serial;
+pub mod state;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, RangeInfo};

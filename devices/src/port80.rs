@@ -53,6 +53,24 @@ pub(crate) fn register(platform: &PlatformRef) -> TypeInfo {
                     ))
                 }),
         )
+        .state(
+            1,
+            |o| {
+                let dev = instance::<Port80>(o)?;
+                let saved = (
+                    dev.last.load(Ordering::Relaxed),
+                    dev.writes.load(Ordering::Relaxed),
+                );
+                crate::state::encode(o, &saved)
+            },
+            |o, bytes| {
+                let (last, writes): (u8, u64) = crate::state::decode(o, bytes)?;
+                let dev = instance::<Port80>(o)?;
+                dev.last.store(last, Ordering::Relaxed);
+                dev.writes.store(writes, Ordering::Relaxed);
+                Ok(())
+            },
+        )
         .constructor(|_| Ok(Arc::new(Port80::default())))
         .realize(move |o| claim(&p_realize, o, Space::Pio, PORT, 1, instance::<Port80>(o)?))
         .unrealize(move |o| release(&p_unrealize, o))

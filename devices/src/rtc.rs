@@ -222,6 +222,15 @@ impl Cmos {
     }
 }
 
+/// The CMOS in a snapshot. The clock is kept as the guest's offset from host time, so a
+/// restored guest's clock follows the host's (as a QEMU guest's does with `base=utc`).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedCmos {
+    index: u8,
+    nvram: Vec<u8>,
+    offset: i64,
+}
+
 pub struct Rtc {
     cmos: Mutex<Cmos>,
 }
@@ -286,6 +295,33 @@ pub(crate) fn register(platform: &PlatformRef) -> TypeInfo {
             Property::new("date", Kind::Str)
                 .description("The guest's current date and time (UTC)")
                 .getter(|o| Ok(Value::Str(instance::<Rtc>(o)?.date().to_string()))),
+        )
+        .state(
+            1,
+            |o| {
+                let dev = instance::<Rtc>(o)?;
+                let c = dev.cmos.lock();
+                crate::state::encode(
+                    o,
+                    &SavedCmos {
+                        index: c.index,
+                        nvram: c.nvram.to_vec(),
+                        offset: c.offset,
+                    },
+                )
+            },
+            |o, bytes| {
+                let saved: SavedCmos = crate::state::decode(o, bytes)?;
+                let nvram: [u8; 128] = saved.nvram.as_slice().try_into().map_err(|_| {
+                    qom::Error::failed(format!("{}: the saved CMOS is not 128 bytes", o.path()))
+                })?;
+                let dev = instance::<Rtc>(o)?;
+                let mut c = dev.cmos.lock();
+                c.index = saved.index;
+                c.nvram = nvram;
+                c.offset = saved.offset;
+                Ok(())
+            },
         )
         .constructor(|_| {
             let mut nvram = [0u8; 128];

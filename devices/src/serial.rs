@@ -11,7 +11,8 @@ use parking_lot::Mutex;
 use qom::{
     Action, Field, Kind, Notifier, NotifierDecl, ObjectRef, PhasePolicy, Property, TypeInfo, Value,
 };
-use vm_superio::serial::{NoEvents, Serial};
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, Serial, SerialState};
 
 use crate::bus::BusDevice;
 use crate::device::{DEVICE, Space, USER_DEVICE, claim, get_string, get_u64, instance, release};
@@ -199,6 +200,77 @@ impl BusDevice for SerialDevice {
     }
 }
 
+/// What a snapshot keeps of the UART: its registers, its receive FIFO and the input still
+/// waiting for room in it.
+#[derive(Serialize, Deserialize)]
+struct Saved {
+    registers: [u8; 9],
+    fifo: Vec<u8>,
+    pending_input: Vec<u8>,
+}
+
+/// The receive FIFO's size in vm-superio's 16550.
+const FIFO_SIZE: usize = 64;
+
+impl SerialDevice {
+    fn save(&self) -> qom::Result<Saved> {
+        let live = self.live.lock();
+        let l = live
+            .as_ref()
+            .ok_or_else(|| qom::Error::InvalidState("the serial port is not realized".into()))?;
+        let s = l.uart.state();
+        Ok(Saved {
+            registers: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            fifo: s.in_buffer,
+            pending_input: l.pending_input.iter().copied().collect(),
+        })
+    }
+
+    fn load(&self, saved: Saved) -> qom::Result<()> {
+        if saved.fifo.len() > FIFO_SIZE || saved.pending_input.len() > MAX_PENDING_INPUT {
+            return Err(qom::Error::failed(
+                "the saved serial port holds more input than it can",
+            ));
+        }
+        let [dll, dlh, ier, iir, lcr, lsr, mcr, msr, scr] = saved.registers;
+        let state = SerialState {
+            baud_divisor_low: dll,
+            baud_divisor_high: dlh,
+            interrupt_enable: ier,
+            interrupt_identification: iir,
+            line_control: lcr,
+            line_status: lsr,
+            modem_control: mcr,
+            modem_status: msr,
+            scratch: scr,
+            in_buffer: saved.fifo,
+        };
+        let mut live = self.live.lock();
+        let old = live
+            .take()
+            .ok_or_else(|| qom::Error::InvalidState("the serial port is not realized".into()))?;
+        let trigger = old.uart.interrupt_evt().clone();
+        let sink = old.uart.into_writer();
+        let uart = Serial::from_state(&state, trigger, NoEvents, sink)
+            .map_err(|e| qom::Error::failed(format!("cannot load the serial port: {e:?}")))?;
+        *live = Some(Live {
+            uart,
+            pending_input: saved.pending_input.into(),
+        });
+        Ok(())
+    }
+}
+
 fn line_payload() -> Kind {
     Kind::structure(
         "SerialLine",
@@ -320,6 +392,11 @@ pub(crate) fn register(platform: &PlatformRef) -> TypeInfo {
             )
             .arg(Field::new("data", Kind::Str, "The text"))
             .returns(Kind::uint64()),
+        )
+        .state(
+            1,
+            |o| crate::state::encode(o, &instance::<SerialDevice>(o)?.save()?),
+            |o, bytes| instance::<SerialDevice>(o)?.load(crate::state::decode(o, bytes)?),
         )
         .constructor(|_| {
             Ok(Arc::new(SerialDevice {

@@ -20,6 +20,9 @@ pub struct MachineConfig {
     /// `utc` or a date for the RTC to start at.
     pub rtc_base: String,
     pub devices: Vec<DeviceSpec>,
+    /// `--object TYPE,id=ID,...`: user objects, created before the devices (which may
+    /// name them, as virtio-rng's `rng` does).
+    pub objects: Vec<DeviceSpec>,
 }
 
 impl Default for MachineConfig {
@@ -35,6 +38,7 @@ impl Default for MachineConfig {
             no_shutdown: false,
             rtc_base: "utc".into(),
             devices: Vec::new(),
+            objects: Vec::new(),
         }
     }
 }

@@ -47,30 +47,31 @@ pub const MACHINE_TYPE: &str = "qomu-x86-machine";
 
 /// The `/machine` notifiers, QEMU's lifecycle events.
 pub(crate) struct Notifiers {
-    stop: Notifier,
-    resume: Notifier,
-    reset: Notifier,
-    shutdown: Notifier,
-    powerdown: Notifier,
-    device_deleted: Notifier,
+    pub(crate) migration: Notifier,
+    pub(crate) stop: Notifier,
+    pub(crate) resume: Notifier,
+    pub(crate) reset: Notifier,
+    pub(crate) shutdown: Notifier,
+    pub(crate) powerdown: Notifier,
+    pub(crate) device_deleted: Notifier,
 }
 
 /// What exists once the machine has been launched.
-struct Launched {
-    vm: Vm,
-    vcpus: Vec<Vcpu>,
+pub(crate) struct Launched {
+    pub(crate) vm: Vm,
+    pub(crate) vcpus: Vec<Vcpu>,
     lapics: Vec<kvm_lapic_state>,
     boot: BootConfig,
     tables: acpi::Tables,
     entry: BootEntry,
 }
 
-struct State {
-    run: RunState,
-    launched: Option<Launched>,
+pub(crate) struct State {
+    pub(crate) run: RunState,
+    pub(crate) launched: Option<Launched>,
     /// Set when the VMM should end, with its exit status.
-    exit_status: Option<i32>,
-    error: Option<String>,
+    pub(crate) exit_status: Option<i32>,
+    pub(crate) error: Option<String>,
 }
 
 /// A virtual machine and its object tree.
@@ -78,6 +79,8 @@ pub struct Machine {
     tree: Tree,
     object: ObjectRef,
     pio: Arc<Bus>,
+    /// The last (or current) migration, for query-migrate.
+    pub(crate) migration: Mutex<crate::migration::Info>,
     mmio: Arc<Bus>,
     pci: Arc<PciBus>,
     /// Guest RAM once launched, for devices doing DMA from vCPU threads (which must not
@@ -85,10 +88,10 @@ pub struct Machine {
     memory: OnceLock<GuestMemoryMmap>,
     stats: Arc<Stats>,
     irq_lines: Mutex<Vec<Arc<IrqLine>>>,
-    state: Mutex<State>,
+    pub(crate) state: Mutex<State>,
     changed: Condvar,
     events: Sender<VcpuEvent>,
-    notifiers: Notifiers,
+    pub(crate) notifiers: Notifiers,
     ged: OnceLock<Arc<Ged>>,
     hotplug: OnceLock<Arc<Hotplug>>,
     anon_devices: AtomicU64,
@@ -126,6 +129,7 @@ impl Machine {
                         reset: n.clone(),
                         shutdown: n.clone(),
                         powerdown: n.clone(),
+                        migration: n.clone(),
                         device_deleted: n,
                     };
                     (tree, object, notifiers)
@@ -135,6 +139,7 @@ impl Machine {
                 tree,
                 object,
                 pio: Arc::new(Bus::new("pio")),
+                migration: Mutex::new(crate::migration::Info::default()),
                 mmio,
                 pci,
                 memory: OnceLock::new(),
@@ -215,6 +220,22 @@ impl Machine {
         }
         if let Some(g) = ged.instance::<Ged>() {
             let _ = self.ged.set(g);
+        }
+        for spec in &config.objects {
+            let class = self.tree.types().get(&spec.driver)?;
+            let id = spec
+                .id
+                .as_deref()
+                .ok_or_else(|| Error::InvalidState("Parameter 'id' is missing".into()))?;
+            let mut props = Vec::new();
+            for (key, text) in &spec.props {
+                let prop = class.property(key).ok_or_else(|| Error::PropertyNotFound {
+                    typename: spec.driver.clone(),
+                    property: key.clone(),
+                })?;
+                props.push((key.clone(), prop.kind().parse_text(key, text)?));
+            }
+            self.tree.add_user_object(&spec.driver, id, props)?;
         }
         for spec in &config.devices {
             let class = self
@@ -318,7 +339,7 @@ impl Machine {
         self.changed.notify_all();
     }
 
-    fn transition(&self, st: &mut State, to: RunState) -> Result<()> {
+    pub(crate) fn transition(&self, st: &mut State, to: RunState) -> Result<()> {
         if !valid_transition(st.run, to) {
             return Err(Error::InvalidState(format!(
                 "the machine cannot go from '{}' to '{}'",
@@ -502,7 +523,7 @@ impl Machine {
     }
 
     /// Creates the VM, loads the guest and starts the vCPU threads (paused).
-    fn launch(&self) -> Result<Launched> {
+    pub(crate) fn launch(&self) -> Result<Launched> {
         let get = |name: &str| self.object.get(name);
         let memory = get("memory-size")?.as_u64().unwrap_or(0);
         let cpus = get("cpus")?.as_u64().unwrap_or(1) as u32;
@@ -587,7 +608,7 @@ impl Machine {
         ports
     }
 
-    fn create_cpu_objects(&self) {
+    pub(crate) fn create_cpu_objects(&self) {
         let count = self
             .state
             .lock()
@@ -1017,7 +1038,7 @@ fn device_type_error(driver: &str) -> Error {
     Error::InvalidState(format!("'{driver}' is not a valid device model name"))
 }
 
-fn empty() -> Value {
+pub(crate) fn empty() -> Value {
     Value::map::<&str>([])
 }
 
@@ -1029,7 +1050,7 @@ fn guest_reason(cause: ShutdownCause) -> Value {
 }
 
 /// Pauses every vCPU and waits until they all are.
-fn pause_all(st: &State) {
+pub(crate) fn pause_all(st: &State) {
     if let Some(l) = &st.launched {
         for v in &l.vcpus {
             v.request_pause();
@@ -1083,6 +1104,7 @@ fn build_tree(weak: &Weak<Machine>) -> Result<(Tree, ObjectRef, Notifiers)> {
         reset: n("RESET")?,
         shutdown: n("SHUTDOWN")?,
         powerdown: n("POWERDOWN")?,
+        migration: n("MIGRATION")?,
         device_deleted: n("DEVICE_DELETED")?,
     };
     Ok((tree, object, notifiers))

@@ -47,6 +47,15 @@ struct Cli {
     /// Add a device: DRIVER[,id=ID][,PROP=VALUE...] (repeatable), e.g. isa-debug-exit,iobase=0xf4.
     #[arg(long = "device", value_name = "SPEC")]
     devices: Vec<DeviceSpec>,
+    /// Add a user object: TYPE,id=ID[,PROP=VALUE...] (repeatable), as object-add does, e.g.
+    /// dbus-vmstate,id=dv,addr=unix:path=/run/bus,id-list=helper1.
+    #[arg(long = "object", value_name = "SPEC")]
+    objects: Vec<DeviceSpec>,
+    /// Restore a snapshot saved by `migrate file:PATH` into this machine (which must be
+    /// configured as the saved one: same memory, vCPUs, devices and objects). The guest
+    /// continues as it was saved, running or paused (-S keeps it paused).
+    #[arg(long, value_name = "file:PATH")]
+    incoming: Option<String>,
     /// Where the first serial port's output goes: stdio, file:PATH or none.
     #[arg(long, value_name = "BACKEND", default_value = "stdio")]
     serial: String,
@@ -294,6 +303,7 @@ fn main() -> ExitCode {
         no_shutdown: cli.no_shutdown,
         rtc_base: cli.rtc_base,
         devices: cli.devices,
+        objects: cli.objects,
     };
     let machine = match Machine::new(&config) {
         Ok(m) => m,
@@ -307,9 +317,12 @@ fn main() -> ExitCode {
     // The front ends come up once the guest runs (unless -S), as QEMU's monitor answers
     // only once the VM has started: a client that connects as soon as it can sees the
     // state it asked for on the command line, never a passing prelaunch.
-    if !cli.paused
-        && let Err(e) = machine.cont()
-    {
+    let started = match &cli.incoming {
+        Some(uri) => machine.incoming(uri, !cli.paused),
+        None if !cli.paused => machine.cont(),
+        None => Ok(()),
+    };
+    if let Err(e) = started {
         terminal.restore();
         say!("qomu: {e}");
         return ExitCode::FAILURE;

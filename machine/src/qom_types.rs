@@ -156,6 +156,38 @@ pub(crate) fn register(builder: &TreeBuilder, weak: &Weak<Machine>) -> Result<()
             )
             .description("A device is gone"),
         )
+        .notifier(
+            NotifierDecl::new(
+                "MIGRATION",
+                Kind::structure(
+                    "Migration",
+                    vec![Field::new(
+                        "status",
+                        Kind::enumeration("MigrationStatus", &["setup", "active", "completed", "failed"]),
+                        "The migration's new status",
+                    )],
+                ),
+            )
+            .description("A snapshot (migrate file:PATH) or restore changed status"),
+        )
+        .action({
+            let weak = weak.clone();
+            Action::new("migrate", move |_, a| {
+                if a.get("resume").and_then(Value::as_bool) == Some(true) {
+                    return Err(Error::failed("qomu cannot resume a migration: start a new one"));
+                }
+                upgrade(&weak)?.migrate(str_arg(&a, "uri")).map(|()| None)
+            })
+            .description("Save the whole VM to a file (uri file:PATH); follow it with query-migrate or the MIGRATION events")
+            .arg(Field::new("uri", Kind::Str, "Where to save: file:PATH"))
+            .arg(Field::optional("detach", Kind::Bool, "Ignored, as in QEMU (the command always returns at once)"))
+            .arg(Field::optional("resume", Kind::Bool, "Resume a paused migration: not supported"))
+        })
+        .action(
+            machine_action(weak, "query-migrate", |m, _| Ok(Some(m.query_migrate())))
+                .description("The status of the last snapshot or restore (QEMU's MigrationInfo; {} before any)")
+                .returns(Kind::Any),
+        )
         .action(machine_action(weak, "stop", |m, _| m.stop().map(|()| None)).description("Pause the guest"))
         .action(machine_action(weak, "cont", |m, _| m.cont().map(|()| None)).description("Start or resume the guest"))
         .action(

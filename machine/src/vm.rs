@@ -14,6 +14,9 @@ use kvm_bindings::{
     kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_config, kvm_pit_state2, kvm_regs,
     kvm_userspace_memory_region, kvm_vcpu_events,
 };
+use kvm_bindings::{
+    KVM_MAX_MSR_ENTRIES, Xsave, kvm_clock_data, kvm_debugregs, kvm_sregs, kvm_xcrs, kvm_xsave,
+};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -46,7 +49,7 @@ struct InitialChips {
 }
 
 pub struct Vm {
-    _kvm: Kvm,
+    kvm: Kvm,
     /// Shared with the PCI bus's INTx lines, which raise and lower GSIs from vCPU threads.
     fd: Arc<VmFd>,
     memory: GuestMemoryMmap,
@@ -203,7 +206,7 @@ impl Vm {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("read supported CPUID"))?;
         Ok(Vm {
-            _kvm: kvm,
+            kvm,
             fd: Arc::new(fd),
             memory,
             ram_size,
@@ -366,6 +369,230 @@ impl Vm {
         self.fd
             .set_pit2(&self.chips.pit)
             .map_err(kvm_err("reset PIT"))
+    }
+}
+
+/// A vCPU's whole state, as KVM gives it, for a snapshot.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct VcpuState {
+    regs: kvm_regs,
+    sregs: kvm_sregs,
+    /// The XSAVE area (KVM_GET_XSAVE2's size), as 32-bit words.
+    xsave: Vec<u32>,
+    xcrs: kvm_xcrs,
+    lapic: kvm_lapic_state,
+    msrs: Vec<(u32, u64)>,
+    mp_state: kvm_mp_state,
+    events: kvm_vcpu_events,
+    debugregs: kvm_debugregs,
+}
+
+/// The VM-wide in-kernel state: PICs and IOAPIC, PIT, kvmclock.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct ChipState {
+    irqchips: Vec<kvm_irqchip>,
+    pit: kvm_pit_state2,
+    clock: kvm_clock_data,
+}
+
+/// Words of `kvm_xsave2`'s flexible array for an XSAVE area of `size` bytes.
+fn xsave_extra_words(size: usize) -> usize {
+    size.saturating_sub(std::mem::size_of::<kvm_xsave>())
+        .div_ceil(std::mem::size_of::<u32>())
+}
+
+impl Vm {
+    /// Bytes of a vCPU's XSAVE area (at least the 4 KiB of KVM_GET_XSAVE).
+    fn xsave_size(&self) -> usize {
+        let size = self.fd.check_extension_int(kvm_ioctls::Cap::Xsave2);
+        usize::try_from(size)
+            .unwrap_or(0)
+            .max(std::mem::size_of::<kvm_xsave>())
+    }
+
+    /// Reads a paused vCPU's state. Completes an I/O exit the guest is still waiting on
+    /// first, so that the saved registers hold its result (KVM's documented way:
+    /// `KVM_RUN` with `immediate_exit` set finishes it and returns at once).
+    ///
+    /// # Errors
+    /// KVM refuses a read.
+    pub fn save_vcpu(&self, vcpu: &mut VcpuFd) -> Result<VcpuState, VmError> {
+        vcpu.set_kvm_immediate_exit(1);
+        let finished = vcpu.run().map(drop);
+        vcpu.set_kvm_immediate_exit(0);
+        match finished {
+            Err(e) if e.errno() == libc::EINTR => {}
+            Err(e) => {
+                return Err(VmError::Kvm {
+                    what: "finish pending I/O",
+                    source: e,
+                });
+            }
+            Ok(()) => {}
+        }
+        let mut xsave =
+            Xsave::new(xsave_extra_words(self.xsave_size())).map_err(|_| VmError::Kvm {
+                what: "size the XSAVE area",
+                source: kvm_ioctls::Error::new(libc::EINVAL),
+            })?;
+        // SAFETY: `xsave` was allocated for the size KVM_CAP_XSAVE2 reports, which is what
+        // KVM_GET_XSAVE2 writes.
+        unsafe { vcpu.get_xsave2(&mut xsave) }.map_err(kvm_err("read XSAVE"))?;
+        let mut words: Vec<u32> = xsave.as_fam_struct_ref().xsave.region.to_vec();
+        words.extend_from_slice(xsave.as_slice());
+        Ok(VcpuState {
+            regs: vcpu.get_regs().map_err(kvm_err("read registers"))?,
+            sregs: vcpu
+                .get_sregs()
+                .map_err(kvm_err("read special registers"))?,
+            xsave: words,
+            xcrs: vcpu.get_xcrs().map_err(kvm_err("read XCRs"))?,
+            lapic: vcpu.get_lapic().map_err(kvm_err("read LAPIC"))?,
+            msrs: self.read_msrs(vcpu)?,
+            mp_state: vcpu.get_mp_state().map_err(kvm_err("read MP state"))?,
+            events: vcpu
+                .get_vcpu_events()
+                .map_err(kvm_err("read vCPU events"))?,
+            debugregs: vcpu
+                .get_debug_regs()
+                .map_err(kvm_err("read debug registers"))?,
+        })
+    }
+
+    /// Every MSR KVM lists that this vCPU lets us read.
+    fn read_msrs(&self, vcpu: &VcpuFd) -> Result<Vec<(u32, u64)>, VmError> {
+        let list = self
+            .kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("list MSRs"))?;
+        let mut out = Vec::new();
+        let mut rest: &[u32] = list.as_slice();
+        while !rest.is_empty() {
+            let chunk = &rest[..rest.len().min(KVM_MAX_MSR_ENTRIES)];
+            let entries: Vec<_> = chunk
+                .iter()
+                .map(|&index| kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                })
+                .collect();
+            let mut msrs = Msrs::from_entries(&entries).map_err(|_| VmError::Kvm {
+                what: "build MSR list",
+                source: kvm_ioctls::Error::new(libc::EINVAL),
+            })?;
+            let read = vcpu.get_msrs(&mut msrs).map_err(kvm_err("read MSRs"))?;
+            out.extend(msrs.as_slice()[..read].iter().map(|e| (e.index, e.data)));
+            // KVM stops at the first MSR it cannot read: skip that one and go on.
+            rest = rest.get(read + 1..).unwrap_or_default();
+        }
+        Ok(out)
+    }
+
+    /// Puts a saved state into a vCPU of a new VM (before it first runs).
+    ///
+    /// # Errors
+    /// KVM refuses a write, or the state does not fit this host.
+    pub fn load_vcpu(&self, vcpu: &VcpuFd, state: &VcpuState) -> Result<(), VmError> {
+        let invalid = |what: &'static str| VmError::Kvm {
+            what,
+            source: kvm_ioctls::Error::new(libc::EINVAL),
+        };
+        vcpu.set_regs(&state.regs)
+            .map_err(kvm_err("set registers"))?;
+        let base = std::mem::size_of::<kvm_xsave>() / 4;
+        if state.xsave.len() < base {
+            return Err(invalid("load a saved XSAVE area shorter than 4 KiB"));
+        }
+        let mut xsave = Xsave::new(xsave_extra_words(self.xsave_size()))
+            .map_err(|_| invalid("size the XSAVE area"))?;
+        if state.xsave.len() - base > xsave.as_slice().len() {
+            return Err(invalid("load a saved XSAVE area larger than this host's"));
+        }
+        // SAFETY: as_mut_fam_struct gives the header; `len` is not changed.
+        unsafe { xsave.as_mut_fam_struct() }
+            .xsave
+            .region
+            .copy_from_slice(&state.xsave[..base]);
+        xsave.as_mut_slice()[..state.xsave.len() - base].copy_from_slice(&state.xsave[base..]);
+        // SAFETY: the area has the size KVM_CAP_XSAVE2 reports, which KVM_SET_XSAVE reads.
+        unsafe { vcpu.set_xsave2(&xsave) }.map_err(kvm_err("set XSAVE"))?;
+        vcpu.set_xcrs(&state.xcrs).map_err(kvm_err("set XCRs"))?;
+        vcpu.set_sregs(&state.sregs)
+            .map_err(kvm_err("set special registers"))?;
+        vcpu.set_lapic(&state.lapic).map_err(kvm_err("set LAPIC"))?;
+        let mut rest: &[(u32, u64)] = &state.msrs;
+        while !rest.is_empty() {
+            let chunk = &rest[..rest.len().min(KVM_MAX_MSR_ENTRIES)];
+            let entries: Vec<_> = chunk
+                .iter()
+                .map(|&(index, data)| kvm_msr_entry {
+                    index,
+                    data,
+                    ..Default::default()
+                })
+                .collect();
+            let msrs = Msrs::from_entries(&entries).map_err(|_| invalid("build MSR list"))?;
+            let set = vcpu.set_msrs(&msrs).map_err(kvm_err("set MSRs"))?;
+            if set < chunk.len() {
+                tracing::debug!("KVM refused saved MSR {:#x}", chunk[set].0);
+            }
+            rest = rest.get(set + 1..).unwrap_or_default();
+        }
+        vcpu.set_mp_state(state.mp_state)
+            .map_err(kvm_err("set MP state"))?;
+        vcpu.set_vcpu_events(&state.events)
+            .map_err(kvm_err("set vCPU events"))?;
+        vcpu.set_debug_regs(&state.debugregs)
+            .map_err(kvm_err("set debug registers"))?;
+        Ok(())
+    }
+
+    /// Reads the interrupt controllers, the PIT and kvmclock.
+    ///
+    /// # Errors
+    /// KVM refuses.
+    pub fn save_chips(&self) -> Result<ChipState, VmError> {
+        let mut irqchips = Vec::new();
+        for chip_id in [
+            KVM_IRQCHIP_PIC_MASTER,
+            KVM_IRQCHIP_PIC_SLAVE,
+            KVM_IRQCHIP_IOAPIC,
+        ] {
+            let mut chip = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            self.fd
+                .get_irqchip(&mut chip)
+                .map_err(kvm_err("read irqchip state"))?;
+            irqchips.push(chip);
+        }
+        Ok(ChipState {
+            irqchips,
+            pit: self.fd.get_pit2().map_err(kvm_err("read PIT state"))?,
+            clock: self.fd.get_clock().map_err(kvm_err("read kvmclock"))?,
+        })
+    }
+
+    /// Loads what [`Vm::save_chips`] read. kvmclock continues from the saved value: the
+    /// guest does not see the time the VM spent saved.
+    ///
+    /// # Errors
+    /// KVM refuses.
+    pub fn load_chips(&self, state: &ChipState) -> Result<(), VmError> {
+        for chip in &state.irqchips {
+            self.fd
+                .set_irqchip(chip)
+                .map_err(kvm_err("set irqchip state"))?;
+        }
+        self.fd
+            .set_pit2(&state.pit)
+            .map_err(kvm_err("set PIT state"))?;
+        let clock = kvm_clock_data {
+            clock: state.clock.clock,
+            ..Default::default()
+        };
+        self.fd.set_clock(&clock).map_err(kvm_err("set kvmclock"))
     }
 }
 

@@ -74,6 +74,7 @@ pub use subscription::{
 };
 pub use tree::{ObjectKey, Tree, TreeBuilder};
 pub use types::{
-    Class, Constructor, Declared, RealizeHook, TypeInfo, TypeRegistry, TypeSummary, UnrealizeHook,
+    Class, Constructor, Declared, LoadState, RealizeHook, SaveState, StateHooks, TypeInfo,
+    TypeRegistry, TypeSummary, UnrealizeHook,
 };
 pub use value::Value;

@@ -24,6 +24,21 @@ pub type Constructor = Arc<dyn Fn(&ObjectRef) -> Result<Instance> + Send + Sync>
 pub type RealizeHook = Arc<dyn Fn(&ObjectRef) -> Result<()> + Send + Sync>;
 /// Releases what realize claimed. It cannot fail.
 pub type UnrealizeHook = Arc<dyn Fn(&ObjectRef) + Send + Sync>;
+/// Saves one type level's part of a realized object's state (a snapshot section).
+pub type SaveState = Arc<dyn Fn(&ObjectRef) -> Result<Vec<u8>> + Send + Sync>;
+/// Loads what [`SaveState`] saved into a realized object of the same configuration. On
+/// error the object may be half-loaded: the machine then does not start.
+pub type LoadState = Arc<dyn Fn(&ObjectRef, &[u8]) -> Result<()> + Send + Sync>;
+
+/// The state one type level carries across a snapshot: its own part, named after the level,
+/// with a version the level bumps when the format changes.
+#[derive(Clone)]
+pub struct StateHooks {
+    pub level: Arc<str>,
+    pub version: u32,
+    pub save: SaveState,
+    pub load: LoadState,
+}
 
 /// The declaration of a type, built with its builder methods and then registered.
 #[derive(Clone)]
@@ -42,6 +57,7 @@ pub struct TypeInfo {
     constructor: Option<Constructor>,
     realize: Option<RealizeHook>,
     unrealize: Option<UnrealizeHook>,
+    state: Option<(u32, SaveState, LoadState)>,
 }
 
 impl TypeInfo {
@@ -62,6 +78,7 @@ impl TypeInfo {
             constructor: None,
             realize: None,
             unrealize: None,
+            state: None,
         }
     }
 
@@ -138,6 +155,16 @@ impl TypeInfo {
         self.unrealize = Some(Arc::new(f));
         self
     }
+    /// The state this level carries across a snapshot (see [`StateHooks`]).
+    pub fn state(
+        mut self,
+        version: u32,
+        save: impl Fn(&ObjectRef) -> Result<Vec<u8>> + Send + Sync + 'static,
+        load: impl Fn(&ObjectRef, &[u8]) -> Result<()> + Send + Sync + 'static,
+    ) -> Self {
+        self.state = Some((version, Arc::new(save), Arc::new(load)));
+        self
+    }
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -174,6 +201,8 @@ pub struct Class {
     constructor: Option<Constructor>,
     /// Realize/unrealize pairs of every level that has one, base first.
     hooks: Vec<LevelHooks>,
+    /// Snapshot state of every level that has some, base first.
+    state: Vec<StateHooks>,
 }
 
 /// The realize and unrealize hooks one type level declares.
@@ -291,6 +320,10 @@ impl Class {
     /// Realize/unrealize hooks per level, base first.
     pub(crate) fn hooks(&self) -> &[LevelHooks] {
         &self.hooks
+    }
+    /// The snapshot state of every level that declares some, base first.
+    pub fn state_hooks(&self) -> &[StateHooks] {
+        &self.state
     }
 
     /// What `qom-list-properties` shows for the type: properties then notifiers.
@@ -446,6 +479,16 @@ impl Class {
             });
         }
 
+        let mut state = parent.as_ref().map(|p| p.state.clone()).unwrap_or_default();
+        if let Some((version, save, load)) = info.state {
+            state.push(StateHooks {
+                level: name.clone(),
+                version,
+                save,
+                load,
+            });
+        }
+
         Ok(Class {
             parent: parent.clone(),
             is_abstract: info.is_abstract,
@@ -471,6 +514,7 @@ impl Class {
                 .constructor
                 .or_else(|| parent.as_ref().and_then(|p| p.constructor.clone())),
             hooks,
+            state,
             name,
         })
     }

@@ -19,14 +19,17 @@ use super::json::{self, Streamer};
 pub const QEMU_VERSION: (u64, u64, u64) = (10, 1, 0);
 
 /// The events every negotiated QMP client receives, as QEMU broadcasts them: notifiers of
-/// `/machine` with the same names.
-pub const LIFECYCLE_EVENTS: [&str; 6] = [
+/// `/machine` with the same names. MIGRATION goes out whether or not a client turned on
+/// QEMU's `events` migration capability (qomu has no capabilities to set; QMP clients
+/// ignore events they do not know).
+pub const LIFECYCLE_EVENTS: [&str; 7] = [
     "STOP",
     "RESUME",
     "RESET",
     "SHUTDOWN",
     "POWERDOWN",
     "DEVICE_DELETED",
+    "MIGRATION",
 ];
 
 /// The downstream event name of subscription deliveries.

@@ -310,6 +310,26 @@ impl PciBus {
         }
     }
 
+    /// The function in `slot`, for saving and loading its state.
+    pub fn function(&self, slot: u8) -> Option<Arc<dyn PciDevice>> {
+        self.device(usize::from(slot))
+    }
+
+    /// Makes the BARs of `slot` decode as its configuration space says (after a snapshot
+    /// loaded it).
+    pub fn refresh(&self, slot: u8) {
+        self.remap(slot);
+    }
+
+    /// The configuration address latch (port 0xCF8).
+    pub fn config_address(&self) -> u32 {
+        self.address.load(Ordering::SeqCst)
+    }
+
+    pub fn set_config_address(&self, value: u32) {
+        self.address.store(value, Ordering::SeqCst);
+    }
+
     /// Makes the MMIO bus decode `slot`'s BARs as its configuration space says now. A BAR
     /// the guest placed over another range stays unmapped (and is logged), as two decoders
     /// on one address would be on real hardware.

@@ -217,6 +217,38 @@ impl PciConfig {
         remap
     }
 
+    /// The whole space as the guest left it (for a snapshot).
+    pub fn snapshot(&self) -> Vec<u8> {
+        self.bytes.to_vec()
+    }
+
+    /// Puts back a space [`PciConfig::snapshot`] took of the same function.
+    ///
+    /// # Errors
+    /// Not 256 bytes, or another function's identity or capability list.
+    pub fn restore(&mut self, bytes: &[u8]) -> Result<(), String> {
+        let bytes: [u8; CONFIG_SIZE] = bytes
+            .try_into()
+            .map_err(|_| format!("{} bytes of configuration space, not 256", bytes.len()))?;
+        // Identity, header type and the capability pointer are fixed by the device's build.
+        for range in [
+            VENDOR_ID..COMMAND,
+            REVISION..CACHE_LINE_SIZE,
+            HEADER_TYPE..BAR0,
+        ] {
+            if bytes[range.clone()] != self.initial[range] {
+                return Err("the saved configuration space is another function's".into());
+            }
+        }
+        if bytes[SUBSYSTEM_VENDOR_ID..CAPABILITIES + 1]
+            != self.initial[SUBSYSTEM_VENDOR_ID..CAPABILITIES + 1]
+        {
+            return Err("the saved configuration space is another function's".into());
+        }
+        self.bytes = bytes;
+        Ok(())
+    }
+
     /// Back to the state the device was built with (a system reset).
     pub fn reset(&mut self) {
         self.bytes = self.initial;

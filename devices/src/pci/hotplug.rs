@@ -131,6 +131,21 @@ pub(crate) fn register(platform: &PlatformRef) -> TypeInfo {
             )
             .description("The guest wrote a slot's bit to B0EJ (on the vCPU thread, as it writes)"),
         )
+        .state(
+            1,
+            |o| {
+                let h = instance::<Hotplug>(o)?;
+                let saved = (h.up.load(Ordering::SeqCst), h.down.load(Ordering::SeqCst));
+                crate::state::encode(o, &saved)
+            },
+            |o, bytes| {
+                let (up, down): (u32, u32) = crate::state::decode(o, bytes)?;
+                let h = instance::<Hotplug>(o)?;
+                h.up.store(up, Ordering::SeqCst);
+                h.down.store(down, Ordering::SeqCst);
+                Ok(())
+            },
+        )
         .constructor(move |_| {
             Ok(Arc::new(Hotplug {
                 up: AtomicU32::new(0),

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 use qom::{Field, Kind, NotifierDecl, ObjectRef, Property, TypeInfo, Value};
+use serde::{Deserialize, Serialize};
 
 pub use bus::{ConfigPorts, Ecam, IntxLine, IrqChip, PciBus, PciDevice, PlugError, intx_gsi};
 pub use config::{Bar, BarKind, Ids, PciConfig};
@@ -152,12 +153,67 @@ pub fn unplug(platform: &PlatformRef, obj: &ObjectRef) {
     }
 }
 
+/// A function's state in a snapshot: where it sits and its configuration space (BARs,
+/// command register, capabilities' control fields).
+#[derive(Serialize, Deserialize)]
+struct FunctionState {
+    slot: u8,
+    config: Vec<u8>,
+}
+
+fn save_function(platform: &PlatformRef, obj: &ObjectRef) -> qom::Result<FunctionState> {
+    let bus = upgrade(platform)?.pci_bus().clone();
+    let not_plugged = || qom::Error::failed(format!("{} is not on the PCI bus", obj.path()));
+    let slot = bus.slot_of(obj.path()).ok_or_else(not_plugged)?;
+    let function = bus.function(slot).ok_or_else(not_plugged)?;
+    let config = function.config().lock().snapshot();
+    Ok(FunctionState { slot, config })
+}
+
+fn load_function(
+    platform: &PlatformRef,
+    obj: &ObjectRef,
+    saved: &FunctionState,
+) -> qom::Result<()> {
+    let bus = upgrade(platform)?.pci_bus().clone();
+    let not_plugged = || qom::Error::failed(format!("{} is not on the PCI bus", obj.path()));
+    let slot = bus.slot_of(obj.path()).ok_or_else(not_plugged)?;
+    if slot != saved.slot {
+        return Err(qom::Error::failed(format!(
+            "{} was in PCI slot {} when saved and is in slot {slot} here",
+            obj.path(),
+            saved.slot
+        )));
+    }
+    let function = bus.function(slot).ok_or_else(not_plugged)?;
+    function
+        .config()
+        .lock()
+        .restore(&saved.config)
+        .map_err(|e| qom::Error::failed(format!("{}: {e}", obj.path())))?;
+    bus.refresh(slot);
+    Ok(())
+}
+
+/// The host bridge's snapshot: its function and the configuration address latch.
+#[derive(Serialize, Deserialize)]
+struct HostState {
+    function: FunctionState,
+    address: u32,
+}
+
 /// The abstract base of PCI devices: `addr` and the slot it got.
 fn device_type(platform: &PlatformRef) -> TypeInfo {
     let p = platform.clone();
+    let (p_save, p_load) = (platform.clone(), platform.clone());
     TypeInfo::new(PCI_DEVICE, DEVICE)
         .abstract_type()
         .description("A device on the PCI root bus")
+        .state(
+            1,
+            move |o| crate::state::encode(o, &save_function(&p_save, o)?),
+            move |o, bytes| load_function(&p_load, o, &crate::state::decode(o, bytes)?),
+        )
         .notifier(
             NotifierDecl::new(
                 "plugged",
@@ -217,7 +273,26 @@ fn device_type(platform: &PlatformRef) -> TypeInfo {
 
 pub(crate) fn types(platform: &PlatformRef) -> Vec<TypeInfo> {
     let (p_realize, p_unrealize, p_slots) = (platform.clone(), platform.clone(), platform.clone());
+    let (p_save, p_load) = (platform.clone(), platform.clone());
     let host = TypeInfo::new(HOST_TYPE, DEVICE)
+        .state(
+            1,
+            move |o| {
+                let state = HostState {
+                    function: save_function(&p_save, o)?,
+                    address: upgrade(&p_save)?.pci_bus().config_address(),
+                };
+                crate::state::encode(o, &state)
+            },
+            move |o, bytes| {
+                let state: HostState = crate::state::decode(o, bytes)?;
+                load_function(&p_load, o, &state.function)?;
+                upgrade(&p_load)?
+                    .pci_bus()
+                    .set_config_address(state.address);
+                Ok(())
+            },
+        )
         .description(
             "PCI host bridge: the root bus pci.0, configuration through ports 0xcf8/0xcfc and ECAM",
         )

@@ -174,6 +174,34 @@ impl Msix {
         read_window(&self.pending.to_le_bytes(), offset as usize, data);
     }
 
+    /// The table and the pending bits (for a snapshot).
+    pub fn snapshot(&self) -> (Vec<[u32; 4]>, u64) {
+        (self.table.clone(), self.pending)
+    }
+
+    /// Puts back what [`Msix::snapshot`] took, routing each vector as its entry says.
+    ///
+    /// # Errors
+    /// A table of another size.
+    pub fn restore(&mut self, table: &[[u32; 4]], pending: u64) -> Result<(), String> {
+        if table.len() != self.table.len() {
+            return Err(format!(
+                "the saved MSI-X table has {} entries, this device {}",
+                table.len(),
+                self.table.len()
+            ));
+        }
+        self.table.copy_from_slice(table);
+        self.pending = pending
+            & u64::MAX
+                .checked_shr(64 - self.table.len() as u32)
+                .unwrap_or(0);
+        for (v, e) in self.vectors.iter().zip(&self.table) {
+            v.set_route(route(e));
+        }
+        Ok(())
+    }
+
     /// A reset: every entry masked and cleared, nothing pending (Message Control comes
     /// back with the configuration space).
     pub fn reset(&mut self) {

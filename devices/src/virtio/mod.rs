@@ -18,7 +18,8 @@ use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 use qom::{Field, Kind, Notifier, NotifierDecl, ObjectRef, Property, TypeInfo, Value};
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use crate::bus::read_window;
@@ -498,6 +499,121 @@ impl VirtioPci {
     }
 }
 
+/// A virtqueue in a snapshot: the driver's configuration and the device's ring positions.
+#[derive(Serialize, Deserialize)]
+struct SavedQueue {
+    size: u16,
+    ready: bool,
+    desc_table: u64,
+    avail_ring: u64,
+    used_ring: u64,
+    next_avail: u16,
+    next_used: u16,
+    event_idx: bool,
+}
+
+/// The transport in a snapshot (the PCI configuration space is the `pci-device` level's).
+#[derive(Serialize, Deserialize)]
+struct SavedTransport {
+    status: u8,
+    device_feature_select: u32,
+    driver_feature_select: u32,
+    driver_features: u64,
+    queue_select: u16,
+    isr: u8,
+    generation: u8,
+    config_vector: u16,
+    queue_vectors: Vec<u16>,
+    queues: Vec<SavedQueue>,
+    msix_table: Vec<[u32; 4]>,
+    msix_pending: u64,
+}
+
+impl VirtioPci {
+    fn save(&self) -> SavedTransport {
+        let t = self.transport.lock();
+        let (msix_table, msix_pending) = self.msix.lock().snapshot();
+        SavedTransport {
+            status: t.status,
+            device_feature_select: t.device_feature_select,
+            driver_feature_select: t.driver_feature_select,
+            driver_features: t.driver_features,
+            queue_select: t.queue_select,
+            isr: t.isr,
+            generation: t.generation,
+            config_vector: t.config_vector,
+            queue_vectors: t.queue_vectors.clone(),
+            queues: t
+                .queues
+                .iter()
+                .map(|q| {
+                    let s = q.state();
+                    SavedQueue {
+                        size: s.size,
+                        ready: s.ready,
+                        desc_table: s.desc_table,
+                        avail_ring: s.avail_ring,
+                        used_ring: s.used_ring,
+                        next_avail: s.next_avail,
+                        next_used: s.next_used,
+                        event_idx: s.event_idx_enabled,
+                    }
+                })
+                .collect(),
+            msix_table,
+            msix_pending,
+        }
+    }
+
+    /// Loads a saved transport; checks everything before changing anything.
+    fn load(&self, saved: SavedTransport) -> Result<(), String> {
+        let mut t = self.transport.lock();
+        if saved.queues.len() != t.queues.len() || saved.queue_vectors.len() != t.queues.len() {
+            return Err(format!(
+                "the saved device has {} queues, this one {}",
+                saved.queues.len(),
+                t.queues.len()
+            ));
+        }
+        let queues = saved
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| {
+                Queue::try_from(QueueState {
+                    max_size: QUEUE_MAX,
+                    next_avail: q.next_avail,
+                    next_used: q.next_used,
+                    event_idx_enabled: q.event_idx,
+                    size: q.size,
+                    ready: q.ready,
+                    desc_table: q.desc_table,
+                    avail_ring: q.avail_ring,
+                    used_ring: q.used_ring,
+                })
+                .map_err(|e| format!("saved queue {i} is not valid: {e}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.msix
+            .lock()
+            .restore(&saved.msix_table, saved.msix_pending)?;
+        t.queues = queues;
+        t.status = saved.status;
+        t.device_feature_select = saved.device_feature_select;
+        t.driver_feature_select = saved.driver_feature_select;
+        t.driver_features = saved.driver_features;
+        t.queue_select = saved.queue_select;
+        t.isr = saved.isr;
+        t.generation = saved.generation;
+        t.config_vector = t.vector(saved.config_vector);
+        t.queue_vectors = saved.queue_vectors.iter().map(|&v| t.vector(v)).collect();
+        let pending = t.isr != 0;
+        drop(t);
+        self.set_intx(pending);
+        Ok(())
+    }
+}
+
 /// Answers a read at `offset` inside the register field starting at `field_start`.
 fn put(value: u64, field_start: u64, offset: u64, data: &mut [u8]) {
     read_window(&value.to_le_bytes(), (offset - field_start) as usize, data);
@@ -605,6 +721,15 @@ pub(crate) fn base_type(platform: &PlatformRef) -> TypeInfo {
     TypeInfo::new(VIRTIO_DEVICE, PCI_DEVICE)
         .abstract_type()
         .description("A virtio device on PCI (virtio 1.x, modern transport)")
+        .state(
+            1,
+            |o| crate::state::encode(o, &instance::<VirtioPci>(o)?.save()),
+            |o, bytes| {
+                instance::<VirtioPci>(o)?
+                    .load(crate::state::decode(o, bytes)?)
+                    .map_err(|e| qom::Error::failed(format!("{}: {e}", o.path())))
+            },
+        )
         .property(
             Property::new("status", Kind::uint8())
                 .description("The device status the driver set (4: DRIVER_OK)")

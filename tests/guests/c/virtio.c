@@ -13,6 +13,12 @@
  *               (default 1) unless the device is read-only, reads it back, flushes; on a
  *               read-only device checks that a write fails with IOERR; and checks that a
  *               read past the end fails with IOERR.
+ * With `counter=N`, it then counts to N in RAM and on the block device (sector 2): each step
+ * reads the disk's count, checks it equals the RAM count, adds one to both and writes the
+ * disk back, printing `counter: K` every 100 steps and spinning `spin=S` between steps; at
+ * the end it checks a 64 KiB RAM pattern set at the start and prints `counter: done N`.
+ * A snapshot taken on the way and restored elsewhere must continue the count (the test of
+ * snapshot/restore): any lost RAM or disk state fails a check.
  * With `hotplug=N`, it then serves hotplug as the DSDT's GED _EVT and PCNT methods would,
  * polling the GED: brings up each slot the host adds, ejects each slot the host asks for,
  * and ends after N ejects.
@@ -254,6 +260,7 @@ static u8 blk_data[512];
 static u8 blk_status;
 static const char blk_text[] = "written by the qomu test guest";
 static u64 write_sector = 1;
+static int have_blk;
 
 /* One request: header, 512 bytes of data (device-written for reads), status. */
 static int blk_request(struct queue *q, u32 type, u64 sector, int data_len, int device_writes) {
@@ -308,7 +315,49 @@ static int use_blk(struct vdev *d) {
         puts("virtio-blk: wrote, read back, flushed\n");
     }
     if (blk_request(q, 0, capacity, 512, 1) != 1) return 29;
+    have_blk = 1;
     puts("virtio-blk: ok\n");
+    return 0;
+}
+
+#define COUNTER_SECTOR 2
+#define COUNTER_MAGIC 0x544e4351u /* "QCNT" */
+static u64 ram_counter;
+static u8 ram_pattern[64 * 1024];
+
+static int run_counter(u64 n, u64 spin) {
+    struct queue *q = &queues[1];
+    if (!have_blk) return 40;
+    for (u64 i = 0; i < sizeof ram_pattern; i++) ram_pattern[i] = (u8)(i * 7 + 3);
+    puts("counter: start\n");
+    while (ram_counter < n) {
+        if (blk_request(q, 0, COUNTER_SECTOR, 512, 1) != 0) return 41;
+        u32 magic = *(u32 *)blk_data;
+        u64 disk = magic == COUNTER_MAGIC ? *(u64 *)(blk_data + 8) : 0;
+        if (disk != ram_counter) {
+            puts("counter: the disk says ");
+            putu(disk);
+            puts(", RAM says ");
+            putu(ram_counter);
+            puts("\n");
+            return 42;
+        }
+        ram_counter++;
+        *(u32 *)blk_data = COUNTER_MAGIC;
+        *(u64 *)(blk_data + 8) = ram_counter;
+        if (blk_request(q, 1, COUNTER_SECTOR, 512, 0) != 0) return 43;
+        if (ram_counter % 100 == 0) {
+            puts("counter: ");
+            putu(ram_counter);
+            puts("\n");
+        }
+        delay(spin);
+    }
+    for (u64 i = 0; i < sizeof ram_pattern; i++)
+        if (ram_pattern[i] != (u8)(i * 7 + 3)) return 44;
+    puts("counter: done ");
+    putu(n);
+    puts("\n");
     return 0;
 }
 
@@ -391,6 +440,16 @@ void guest_main(const u8 *zero_page) {
     putu(found);
     puts(" devices\n");
     if (found < (int)min) debug_exit(5);
+    u64 count = cmdline_u64(zero_page, "counter", 0);
+    if (count) {
+        int failed = run_counter(count, cmdline_u64(zero_page, "spin", 0));
+        if (failed) {
+            puts("counter: failed at step ");
+            putu(failed);
+            puts("\n");
+            debug_exit((u8)failed);
+        }
+    }
     u64 ejects = cmdline_u64(zero_page, "hotplug", 0);
     if (ejects) serve_hotplug(ejects);
     debug_exit(0);

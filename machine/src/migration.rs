@@ -1,0 +1,508 @@
+//! Snapshot to a file (`migrate file:PATH`) and restore (`qomu --incoming file:PATH`), with
+//! QEMU's migration statuses, MIGRATION events and run states (docs/snapshot.md).
+//!
+//! Saving runs on its own thread, as QEMU's migration does: `migrate` answers at once and
+//! the client follows `query-migrate` or the MIGRATION events. The thread takes the
+//! machine lock for the whole save, with the vCPUs paused (`finish-migrate`), so nothing
+//! changes under it; the machine then stays paused in `postmigrate` (`cont` resumes it).
+//! If the save fails, the partial file is removed and the machine goes back to the state
+//! it was in.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use qom::{Error, ObjectRef, Result, Value};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::machine::{Launched, Machine, State, empty, pause_all};
+use crate::runstate::RunState;
+use crate::snapshot::{self, Fingerprint, Reader, Writer};
+
+/// QEMU's `MigrationStatus` values qomu passes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Setup,
+    Active,
+    Completed,
+    Failed,
+}
+
+impl Status {
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::Setup => "setup",
+            Status::Active => "active",
+            Status::Completed => "completed",
+            Status::Failed => "failed",
+        }
+    }
+}
+
+/// What `query-migrate` reports.
+#[derive(Debug, Default, Clone)]
+pub struct Info {
+    pub status: Option<Status>,
+    pub setup_ms: u64,
+    pub total_ms: u64,
+    /// How long the guest was stopped for it.
+    pub downtime_ms: u64,
+    pub transferred: u64,
+    pub total: u64,
+    pub error: Option<String>,
+}
+
+impl Info {
+    /// QEMU's `MigrationInfo`: `{}` before any migration.
+    pub fn to_value(&self) -> Value {
+        let Some(status) = self.status else {
+            return empty();
+        };
+        let mut fields = vec![("status", Value::Enum(status.name().to_owned()))];
+        if matches!(status, Status::Active | Status::Completed) {
+            let ms = self.total_ms.max(1);
+            let ram = Value::map([
+                ("transferred", Value::UInt(self.transferred)),
+                (
+                    "remaining",
+                    Value::UInt(self.total.saturating_sub(self.transferred)),
+                ),
+                ("total", Value::UInt(self.total)),
+                ("duplicate", Value::UInt(0)),
+                ("normal", Value::UInt(self.total / 4096)),
+                ("normal-bytes", Value::UInt(self.total)),
+                ("page-size", Value::UInt(4096)),
+                ("dirty-sync-count", Value::UInt(1)),
+                ("mbps", Value::UInt(self.transferred * 8 / 1000 / ms)),
+            ]);
+            fields.push(("ram", ram));
+            fields.push(("setup-time", Value::UInt(self.setup_ms)));
+        }
+        if status == Status::Completed {
+            fields.push(("total-time", Value::UInt(self.total_ms)));
+            fields.push(("downtime", Value::UInt(self.downtime_ms)));
+        }
+        if let Some(e) = &self.error {
+            fields.push(("error-desc", Value::Str(e.clone())));
+        }
+        Value::map(fields)
+    }
+}
+
+fn failed(e: impl std::fmt::Display) -> Error {
+    Error::Failed(e.to_string())
+}
+
+/// The file of a `file:PATH` URI.
+///
+/// # Errors
+/// Another scheme, or no path.
+pub fn file_uri(uri: &str) -> Result<PathBuf> {
+    match uri.split_once(':') {
+        Some(("file", path)) if !path.is_empty() => Ok(PathBuf::from(path)),
+        Some(("file", _)) => Err(failed("file: needs a path (file:PATH)")),
+        Some((scheme @ ("tcp" | "unix" | "exec" | "fd" | "rdma" | "vsock"), _)) => Err(failed(
+            format!("qomu saves to files only: '{scheme}:' is not supported, use file:PATH"),
+        )),
+        _ => Err(failed(format!(
+            "Invalid migration URI '{uri}': use file:PATH"
+        ))),
+    }
+}
+
+/// Every object whose type levels carry state, in tree order.
+pub fn stateful_objects(root: &ObjectRef) -> Vec<ObjectRef> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.clone()];
+    while let Some(obj) = stack.pop() {
+        if obj.is_realized() && !obj.class().state_hooks().is_empty() {
+            out.push(obj.clone());
+        }
+        let mut children = obj.children();
+        children.reverse();
+        stack.extend(children);
+    }
+    out
+}
+
+impl Machine {
+    /// What this machine is, to compare with a snapshot's.
+    fn fingerprint(&self, run_state: &str) -> Result<Fingerprint> {
+        let get = |name: &str| self.object().get(name);
+        Ok(Fingerprint {
+            memory_size: get("memory-size")?.as_u64().unwrap_or(0),
+            cpus: get("cpus")?.as_u64().unwrap_or(1) as u32,
+            objects: stateful_objects(&self.tree().root())
+                .iter()
+                .map(|o| (o.path().to_owned(), o.type_name().to_owned()))
+                .collect(),
+            run_state: run_state.to_owned(),
+            writer: format!("qomu {}", env!("CARGO_PKG_VERSION")),
+        })
+    }
+
+    fn set_migration(&self, f: impl FnOnce(&mut Info)) {
+        let mut info = self.migration.lock();
+        let before = info.status;
+        f(&mut info);
+        let status = info.status;
+        drop(info);
+        if status != before
+            && let Some(s) = status
+        {
+            self.notifiers
+                .migration
+                .emit(|| Value::map([("status", Value::Enum(s.name().to_owned()))]));
+        }
+    }
+
+    /// `query-migrate`.
+    pub fn query_migrate(&self) -> Value {
+        self.migration.lock().to_value()
+    }
+
+    /// `migrate {"uri": "file:PATH"}`: starts saving the machine to PATH and returns; the
+    /// MIGRATION events and `query-migrate` tell how it goes.
+    ///
+    /// # Errors
+    /// Not a file URI, a save already under way, or a machine that is not running or
+    /// paused.
+    pub fn migrate(self: &Arc<Self>, uri: &str) -> Result<()> {
+        let path = file_uri(uri)?;
+        {
+            let st = self.state.lock();
+            if st.launched.is_none() || !matches!(st.run, RunState::Running | RunState::Paused) {
+                return Err(Error::InvalidState(format!(
+                    "the machine is in '{}': only a running or paused machine can be saved",
+                    st.run
+                )));
+            }
+            let mut info = self.migration.lock();
+            if matches!(info.status, Some(Status::Setup | Status::Active)) {
+                return Err(failed("There's a migration process in progress"));
+            }
+            *info = Info::default();
+        }
+        self.set_migration(|i| i.status = Some(Status::Setup));
+        let machine = self.clone();
+        std::thread::Builder::new()
+            .name("qomu-migrate".into())
+            .spawn(move || machine.save_thread(&path))
+            .map(drop)
+            .map_err(|e| {
+                self.set_migration(|i| {
+                    i.status = Some(Status::Failed);
+                    i.error = Some(format!("cannot start the migration thread: {e}"));
+                });
+                failed(format!("cannot start the migration thread: {e}"))
+            })
+    }
+
+    fn save_thread(&self, path: &Path) {
+        let started = Instant::now();
+        let mut st = self.state.lock();
+        let before = st.run;
+        let setup_ms = started.elapsed().as_millis() as u64;
+        self.set_migration(|i| {
+            i.status = Some(Status::Active);
+            i.setup_ms = setup_ms;
+        });
+        let result = self.save_locked(&mut st, path, started);
+        match result {
+            Ok((bytes, downtime_ms)) => {
+                let _ = self.transition(&mut st, RunState::Postmigrate);
+                drop(st);
+                self.set_migration(|i| {
+                    i.status = Some(Status::Completed);
+                    i.transferred = bytes;
+                    i.total = bytes;
+                    i.total_ms = started.elapsed().as_millis() as u64;
+                    i.downtime_ms = downtime_ms;
+                });
+            }
+            Err(e) => {
+                tracing::warn!("migration to '{}' failed: {e}", path.display());
+                if st.run == RunState::FinishMigrate {
+                    let _ = self.transition(&mut st, before);
+                    if before == RunState::Running {
+                        if let Some(l) = &st.launched {
+                            for v in &l.vcpus {
+                                v.resume();
+                            }
+                        }
+                        self.notifiers.resume.emit(empty);
+                    }
+                }
+                drop(st);
+                self.set_migration(|i| {
+                    i.status = Some(Status::Failed);
+                    i.error = Some(e.to_string());
+                    i.total_ms = started.elapsed().as_millis() as u64;
+                });
+            }
+        }
+    }
+
+    /// Stops the guest and writes the file (through a temporary name, renamed at the end, so
+    /// a failed save leaves no partial file and spares an older one). Returns the bytes
+    /// written and how long the guest was stopped.
+    fn save_locked(&self, st: &mut State, path: &Path, started: Instant) -> Result<(u64, u64)> {
+        let was_running = st.run == RunState::Running;
+        let stopped = Instant::now();
+        if was_running {
+            pause_all(st);
+        }
+        self.transition(st, RunState::FinishMigrate)?;
+        if was_running {
+            self.notifiers.stop.emit(empty);
+        }
+        let l = st
+            .launched
+            .as_ref()
+            .ok_or_else(|| failed("the machine has no VM"))?;
+        let run_state = if was_running { "running" } else { "paused" };
+        let partial = partial_path(path);
+        let written = self.write_file(l, &partial, run_state).and_then(|bytes| {
+            std::fs::rename(&partial, path)
+                .map_err(|e| failed(format!("cannot rename '{}': {e}", partial.display())))?;
+            Ok(bytes)
+        });
+        if written.is_err() {
+            let _ = std::fs::remove_file(&partial);
+        }
+        let bytes = written?;
+        tracing::info!(
+            "saved {} bytes to '{}' in {:?}",
+            bytes,
+            path.display(),
+            started.elapsed()
+        );
+        Ok((bytes, stopped.elapsed().as_millis() as u64))
+    }
+
+    fn write_file(&self, l: &Launched, path: &Path, run_state: &str) -> Result<u64> {
+        let io = |e: std::io::Error| failed(format!("cannot write '{}': {e}", path.display()));
+        let mut w = Writer::create(path).map_err(io)?;
+        let fingerprint = self.fingerprint(run_state)?;
+        w.section("config", &[&json(&fingerprint)?]).map_err(io)?;
+        for v in &l.vcpus {
+            let state =
+                l.vm.save_vcpu(&mut v.fd().lock())
+                    .map_err(|e| failed(format!("vCPU {}: {e}", v.index())))?;
+            w.section(&format!("cpu:{}", v.index()), &[&json(&state)?])
+                .map_err(io)?;
+        }
+        let chips = l.vm.save_chips().map_err(failed)?;
+        w.section("chips", &[&json(&chips)?]).map_err(io)?;
+        for obj in stateful_objects(&self.tree().root()) {
+            for level in obj.class().state_hooks() {
+                let bytes = (level.save)(&obj)?;
+                let name = snapshot::state_section(obj.path(), &level.level, level.version);
+                w.section(&name, &[&bytes]).map_err(io)?;
+            }
+        }
+        let memory = l.vm.memory();
+        for region in memory.iter() {
+            let start = region.start_addr();
+            let host = memory.get_host_address(start).map_err(failed)?;
+            // SAFETY: the region's mapping is `region.len()` bytes from `host` and lives as
+            // long as the VM (borrowed through `l`). Every vCPU is paused and devices touch
+            // guest memory only from vCPU threads, so nothing writes it while it is read.
+            let bytes = unsafe { std::slice::from_raw_parts(host, region.len() as usize) };
+            w.section(&format!("ram:{:#x}", start.0), &[bytes])
+                .map_err(io)?;
+        }
+        let bytes = w.written();
+        w.finish().map_err(io)?;
+        Ok(bytes)
+    }
+
+    /// `--incoming file:PATH`: loads a snapshot into this machine, which must be in
+    /// prelaunch and configured as the saved one was. The guest then runs if it was running
+    /// when saved and `start` is true, else it stays paused.
+    ///
+    /// # Errors
+    /// The file is unreadable, damaged, of another version or of another configuration;
+    /// the guest has not run (the machine stops in internal-error, with the reason).
+    pub fn incoming(&self, uri: &str, start: bool) -> Result<()> {
+        let path = file_uri(uri)?;
+        let mut r = Reader::open(&path).map_err(failed)?;
+        let (name, payload) = r.next("header").map_err(failed)?;
+        if name != "config" {
+            return Err(failed(r.unexpected(&name, "config")));
+        }
+        let saved: Fingerprint = serde_json::from_slice(&payload).map_err(|e| {
+            failed(format!(
+                "'{}': its config section does not parse: {e}",
+                path.display()
+            ))
+        })?;
+        let here = self.fingerprint("")?;
+        if let Some(why) = saved.mismatch(&here) {
+            return Err(failed(format!(
+                "'{}' does not fit this machine: {why}",
+                path.display()
+            )));
+        }
+        let mut st = self.state.lock();
+        if st.run != RunState::Prelaunch || st.launched.is_some() {
+            return Err(Error::InvalidState(format!(
+                "the machine is in '{}': a snapshot loads only into a machine that has not started",
+                st.run
+            )));
+        }
+        self.transition(&mut st, RunState::Inmigrate)?;
+        self.set_migration(|i| {
+            *i = Info {
+                status: Some(Status::Active),
+                ..Info::default()
+            }
+        });
+        let started = Instant::now();
+        let loaded = self.launch().and_then(|l| {
+            let result = self.load_sections(&l, &mut r, &here);
+            st.launched = Some(l);
+            result
+        });
+        let bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
+        match loaded {
+            Ok(()) => {}
+            Err(e) => {
+                let e = failed(format!("cannot restore '{}': {e}", path.display()));
+                st.error = Some(e.to_string());
+                let _ = self.transition(&mut st, RunState::InternalError);
+                drop(st);
+                self.set_migration(|i| {
+                    i.status = Some(Status::Failed);
+                    i.error = Some(e.to_string());
+                });
+                return Err(e);
+            }
+        }
+        let run = start && saved.run_state == "running";
+        if run {
+            self.notifiers.resume.emit(empty);
+            self.transition(&mut st, RunState::Running)?;
+            if let Some(l) = &st.launched {
+                for v in &l.vcpus {
+                    v.resume();
+                }
+            }
+        } else {
+            self.transition(&mut st, RunState::Paused)?;
+        }
+        drop(st);
+        self.set_migration(|i| {
+            i.status = Some(Status::Completed);
+            i.transferred = bytes;
+            i.total = bytes;
+            i.total_ms = started.elapsed().as_millis() as u64;
+        });
+        self.create_cpu_objects();
+        Ok(())
+    }
+
+    /// Loads every section after `config` into the new VM; checks that none is missing.
+    fn load_sections(&self, l: &Launched, r: &mut Reader, here: &Fingerprint) -> Result<()> {
+        let json_err = |name: &str, e: serde_json::Error| {
+            failed(format!("section '{name}' does not parse: {e}"))
+        };
+        let memory = l.vm.memory();
+        let mut wanted: Vec<String> = (0..l.vcpus.len()).map(|i| format!("cpu:{i}")).collect();
+        wanted.push("chips".into());
+        for (path, _) in &here.objects {
+            let obj = self.tree().lookup(path)?;
+            for level in obj.class().state_hooks() {
+                wanted.push(snapshot::state_section(path, &level.level, level.version));
+            }
+        }
+        for region in memory.iter() {
+            wanted.push(format!("ram:{:#x}", region.start_addr().0));
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut last = String::from("config");
+        loop {
+            let head = r.head(&last).map_err(failed)?;
+            let name = head.name.clone();
+            if !seen.insert(name.clone()) {
+                return Err(failed(format!("section '{name}' appears twice")));
+            }
+            if name == "end" {
+                r.payload(head).map_err(failed)?;
+                break;
+            } else if let Some(index) = name.strip_prefix("cpu:") {
+                let v = index
+                    .parse::<usize>()
+                    .ok()
+                    .and_then(|i| l.vcpus.get(i))
+                    .ok_or_else(|| failed(format!("section '{name}': no such vCPU here")))?;
+                let payload = r.payload(head).map_err(failed)?;
+                let state = serde_json::from_slice(&payload).map_err(|e| json_err(&name, e))?;
+                l.vm.load_vcpu(&v.fd().lock(), &state)
+                    .map_err(|e| failed(format!("vCPU {index}: {e}")))?;
+            } else if name == "chips" {
+                let payload = r.payload(head).map_err(failed)?;
+                let state = serde_json::from_slice(&payload).map_err(|e| json_err(&name, e))?;
+                l.vm.load_chips(&state).map_err(failed)?;
+            } else if let Some((path, level, version)) = snapshot::parse_state_section(&name) {
+                let payload = r.payload(head).map_err(failed)?;
+                let obj = self.tree().lookup(path)?;
+                let hooks = obj
+                    .class()
+                    .state_hooks()
+                    .iter()
+                    .find(|h| &*h.level == level)
+                    .cloned()
+                    .ok_or_else(|| failed(format!("{path} has no '{level}' state here")))?;
+                if hooks.version != version {
+                    return Err(failed(format!(
+                        "{path}: its '{level}' state is version {version} in the file; this qomu reads version {}",
+                        hooks.version
+                    )));
+                }
+                (hooks.load)(&obj, &payload)?;
+            } else if let Some(start) = name
+                .strip_prefix("ram:0x")
+                .and_then(|a| u64::from_str_radix(a, 16).ok())
+            {
+                let region = memory
+                    .iter()
+                    .find(|reg| reg.start_addr() == GuestAddress(start))
+                    .ok_or_else(|| failed(format!("section '{name}': no RAM there")))?;
+                let host = memory
+                    .get_host_address(region.start_addr())
+                    .map_err(failed)?;
+                // SAFETY: the region's mapping is `region.len()` bytes from `host`, owned by
+                // the VM borrowed through `l`. No vCPU has run and nothing else holds a
+                // reference into guest memory, so this is the only access while it lives.
+                let ram = unsafe { std::slice::from_raw_parts_mut(host, region.len() as usize) };
+                r.payload_into(head, ram).map_err(failed)?;
+            } else {
+                return Err(failed(format!("unknown section '{name}'")));
+            }
+            last = name;
+        }
+        if let Some(missing) = wanted.iter().find(|w| !seen.contains(*w)) {
+            return Err(failed(format!("the file has no section '{missing}'")));
+        }
+        if r.remaining() != 0 {
+            return Err(failed(format!(
+                "{} bytes follow the end section",
+                r.remaining()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Where a save writes before it is complete.
+fn partial_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(".partial");
+    path.with_file_name(name)
+}
+
+/// A state section's JSON (KVM's structures serialize through kvm-bindings' serde).
+fn json<T: serde::Serialize>(value: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(value).map_err(failed)
+}
