@@ -18,6 +18,7 @@
 pub mod acpi;
 pub mod boot;
 pub mod config;
+pub mod dbus_vmstate;
 pub mod layout;
 mod machine;
 mod migration;

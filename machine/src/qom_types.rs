@@ -275,5 +275,6 @@ pub(crate) fn register(builder: &TreeBuilder, weak: &Weak<Machine>) -> Result<()
                 }),
         );
     builder.register(cpu)?;
+    builder.register(crate::dbus_vmstate::register())?;
     Ok(())
 }

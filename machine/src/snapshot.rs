@@ -179,6 +179,15 @@ pub struct SectionHead {
     crc: crc32fast::Hasher,
 }
 
+impl std::fmt::Debug for SectionHead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SectionHead")
+            .field("name", &self.name)
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Reads a snapshot file section by section, checking each.
 pub struct Reader {
     path: PathBuf,
