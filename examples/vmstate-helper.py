@@ -9,7 +9,8 @@ object calls Save while it snapshots the VM and Load while it restores it.
     examples/vmstate-helper.py --address unix:path=/run/vm/bus --id counter \
         [--count 5] [--note hello] [--state-file FILE]
 
---count/--note set the starting state. The helper prints its state as one JSON line
+--count/--note set the starting state; --pad N adds N bytes of padding to it and
+--save-delay S makes Save take S seconds (to see qomu refuse oversized or slow helpers). The helper prints its state as one JSON line
 whenever it changes (`state {...}`), bumps the counter on SIGUSR1, and, with
 --state-file, writes the state there too (what a test reads). Needs `dbus-next` (PyPI).
 See docs/snapshot.md.
@@ -31,8 +32,9 @@ PATH = "/org/qemu/VMState1"
 
 
 class Helper(ServiceInterface):
-    def __init__(self, ident, state, state_file):
+    def __init__(self, ident, state, state_file, save_delay=0.0):
         super().__init__(NAME)
+        self.save_delay = save_delay
         self._id = ident
         self.state = state
         self.state_file = state_file
@@ -50,7 +52,8 @@ class Helper(ServiceInterface):
         return self._id
 
     @method()
-    def Save(self) -> "ay":  # noqa: F821
+    async def Save(self) -> "ay":  # noqa: F821
+        await asyncio.sleep(self.save_delay)
         print("save", flush=True)
         return json.dumps(self.state, sort_keys=True).encode()
 
@@ -72,10 +75,15 @@ async def main():
     p.add_argument("--count", type=int, default=0)
     p.add_argument("--note", default="")
     p.add_argument("--state-file")
+    p.add_argument("--pad", type=int, default=0)
+    p.add_argument("--save-delay", type=float, default=0.0)
     args = p.parse_args()
 
     bus = await MessageBus(bus_address=args.address).connect()
-    helper = Helper(args.id, {"count": args.count, "note": args.note}, args.state_file)
+    state = {"count": args.count, "note": args.note}
+    if args.pad:
+        state["pad"] = "x" * args.pad
+    helper = Helper(args.id, state, args.state_file, args.save_delay)
     bus.export(PATH, helper)
     # Queue for the name: every helper of the VM owns it in turn; qomu lists the queue.
     reply = await bus.request_name(NAME, NameFlag.NONE)

@@ -99,7 +99,9 @@ async fn helpers(c: &zbus::Connection, settings: &Settings) -> Result<BTreeMap<S
     if let Some(ids) = &settings.ids
         && let Some(missing) = ids.iter().find(|id| !found.contains_key(*id))
     {
-        return Err(failed(format!("no helper with Id '{missing}' is on the bus")));
+        return Err(failed(format!(
+            "no helper with Id '{missing}' is on the bus"
+        )));
     }
     Ok(found)
 }

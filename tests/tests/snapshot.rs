@@ -1,0 +1,494 @@
+//! Snapshot and restore end to end: the counter guest (virtio.c with `counter=N`) counts in
+//! RAM and on a virtio-blk disk; a snapshot taken on the way, restored in a new process
+//! after the first is killed, must continue the count with nothing lost. Helpers' state
+//! travels through dbus-vmstate; damaged or foreign files are refused untouched.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use qomu_tests::dbus::SessionBus;
+use qomu_tests::{QmpRaw, Qomu, TempDir, qomu_binary, require_kvm};
+use serde_json::{Value as Json, json};
+
+const COUNT: u64 = 3000;
+
+fn guest() -> String {
+    qomu_guests::path("virtio").display().to_string()
+}
+
+/// The machine every test here uses: the counter guest and its disk.
+fn machine_args(dir: &TempDir, console: &Path, extra: &[&str]) -> Vec<String> {
+    let disk = dir.path("disk.img");
+    if !disk.exists() {
+        std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    }
+    let mut args: Vec<String> = [
+        "--kernel",
+        &guest(),
+        "--append",
+        &format!("counter={COUNT} spin=2000"),
+        "-m",
+        "64M",
+        "--device",
+        "isa-debug-exit",
+        "--device",
+        &format!("virtio-blk-pci,id=disk,file={},addr=4", disk.display()),
+        "--serial",
+        &format!("file:{}", console.display()),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn spawn(args: &[String]) -> Qomu {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Qomu::spawn(&args)
+}
+
+fn wait_console(path: &Path, text: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let out = std::fs::read_to_string(path).unwrap_or_default();
+        if out.contains(text) {
+            return out;
+        }
+        assert!(Instant::now() < deadline, "no '{text}' in:\n{out}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn status(c: &mut QmpRaw) -> String {
+    c.cmd(r#"{"execute": "query-status"}"#)["return"]["status"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Runs `migrate` and waits for its end; the final query-migrate.
+fn migrate(c: &mut QmpRaw, file: &Path) -> Json {
+    let r = c.cmd(
+        &json!({"execute": "migrate", "arguments": {"uri": format!("file:{}", file.display())}})
+            .to_string(),
+    );
+    assert_eq!(r, json!({"return": {}}));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let info = c.cmd(r#"{"execute": "query-migrate"}"#)["return"].clone();
+        if matches!(info["status"].as_str(), Some("completed" | "failed")) {
+            return info;
+        }
+        assert!(Instant::now() < deadline, "migration never ended: {info}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The counts the guest printed.
+fn counts(out: &str) -> Vec<u64> {
+    out.lines()
+        .filter_map(|l| l.trim_end().strip_prefix("counter: ")?.parse().ok())
+        .collect()
+}
+
+fn snapshot_kill_restore(paused: bool) {
+    let dir = TempDir::new(if paused {
+        "snap-paused"
+    } else {
+        "snap-running"
+    });
+    let (console1, console2, file) = (dir.path("c1"), dir.path("c2"), dir.path("vm.snap"));
+    let mut first = spawn(&machine_args(&dir, &console1, &[]));
+    let mut c = first.connect();
+    c.negotiate();
+    wait_console(&console1, "counter: 300");
+    if paused {
+        c.cmd(r#"{"execute": "stop"}"#);
+    }
+    let info = migrate(&mut c, &file);
+    assert_eq!(info["status"], "completed", "{info}");
+    assert!(info["ram"]["total"].as_u64().unwrap() > 64 << 20, "{info}");
+    let statuses: Vec<Json> = (0..3)
+        .map(|_| c.wait_event("MIGRATION")["data"]["status"].clone())
+        .collect();
+    assert_eq!(
+        statuses,
+        [json!("setup"), json!("active"), json!("completed")]
+    );
+    // As QEMU's: the saved machine stays stopped, in postmigrate.
+    assert_eq!(status(&mut c), "postmigrate");
+    let saved_at = *counts(&std::fs::read_to_string(&console1).unwrap())
+        .last()
+        .unwrap();
+    first.child.kill().unwrap();
+    first.wait_exit(Duration::from_secs(10));
+
+    let mut args = machine_args(&dir, &console2, &[]);
+    args.extend(["--incoming".into(), format!("file:{}", file.display())]);
+    let mut second = spawn(&args);
+    let mut c = second.connect();
+    c.negotiate();
+    if paused {
+        assert_eq!(status(&mut c), "paused");
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            std::fs::read_to_string(&console2).unwrap_or_default(),
+            "",
+            "a guest saved paused must not run before cont"
+        );
+        c.cmd(r#"{"execute": "cont"}"#);
+    }
+    assert_eq!(
+        second.wait_exit(Duration::from_secs(120)),
+        Some(1),
+        "the guest's verdict (0: every count agreed): {}",
+        std::fs::read_to_string(&console2).unwrap_or_default()
+    );
+    let out = std::fs::read_to_string(&console2).unwrap();
+    assert!(
+        !out.contains("counter: start"),
+        "the guest started over:\n{out}"
+    );
+    assert!(out.contains(&format!("counter: done {COUNT}")), "{out}");
+    let after = counts(&out);
+    assert!(
+        after
+            .first()
+            .is_some_and(|&n| n > saved_at && n <= saved_at + 200),
+        "the restored guest went on from {saved_at}: {after:?}"
+    );
+}
+
+#[test]
+fn a_running_guest_saved_then_killed_continues_in_a_new_process() {
+    require_kvm!();
+    snapshot_kill_restore(false);
+}
+
+#[test]
+fn a_guest_saved_paused_comes_back_paused_and_continues_on_cont() {
+    require_kvm!();
+    snapshot_kill_restore(true);
+}
+
+fn incoming(args: &[String], file: &Path) -> (i32, String) {
+    let out = Command::new(qomu_binary())
+        .args(args)
+        .args(["--dbus", "none", "--incoming"])
+        .arg(format!("file:{}", file.display()))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn damaged_foreign_or_wrong_version_files_are_refused_untouched() {
+    require_kvm!();
+    let dir = TempDir::new("snap-bad");
+    let console = dir.path("console");
+    let file = dir.path("vm.snap");
+    let mut q = spawn(&machine_args(&dir, &console, &[]));
+    let mut c = q.connect();
+    c.negotiate();
+    wait_console(&console, "counter: start");
+    c.cmd(r#"{"execute": "stop"}"#);
+    assert_eq!(migrate(&mut c, &file)["status"], "completed");
+    drop(c);
+    q.child.kill().unwrap();
+    let good = std::fs::read(&file).unwrap();
+    let args = machine_args(&dir, &dir.path("console2"), &[]);
+    // The good file loads (and the check below is meaningful).
+    {
+        let mut a = args.clone();
+        a.extend([
+            "-S".into(),
+            "--incoming".into(),
+            format!("file:{}", file.display()),
+        ]);
+        let mut q = spawn(&a);
+        let mut c = q.connect();
+        c.negotiate();
+        assert_eq!(status(&mut c), "paused");
+        q.child.kill().unwrap();
+    }
+    let config_end = 16 + 2 + 6 + 8;
+    let mut truncated = good.clone();
+    truncated.truncate(good.len() / 2);
+    let mut corrupted = good.clone();
+    // A byte inside the config section's payload.
+    corrupted[config_end + 5] ^= 0x20;
+    let state_at = good
+        .windows(14)
+        .position(|w| w == b"state:/machine")
+        .unwrap();
+    let mut corrupted_state = good.clone();
+    corrupted_state[state_at + 200] ^= 0x01;
+    let mut version = good.clone();
+    version[8] = 2;
+    let cases: Vec<(&str, Vec<u8>, Vec<String>, &str)> = vec![
+        ("truncated", truncated, args.clone(), "is truncated"),
+        ("corrupted", corrupted, args.clone(), "fails its checksum"),
+        (
+            "corrupted-state",
+            corrupted_state,
+            args.clone(),
+            "fails its checksum",
+        ),
+        (
+            "version",
+            version,
+            args.clone(),
+            "format version 2; this qomu reads version 1",
+        ),
+        (
+            "memory",
+            good.clone(),
+            args.iter()
+                .map(|a| {
+                    if a == "64M" {
+                        "128M".to_owned()
+                    } else {
+                        a.clone()
+                    }
+                })
+                .collect(),
+            "the snapshot is of a machine with 64 MiB of memory; this one has 128 MiB",
+        ),
+        (
+            "devices",
+            good.clone(),
+            drop_disk(&args),
+            "/machine/peripheral/disk (virtio-blk-pci), which this machine does not",
+        ),
+    ];
+    for (name, bytes, args, want) in cases {
+        let path = dir.path(&format!("{name}.snap"));
+        std::fs::write(&path, &bytes).unwrap();
+        let (code, err) = incoming(&args, &path);
+        assert_ne!(code, 0, "{name}: qomu started from a bad file");
+        assert!(err.contains(want), "{name}: wanted '{want}' in: {err}");
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "{name}: file changed");
+    }
+    let (code, err) = incoming(&args, &dir.path("missing.snap"));
+    assert_ne!(code, 0);
+    assert!(err.contains("No such file"), "{err}");
+}
+
+/// The machine arguments without the disk.
+fn drop_disk(args: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        if args[i] == "--device" && args[i + 1].starts_with("virtio-blk-pci") {
+            i += 2;
+            continue;
+        }
+        out.push(args[i].clone());
+        i += 1;
+    }
+    out
+}
+
+#[test]
+fn bad_migrate_requests_are_refused_and_the_guest_keeps_running() {
+    require_kvm!();
+    let dir = TempDir::new("snap-refused");
+    let console = dir.path("console");
+    let q = spawn(&machine_args(&dir, &console, &["-S"]));
+    let mut c = q.connect();
+    c.negotiate();
+    let desc = |r: &Json| r["error"]["desc"].as_str().unwrap_or_default().to_owned();
+    let r = c.cmd(r#"{"execute": "migrate", "arguments": {"uri": "file:/tmp/x"}}"#);
+    assert!(desc(&r).contains("only a running or paused machine"), "{r}");
+    c.cmd(r#"{"execute": "cont"}"#);
+    wait_console(&console, "counter: start");
+    for (uri, want) in [
+        ("tcp:localhost:4444", "qomu saves to files only"),
+        ("nonsense", "Invalid migration URI"),
+        ("file:", "needs a path"),
+    ] {
+        let r = c.cmd(&json!({"execute": "migrate", "arguments": {"uri": uri}}).to_string());
+        assert!(desc(&r).contains(want), "{uri}: {r}");
+    }
+    let r = c.cmd(r#"{"execute": "migrate", "arguments": {"uri": 5}}"#);
+    assert_eq!(r["error"]["class"], "GenericError", "{r}");
+    // A file that cannot be written: the save fails, the guest runs on, nothing is left.
+    let target = dir.path("no-such-dir").join("vm.snap");
+    let info = migrate(&mut c, &target);
+    assert_eq!(info["status"], "failed", "{info}");
+    assert!(
+        info["error-desc"]
+            .as_str()
+            .unwrap()
+            .contains("No such file"),
+        "{info}"
+    );
+    assert_eq!(status(&mut c), "running");
+    assert!(!target.exists() && !dir.path("no-such-dir").exists());
+    let before = counts(&std::fs::read_to_string(&console).unwrap()).len();
+    wait_console(&console, &format!("counter: {}", (before as u64 + 2) * 100));
+}
+
+/// `vmstate-helper.py` on `bus`, with `args`; waits until it has queued for the name.
+fn helper(bus: &SessionBus, args: &[&str]) -> Child {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/vmstate-helper.py")
+        .canonicalize()
+        .unwrap();
+    let mut child = Command::new("python3")
+        .arg(script)
+        .args(["--address", &bus.address])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    loop {
+        let line = lines
+            .next()
+            .expect("the helper ended before it was ready")
+            .unwrap();
+        if line.starts_with("ready") {
+            break;
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    child
+}
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn python_has_dbus_next() -> bool {
+    Command::new("python3")
+        .args(["-c", "import dbus_next"])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn helper_state_saved_with_the_vm_is_loaded_into_the_new_helper() {
+    require_kvm!();
+    assert!(
+        python_has_dbus_next(),
+        "the dbus-next Python package is needed (pip install dbus-next; .ci/run installs it)"
+    );
+    let bus = SessionBus::start();
+    let dir = TempDir::new("snap-helper");
+    let (state1, state2) = (dir.path("state1"), dir.path("state2"));
+    // dbus-vmstate's addr is a device-spec value: its commas are doubled.
+    let object = format!(
+        "dbus-vmstate,id=dv,addr={},id-list=counter",
+        bus.address.replace(',', ",,")
+    );
+    let h1 = Killed(helper(
+        &bus,
+        &[
+            "--id",
+            "counter",
+            "--count",
+            "41",
+            "--note",
+            "saved",
+            "--state-file",
+            state1.to_str().unwrap(),
+        ],
+    ));
+    let args = machine_args(&dir, &dir.path("c1"), &["--object", &object]);
+    let mut q = spawn(&args);
+    let mut c = q.connect();
+    c.negotiate();
+    let file = dir.path("vm.snap");
+    let info = migrate(&mut c, &file);
+    assert_eq!(info["status"], "completed", "{info}");
+    let saved = std::fs::read_to_string(&state1).unwrap();
+    q.child.kill().unwrap();
+    drop(h1);
+
+    let h2 = Killed(helper(
+        &bus,
+        &["--id", "counter", "--state-file", state2.to_str().unwrap()],
+    ));
+    assert_ne!(std::fs::read_to_string(&state2).unwrap(), saved);
+    let mut args = machine_args(&dir, &dir.path("c2"), &["--object", &object, "-S"]);
+    args.extend(["--incoming".into(), format!("file:{}", file.display())]);
+    let _q2 = spawn(&args);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_to_string(&state2).unwrap_or_default() != saved {
+        assert!(
+            Instant::now() < deadline,
+            "the new helper never got {saved}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(saved, r#"{"count": 41, "note": "saved"}"#);
+    drop(h2);
+}
+
+#[test]
+fn missing_unexpected_slow_or_oversized_helpers_fail_the_save_and_the_vm_runs_on() {
+    require_kvm!();
+    assert!(
+        python_has_dbus_next(),
+        "the dbus-next Python package is needed"
+    );
+    let bus = SessionBus::start();
+    let dir = TempDir::new("snap-helper-bad");
+    let object = |ids: &str| {
+        format!(
+            "dbus-vmstate,id=dv,addr={},id-list={},timeout-ms=1000",
+            bus.address.replace(',', ",,"),
+            ids.replace(',', ",,")
+        )
+    };
+    let console = dir.path("console");
+    let file = dir.path("vm.snap");
+    let check = |args: Vec<String>, want: &str| {
+        let q = spawn(&args);
+        let mut c = q.connect();
+        c.negotiate();
+        wait_console(&console, "counter: start");
+        let info = migrate(&mut c, &file);
+        assert_eq!(info["status"], "failed", "{info}");
+        let desc = info["error-desc"].as_str().unwrap().to_owned();
+        assert!(desc.contains(want), "wanted '{want}' in '{desc}'");
+        assert_eq!(status(&mut c), "running", "the guest runs on");
+        assert!(!file.exists(), "a failed save leaves no file");
+        let _ = std::fs::remove_file(&console);
+        let _ = std::fs::remove_file(dir.path("disk.img"));
+    };
+    let _a = Killed(helper(&bus, &["--id", "a"]));
+    // A helper the list names is missing; then one it does not name is there.
+    check(
+        machine_args(&dir, &console, &["--object", &object("a,b")]),
+        "no helper with Id 'b' is on the bus",
+    );
+    let _b = Killed(helper(&bus, &["--id", "b", "--save-delay", "3"]));
+    check(
+        machine_args(&dir, &console, &["--object", &object("a")]),
+        "which is not in id-list",
+    );
+    check(
+        machine_args(&dir, &console, &["--object", &object("a,b")]),
+        "Save on helper 'b' failed",
+    );
+    drop(_b);
+    let _c = Killed(helper(&bus, &["--id", "c", "--pad", "1100000"]));
+    check(
+        machine_args(&dir, &console, &["--object", &object("a,c")]),
+        "the limit is 1048576",
+    );
+}
