@@ -22,6 +22,8 @@ pub const MAGIC: &[u8; 8] = b"QOMUSNAP";
 pub const VERSION: u32 = 1;
 /// Largest payload of a section that is not RAM (device and vCPU state are kilobytes).
 const MAX_STATE_SECTION: u64 = 64 << 20;
+/// Sections at least twice this size are read and checked in a pipeline of such chunks.
+const PIPELINE_CHUNK: usize = 4 << 20;
 
 /// What a snapshot was taken of: checked against the restoring machine before anything
 /// is loaded.
@@ -309,8 +311,33 @@ impl Reader {
                 buf.len()
             )));
         }
-        self.take(buf, &head.name)?;
-        head.crc.update(buf);
+        if buf.len() < PIPELINE_CHUNK * 2 {
+            self.take(buf, &head.name)?;
+            head.crc.update(buf);
+        } else {
+            // RAM: the checksum runs on another thread, a chunk behind the reads.
+            let mut crc = head.crc.clone();
+            std::thread::scope(|scope| {
+                let (tx, rx) = std::sync::mpsc::sync_channel::<&[u8]>(4);
+                let hasher = scope.spawn(move || {
+                    for chunk in rx {
+                        crc.update(chunk);
+                    }
+                    crc
+                });
+                for chunk in buf.chunks_mut(PIPELINE_CHUNK) {
+                    self.take(chunk, &head.name)?;
+                    if tx.send(chunk).is_err() {
+                        break;
+                    }
+                }
+                drop(tx);
+                head.crc = hasher
+                    .join()
+                    .map_err(|_| self.corrupted("the checksum thread failed".into()))?;
+                Ok::<(), FormatError>(())
+            })?;
+        }
         let mut stored = [0u8; 4];
         self.take(&mut stored, &head.name)?;
         if head.crc.finalize() != u32::from_le_bytes(stored) {

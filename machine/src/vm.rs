@@ -182,6 +182,13 @@ impl Vm {
                 userspace_addr: host as u64,
                 flags: 0,
             };
+            // Transparent huge pages where the host allows them (as QEMU asks for guest RAM):
+            // fewer page faults and TLB misses for the guest, and RAM restored from a
+            // snapshot fills 2 MiB at a time. Only advice: failure changes nothing.
+            // SAFETY: madvise on the region's own live mapping, `len` bytes long.
+            unsafe {
+                libc::madvise(host.cast(), region.len() as usize, libc::MADV_HUGEPAGE);
+            }
             // SAFETY: the region is a live mmap owned by `memory`, which the Vm keeps for
             // as long as the VM fd exists; the slots do not overlap.
             unsafe { fd.set_user_memory_region(mr) }.map_err(kvm_err("register guest memory"))?;
