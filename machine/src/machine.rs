@@ -227,15 +227,8 @@ impl Machine {
                 .id
                 .as_deref()
                 .ok_or_else(|| Error::InvalidState("Parameter 'id' is missing".into()))?;
-            let mut props = Vec::new();
-            for (key, text) in &spec.props {
-                let prop = class.property(key).ok_or_else(|| Error::PropertyNotFound {
-                    typename: spec.driver.clone(),
-                    property: key.clone(),
-                })?;
-                props.push((key.clone(), prop.kind().parse_text(key, text)?));
-            }
-            self.tree.add_user_object(&spec.driver, id, props)?;
+            self.tree
+                .add_user_object(&spec.driver, id, spec_properties(&class, spec)?)?;
         }
         for spec in &config.devices {
             let class = self
@@ -243,15 +236,11 @@ impl Machine {
                 .types()
                 .get(&spec.driver)
                 .map_err(|_| device_type_error(&spec.driver))?;
-            let mut props = Vec::new();
-            for (key, text) in &spec.props {
-                let prop = class.property(key).ok_or_else(|| Error::PropertyNotFound {
-                    typename: spec.driver.clone(),
-                    property: key.clone(),
-                })?;
-                props.push((key.clone(), prop.kind().parse_text(key, text)?));
-            }
-            self.add_device(&spec.driver, spec.id.as_deref(), props)?;
+            self.add_device(
+                &spec.driver,
+                spec.id.as_deref(),
+                spec_properties(&class, spec)?,
+            )?;
         }
         // The demo guest documents `exit N`, so give it the port it needs.
         let has_debug_exit = config
@@ -1032,6 +1021,24 @@ impl Machine {
             })
             .collect()
     }
+}
+
+/// The properties of a command-line spec (`--device`, `--object`), parsed as `class` types
+/// them.
+fn spec_properties(
+    class: &qom::Class,
+    spec: &crate::config::DeviceSpec,
+) -> Result<Vec<(String, Value)>> {
+    spec.props
+        .iter()
+        .map(|(key, text)| {
+            let prop = class.property(key).ok_or_else(|| Error::PropertyNotFound {
+                typename: spec.driver.clone(),
+                property: key.clone(),
+            })?;
+            Ok((key.clone(), prop.kind().parse_text(key, text)?))
+        })
+        .collect()
 }
 
 fn device_type_error(driver: &str) -> Error {

@@ -194,20 +194,7 @@ impl Vm {
             unsafe { fd.set_user_memory_region(mr) }.map_err(kvm_err("register guest memory"))?;
         }
 
-        let mut irqchips = Vec::new();
-        for chip_id in [
-            KVM_IRQCHIP_PIC_MASTER,
-            KVM_IRQCHIP_PIC_SLAVE,
-            KVM_IRQCHIP_IOAPIC,
-        ] {
-            let mut chip = kvm_irqchip {
-                chip_id,
-                ..Default::default()
-            };
-            fd.get_irqchip(&mut chip)
-                .map_err(kvm_err("read irqchip state"))?;
-            irqchips.push(chip);
-        }
+        let irqchips = read_irqchips(&fd)?;
         let pit = fd.get_pit2().map_err(kvm_err("read PIT state"))?;
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -559,23 +546,8 @@ impl Vm {
     /// # Errors
     /// KVM refuses.
     pub fn save_chips(&self) -> Result<ChipState, VmError> {
-        let mut irqchips = Vec::new();
-        for chip_id in [
-            KVM_IRQCHIP_PIC_MASTER,
-            KVM_IRQCHIP_PIC_SLAVE,
-            KVM_IRQCHIP_IOAPIC,
-        ] {
-            let mut chip = kvm_irqchip {
-                chip_id,
-                ..Default::default()
-            };
-            self.fd
-                .get_irqchip(&mut chip)
-                .map_err(kvm_err("read irqchip state"))?;
-            irqchips.push(chip);
-        }
         Ok(ChipState {
-            irqchips,
+            irqchips: read_irqchips(&self.fd)?,
             pit: self.fd.get_pit2().map_err(kvm_err("read PIT state"))?,
             clock: self.fd.get_clock().map_err(kvm_err("read kvmclock"))?,
         })
@@ -601,6 +573,26 @@ impl Vm {
         };
         self.fd.set_clock(&clock).map_err(kvm_err("set kvmclock"))
     }
+}
+
+/// The state of the PICs and the IOAPIC.
+fn read_irqchips(fd: &VmFd) -> Result<Vec<kvm_irqchip>, VmError> {
+    [
+        KVM_IRQCHIP_PIC_MASTER,
+        KVM_IRQCHIP_PIC_SLAVE,
+        KVM_IRQCHIP_IOAPIC,
+    ]
+    .into_iter()
+    .map(|chip_id| {
+        let mut chip = kvm_irqchip {
+            chip_id,
+            ..Default::default()
+        };
+        fd.get_irqchip(&mut chip)
+            .map_err(kvm_err("read irqchip state"))?;
+        Ok(chip)
+    })
+    .collect()
 }
 
 fn set_lvt(lapic: &mut kvm_lapic_state, offset: usize, mode: u32) {
