@@ -67,8 +67,11 @@ fn with_bus<T>(
     })
 }
 
-/// The helpers on the bus: `Id` → unique name. Checks them against `id-list`.
-async fn helpers(c: &zbus::Connection, settings: &Settings) -> Result<BTreeMap<String, String>> {
+/// The helpers on the bus: `Id` → a proxy to it. Checks them against `id-list`.
+async fn helpers(
+    c: &zbus::Connection,
+    settings: &Settings,
+) -> Result<BTreeMap<String, zbus::Proxy<'static>>> {
     let dbus = zbus::fdo::DBusProxy::new(c).await.map_err(failed)?;
     let name = WellKnownName::try_from(NAME).map_err(failed)?;
     let owners = match dbus.list_queued_owners(name).await {
@@ -78,7 +81,9 @@ async fn helpers(c: &zbus::Connection, settings: &Settings) -> Result<BTreeMap<S
     };
     let mut found = BTreeMap::new();
     for owner in owners {
-        let proxy = helper_proxy(c, owner.as_str()).await?;
+        let proxy = zbus::Proxy::new(c, BusName::from(owner.clone()), PATH, INTERFACE)
+            .await
+            .map_err(failed)?;
         let id: String = proxy
             .get_property("Id")
             .await
@@ -90,9 +95,10 @@ async fn helpers(c: &zbus::Connection, settings: &Settings) -> Result<BTreeMap<S
                 "helper {owner} has Id '{id}', which is not in id-list"
             )));
         }
-        if let Some(other) = found.insert(id.clone(), owner.to_string()) {
+        if let Some(other) = found.insert(id.clone(), proxy) {
             return Err(failed(format!(
-                "helpers {other} and {owner} have the same Id '{id}'"
+                "helpers {} and {owner} have the same Id '{id}'",
+                other.destination()
             )));
         }
     }
@@ -106,20 +112,12 @@ async fn helpers(c: &zbus::Connection, settings: &Settings) -> Result<BTreeMap<S
     Ok(found)
 }
 
-async fn helper_proxy<'a>(c: &zbus::Connection, owner: &'a str) -> Result<zbus::Proxy<'a>> {
-    let destination = BusName::try_from(owner).map_err(failed)?;
-    zbus::Proxy::new(c, destination, PATH, INTERFACE)
-        .await
-        .map_err(failed)
-}
-
 /// Calls `Save` on every helper: `Id` → its state.
 fn save(obj: &ObjectRef) -> Result<BTreeMap<String, Vec<u8>>> {
     let settings = Settings::of(obj)?;
     with_bus(&settings, async |c| {
         let mut saved = BTreeMap::new();
-        for (id, owner) in helpers(c, &settings).await? {
-            let proxy = helper_proxy(c, &owner).await?;
+        for (id, proxy) in helpers(c, &settings).await? {
             let data: Vec<u8> = proxy
                 .call("Save", &())
                 .await
@@ -153,8 +151,7 @@ fn load(obj: &ObjectRef, saved: BTreeMap<String, Vec<u8>>) -> Result<()> {
             )));
         }
         for (id, data) in &saved {
-            let proxy = helper_proxy(c, &here[id]).await?;
-            proxy
+            here[id]
                 .call::<_, _, ()>("Load", &(data.as_slice(),))
                 .await
                 .map_err(|e| failed(format!("Load on helper '{id}' failed: {e}")))?;

@@ -366,18 +366,20 @@ impl Machine {
             if newly {
                 st.launched = Some(self.launch()?);
             }
-            self.notifiers.resume.emit(empty);
-            self.transition(&mut st, RunState::Running)?;
-            if let Some(l) = &st.launched {
-                for v in &l.vcpus {
-                    v.resume();
-                }
-            }
+            self.run_guest(&mut st)?;
             newly
         };
         if newly_launched {
             self.create_cpu_objects();
         }
+        Ok(())
+    }
+
+    /// Lets the guest run: RESUME, the `running` state, every vCPU going.
+    pub(crate) fn run_guest(&self, st: &mut State) -> Result<()> {
+        self.notifiers.resume.emit(empty);
+        self.transition(st, RunState::Running)?;
+        resume_all(st);
         Ok(())
     }
 
@@ -428,9 +430,7 @@ impl Machine {
         }
         self.emit_reset(cause);
         if was_running {
-            for v in &l.vcpus {
-                v.resume();
-            }
+            resume_all(&st);
         } else if st.run != RunState::Prelaunch {
             st.error = None;
             self.transition(&mut st, RunState::Prelaunch)?;
@@ -631,9 +631,7 @@ impl Machine {
         }
         let result = f(l);
         if running {
-            for v in &l.vcpus {
-                v.resume();
-            }
+            resume_all(&st);
         }
         result
     }
@@ -1064,6 +1062,15 @@ pub(crate) fn pause_all(st: &State) {
         }
         for v in &l.vcpus {
             v.wait_paused();
+        }
+    }
+}
+
+/// Lets every vCPU run again.
+fn resume_all(st: &State) {
+    if let Some(l) = &st.launched {
+        for v in &l.vcpus {
+            v.resume();
         }
     }
 }

@@ -47,8 +47,9 @@ pub struct Info {
     pub total_ms: u64,
     /// How long the guest was stopped for it.
     pub downtime_ms: u64,
-    pub transferred: u64,
-    pub total: u64,
+    /// Bytes of the file, once written (or read): the whole file goes in one pass, so
+    /// they are both what was transferred and the total.
+    pub bytes: u64,
     pub error: Option<String>,
 }
 
@@ -62,18 +63,15 @@ impl Info {
         if matches!(status, Status::Active | Status::Completed) {
             let ms = self.total_ms.max(1);
             let ram = Value::map([
-                ("transferred", Value::UInt(self.transferred)),
-                (
-                    "remaining",
-                    Value::UInt(self.total.saturating_sub(self.transferred)),
-                ),
-                ("total", Value::UInt(self.total)),
+                ("transferred", Value::UInt(self.bytes)),
+                ("remaining", Value::UInt(0)),
+                ("total", Value::UInt(self.bytes)),
                 ("duplicate", Value::UInt(0)),
-                ("normal", Value::UInt(self.total / 4096)),
-                ("normal-bytes", Value::UInt(self.total)),
+                ("normal", Value::UInt(self.bytes / 4096)),
+                ("normal-bytes", Value::UInt(self.bytes)),
                 ("page-size", Value::UInt(4096)),
                 ("dirty-sync-count", Value::UInt(1)),
-                ("mbps", Value::UInt(self.transferred * 8 / 1000 / ms)),
+                ("mbps", Value::UInt(self.bytes * 8 / 1000 / ms)),
             ]);
             fields.push(("ram", ram));
             fields.push(("setup-time", Value::UInt(self.setup_ms)));
@@ -127,12 +125,12 @@ pub fn stateful_objects(root: &ObjectRef) -> Vec<ObjectRef> {
 
 impl Machine {
     /// What this machine is, to compare with a snapshot's.
-    fn fingerprint(&self, run_state: &str) -> Result<Fingerprint> {
+    fn fingerprint(&self, objects: &[ObjectRef], run_state: &str) -> Result<Fingerprint> {
         let get = |name: &str| self.object().get(name);
         Ok(Fingerprint {
             memory_size: get("memory-size")?.as_u64().unwrap_or(0),
             cpus: get("cpus")?.as_u64().unwrap_or(1) as u32,
-            objects: stateful_objects(&self.tree().root())
+            objects: objects
                 .iter()
                 .map(|o| (o.path().to_owned(), o.type_name().to_owned()))
                 .collect(),
@@ -214,8 +212,7 @@ impl Machine {
                 drop(st);
                 self.set_migration(|i| {
                     i.status = Some(Status::Completed);
-                    i.transferred = bytes;
-                    i.total = bytes;
+                    i.bytes = bytes;
                     i.total_ms = started.elapsed().as_millis() as u64;
                     i.downtime_ms = downtime_ms;
                 });
@@ -223,15 +220,11 @@ impl Machine {
             Err(e) => {
                 tracing::warn!("migration to '{}' failed: {e}", path.display());
                 if st.run == RunState::FinishMigrate {
-                    let _ = self.transition(&mut st, before);
-                    if before == RunState::Running {
-                        if let Some(l) = &st.launched {
-                            for v in &l.vcpus {
-                                v.resume();
-                            }
-                        }
-                        self.notifiers.resume.emit(empty);
-                    }
+                    let _ = if before == RunState::Running {
+                        self.run_guest(&mut st)
+                    } else {
+                        self.transition(&mut st, before)
+                    };
                 }
                 drop(st);
                 self.set_migration(|i| {
@@ -283,7 +276,8 @@ impl Machine {
     fn write_file(&self, l: &Launched, path: &Path, run_state: &str) -> Result<u64> {
         let io = |e: std::io::Error| failed(format!("cannot write '{}': {e}", path.display()));
         let mut w = Writer::create(path).map_err(io)?;
-        let fingerprint = self.fingerprint(run_state)?;
+        let objects = stateful_objects(&self.tree().root());
+        let fingerprint = self.fingerprint(&objects, run_state)?;
         w.section("config", &[&json(&fingerprint)?]).map_err(io)?;
         for v in &l.vcpus {
             let state =
@@ -294,7 +288,7 @@ impl Machine {
         }
         let chips = l.vm.save_chips().map_err(failed)?;
         w.section("chips", &[&json(&chips)?]).map_err(io)?;
-        for obj in stateful_objects(&self.tree().root()) {
+        for obj in objects {
             for level in obj.class().state_hooks() {
                 let bytes = (level.save)(&obj)?;
                 let name = snapshot::state_section(obj.path(), &level.level, level.version);
@@ -337,7 +331,7 @@ impl Machine {
                 path.display()
             ))
         })?;
-        let here = self.fingerprint("")?;
+        let here = self.fingerprint(&stateful_objects(&self.tree().root()), "")?;
         if let Some(why) = saved.mismatch(&here) {
             return Err(failed(format!(
                 "'{}' does not fit this machine: {why}",
@@ -381,21 +375,14 @@ impl Machine {
         }
         let run = start && saved.run_state == "running";
         if run {
-            self.notifiers.resume.emit(empty);
-            self.transition(&mut st, RunState::Running)?;
-            if let Some(l) = &st.launched {
-                for v in &l.vcpus {
-                    v.resume();
-                }
-            }
+            self.run_guest(&mut st)?;
         } else {
             self.transition(&mut st, RunState::Paused)?;
         }
         drop(st);
         self.set_migration(|i| {
             i.status = Some(Status::Completed);
-            i.transferred = bytes;
-            i.total = bytes;
+            i.bytes = bytes;
             i.total_ms = started.elapsed().as_millis() as u64;
         });
         self.create_cpu_objects();

@@ -42,6 +42,27 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
+/// A request KVM would refuse before it is made (a list or area that cannot be built).
+fn invalid(what: &'static str) -> VmError {
+    VmError::Kvm {
+        what,
+        source: kvm_ioctls::Error::new(libc::EINVAL),
+    }
+}
+
+/// KVM's MSR list of (index, value) pairs, at most `KVM_MAX_MSR_ENTRIES` of them.
+fn msr_list(pairs: &[(u32, u64)]) -> Result<Msrs, VmError> {
+    let entries: Vec<_> = pairs
+        .iter()
+        .map(|&(index, data)| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        })
+        .collect();
+    Msrs::from_entries(&entries).map_err(|_| invalid("build MSR list"))
+}
+
 /// The state the in-kernel interrupt controllers and PIT had when the VM was created.
 struct InitialChips {
     irqchips: Vec<kvm_irqchip>,
@@ -308,21 +329,11 @@ impl Vm {
             (MSR_IA32_TSC, 0),
             (MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
         ];
-        let entries: Vec<_> = msrs
-            .iter()
-            .map(|&(index, data)| kvm_msr_entry {
-                index,
-                data,
-                ..Default::default()
-            })
-            .collect();
-        let msrs = Msrs::from_entries(&entries).map_err(|_| VmError::Kvm {
-            what: "build MSR list",
-            source: kvm_ioctls::Error::new(libc::EINVAL),
-        })?;
-        let set = vcpu.set_msrs(&msrs).map_err(kvm_err("set MSRs"))?;
-        if set != entries.len() {
-            tracing::debug!("vCPU {index}: KVM set {set} of {} boot MSRs", entries.len());
+        let set = vcpu
+            .set_msrs(&msr_list(&msrs)?)
+            .map_err(kvm_err("set MSRs"))?;
+        if set != msrs.len() {
+            tracing::debug!("vCPU {index}: KVM set {set} of {} boot MSRs", msrs.len());
         }
         if index == 0 {
             let sregs = vcpu
@@ -396,12 +407,14 @@ fn xsave_extra_words(size: usize) -> usize {
 }
 
 impl Vm {
-    /// Bytes of a vCPU's XSAVE area (at least the 4 KiB of KVM_GET_XSAVE).
-    fn xsave_size(&self) -> usize {
+    /// An empty XSAVE area of this host's size (KVM_CAP_XSAVE2's, at least the 4 KiB of
+    /// KVM_GET_XSAVE).
+    fn new_xsave(&self) -> Result<Xsave, VmError> {
         let size = self.fd.check_extension_int(kvm_ioctls::Cap::Xsave2);
-        usize::try_from(size)
+        let size = usize::try_from(size)
             .unwrap_or(0)
-            .max(std::mem::size_of::<kvm_xsave>())
+            .max(std::mem::size_of::<kvm_xsave>());
+        Xsave::new(xsave_extra_words(size)).map_err(|_| invalid("size the XSAVE area"))
     }
 
     /// Reads a paused vCPU's state. Completes an I/O exit the guest is still waiting on
@@ -414,21 +427,12 @@ impl Vm {
         vcpu.set_kvm_immediate_exit(1);
         let finished = vcpu.run().map(drop);
         vcpu.set_kvm_immediate_exit(0);
-        match finished {
-            Err(e) if e.errno() == libc::EINTR => {}
-            Err(e) => {
-                return Err(VmError::Kvm {
-                    what: "finish pending I/O",
-                    source: e,
-                });
-            }
-            Ok(()) => {}
+        if let Err(e) = finished
+            && e.errno() != libc::EINTR
+        {
+            return Err(kvm_err("finish pending I/O")(e));
         }
-        let mut xsave =
-            Xsave::new(xsave_extra_words(self.xsave_size())).map_err(|_| VmError::Kvm {
-                what: "size the XSAVE area",
-                source: kvm_ioctls::Error::new(libc::EINVAL),
-            })?;
+        let mut xsave = self.new_xsave()?;
         // SAFETY: `xsave` was allocated for the size KVM_CAP_XSAVE2 reports, which is what
         // KVM_GET_XSAVE2 writes.
         unsafe { vcpu.get_xsave2(&mut xsave) }.map_err(kvm_err("read XSAVE"))?;
@@ -463,17 +467,8 @@ impl Vm {
         let mut rest: &[u32] = list.as_slice();
         while !rest.is_empty() {
             let chunk = &rest[..rest.len().min(KVM_MAX_MSR_ENTRIES)];
-            let entries: Vec<_> = chunk
-                .iter()
-                .map(|&index| kvm_msr_entry {
-                    index,
-                    ..Default::default()
-                })
-                .collect();
-            let mut msrs = Msrs::from_entries(&entries).map_err(|_| VmError::Kvm {
-                what: "build MSR list",
-                source: kvm_ioctls::Error::new(libc::EINVAL),
-            })?;
+            let indices: Vec<_> = chunk.iter().map(|&index| (index, 0)).collect();
+            let mut msrs = msr_list(&indices)?;
             let read = vcpu.get_msrs(&mut msrs).map_err(kvm_err("read MSRs"))?;
             out.extend(msrs.as_slice()[..read].iter().map(|e| (e.index, e.data)));
             // KVM stops at the first MSR it cannot read: skip that one and go on.
@@ -487,18 +482,13 @@ impl Vm {
     /// # Errors
     /// KVM refuses a write, or the state does not fit this host.
     pub fn load_vcpu(&self, vcpu: &VcpuFd, state: &VcpuState) -> Result<(), VmError> {
-        let invalid = |what: &'static str| VmError::Kvm {
-            what,
-            source: kvm_ioctls::Error::new(libc::EINVAL),
-        };
         vcpu.set_regs(&state.regs)
             .map_err(kvm_err("set registers"))?;
         let base = std::mem::size_of::<kvm_xsave>() / 4;
         if state.xsave.len() < base {
             return Err(invalid("load a saved XSAVE area shorter than 4 KiB"));
         }
-        let mut xsave = Xsave::new(xsave_extra_words(self.xsave_size()))
-            .map_err(|_| invalid("size the XSAVE area"))?;
+        let mut xsave = self.new_xsave()?;
         if state.xsave.len() - base > xsave.as_slice().len() {
             return Err(invalid("load a saved XSAVE area larger than this host's"));
         }
@@ -517,16 +507,9 @@ impl Vm {
         let mut rest: &[(u32, u64)] = &state.msrs;
         while !rest.is_empty() {
             let chunk = &rest[..rest.len().min(KVM_MAX_MSR_ENTRIES)];
-            let entries: Vec<_> = chunk
-                .iter()
-                .map(|&(index, data)| kvm_msr_entry {
-                    index,
-                    data,
-                    ..Default::default()
-                })
-                .collect();
-            let msrs = Msrs::from_entries(&entries).map_err(|_| invalid("build MSR list"))?;
-            let set = vcpu.set_msrs(&msrs).map_err(kvm_err("set MSRs"))?;
+            let set = vcpu
+                .set_msrs(&msr_list(chunk)?)
+                .map_err(kvm_err("set MSRs"))?;
             if set < chunk.len() {
                 tracing::debug!("KVM refused saved MSR {:#x}", chunk[set].0);
             }

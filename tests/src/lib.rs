@@ -201,6 +201,17 @@ pub fn qomu_binary() -> std::path::PathBuf {
     bin
 }
 
+/// A child process killed when the test ends, passed or not (a failing assertion must not
+/// leave it running, or holding the test's output open).
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A private temporary directory, removed on drop.
 pub struct TempDir(pub std::path::PathBuf);
 

@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use qomu_tests::dbus::*;
-use qomu_tests::{Qomu, TempDir, require_kvm};
+use qomu_tests::{KillOnDrop, Qomu, TempDir, require_kvm};
 use zbus::{ObjectPath, OwnedObjectPath, OwnedVariant, Variant};
 
 fn guest(name: &str) -> String {
@@ -722,16 +722,6 @@ fn peer_to_peer_clients() {
             "the subscription outlived its peer"
         );
         std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A child process killed when the test ends, passed or not.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

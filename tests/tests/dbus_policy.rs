@@ -7,7 +7,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use qomu_tests::dbus::{MACHINE, MACHINE_IFACE, NAME, stdout_ok};
-use qomu_tests::{TempDir, qomu_binary};
+use qomu_tests::{KillOnDrop, TempDir, qomu_binary};
 
 /// The default policy of Debian's system.conf, which the shipped file punches holes in.
 const SYSTEM_DEFAULT_POLICY: &str = r#"
@@ -80,17 +80,6 @@ fn start_bus(dir: &Path) -> SystemLikeBus {
         "dbus-daemon refused the configuration with the shipped policy"
     );
     SystemLikeBus { child, address }
-}
-
-/// A child process killed when the test ends, passed or not (a failing assertion must not
-/// leave it holding the test's output open).
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn as_nobody(program: &Path, args: &[&str]) -> Output {

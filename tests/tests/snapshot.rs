@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use qomu_tests::dbus::SessionBus;
-use qomu_tests::{QmpRaw, Qomu, TempDir, qomu_binary, require_kvm};
+use qomu_tests::{KillOnDrop, QmpRaw, Qomu, TempDir, qomu_binary, require_kvm};
 use serde_json::{Value as Json, json};
 
 const COUNT: u64 = 3000;
@@ -364,14 +364,6 @@ fn helper(bus: &SessionBus, args: &[&str]) -> Child {
     child
 }
 
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn python_has_dbus_next() -> bool {
     Command::new("python3")
         .args(["-c", "import dbus_next"])
@@ -394,7 +386,7 @@ fn helper_state_saved_with_the_vm_is_loaded_into_the_new_helper() {
         "dbus-vmstate,id=dv,addr={},id-list=counter",
         bus.address.replace(',', ",,")
     );
-    let h1 = Killed(helper(
+    let h1 = KillOnDrop(helper(
         &bus,
         &[
             "--id",
@@ -418,7 +410,7 @@ fn helper_state_saved_with_the_vm_is_loaded_into_the_new_helper() {
     q.child.kill().unwrap();
     drop(h1);
 
-    let h2 = Killed(helper(
+    let h2 = KillOnDrop(helper(
         &bus,
         &["--id", "counter", "--state-file", state2.to_str().unwrap()],
     ));
@@ -470,13 +462,13 @@ fn missing_unexpected_slow_or_oversized_helpers_fail_the_save_and_the_vm_runs_on
         let _ = std::fs::remove_file(&console);
         let _ = std::fs::remove_file(dir.path("disk.img"));
     };
-    let _a = Killed(helper(&bus, &["--id", "a"]));
+    let _a = KillOnDrop(helper(&bus, &["--id", "a"]));
     // A helper the list names is missing; then one it does not name is there.
     check(
         machine_args(&dir, &console, &["--object", &object("a,b")]),
         "no helper with Id 'b' is on the bus",
     );
-    let _b = Killed(helper(&bus, &["--id", "b", "--save-delay", "3"]));
+    let _b = KillOnDrop(helper(&bus, &["--id", "b", "--save-delay", "3"]));
     check(
         machine_args(&dir, &console, &["--object", &object("a")]),
         "which is not in id-list",
@@ -486,7 +478,7 @@ fn missing_unexpected_slow_or_oversized_helpers_fail_the_save_and_the_vm_runs_on
         "Save on helper 'b' failed",
     );
     drop(_b);
-    let _c = Killed(helper(&bus, &["--id", "c", "--pad", "1100000"]));
+    let _c = KillOnDrop(helper(&bus, &["--id", "c", "--pad", "1100000"]));
     check(
         machine_args(&dir, &console, &["--object", &object("a,c")]),
         "the limit is 1048576",

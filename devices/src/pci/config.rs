@@ -231,17 +231,15 @@ impl PciConfig {
             .try_into()
             .map_err(|_| format!("{} bytes of configuration space, not 256", bytes.len()))?;
         // Identity, header type and the capability pointer are fixed by the device's build.
-        for range in [
+        let fixed = [
             VENDOR_ID..COMMAND,
             REVISION..CACHE_LINE_SIZE,
             HEADER_TYPE..BAR0,
-        ] {
-            if bytes[range.clone()] != self.initial[range] {
-                return Err("the saved configuration space is another function's".into());
-            }
-        }
-        if bytes[SUBSYSTEM_VENDOR_ID..CAPABILITIES + 1]
-            != self.initial[SUBSYSTEM_VENDOR_ID..CAPABILITIES + 1]
+            SUBSYSTEM_VENDOR_ID..CAPABILITIES + 1,
+        ];
+        if fixed
+            .into_iter()
+            .any(|range| bytes[range.clone()] != self.initial[range])
         {
             return Err("the saved configuration space is another function's".into());
         }
