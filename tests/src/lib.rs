@@ -437,6 +437,12 @@ impl QmpRaw {
             let r = self.cmd(&format!(
                 r#"{{"execute": "qom-list", "arguments": {{"path": "{path}"}}}}"#
             ));
+            // A child listed a moment ago may be gone (a subscription ending with its
+            // connection): it is not in the tree, so not in the walk.
+            if r["error"]["class"] == "DeviceNotFound" && path != "/" {
+                out.remove(&path);
+                continue;
+            }
             for p in r["return"].as_array().expect("qom-list") {
                 if p["type"].as_str().is_some_and(|t| t.starts_with("child<")) {
                     let name = p["name"].as_str().unwrap();
