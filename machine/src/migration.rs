@@ -306,9 +306,7 @@ impl Machine {
             w.section(&format!("ram:{:#x}", start.0), &[bytes])
                 .map_err(io)?;
         }
-        let bytes = w.written();
-        w.finish().map_err(io)?;
-        Ok(bytes)
+        w.finish().map_err(io)
     }
 
     /// `--incoming file:PATH`: loads a snapshot into this machine, which must be in

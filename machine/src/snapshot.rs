@@ -105,7 +105,6 @@ pub enum FormatError {
 
 /// Writes a snapshot file section by section.
 pub struct Writer {
-    path: PathBuf,
     out: BufWriter<File>,
     written: u64,
 }
@@ -118,7 +117,6 @@ impl Writer {
     pub fn create(path: &Path) -> std::io::Result<Writer> {
         let file = File::create(path)?;
         let mut w = Writer {
-            path: path.to_owned(),
             out: BufWriter::with_capacity(1 << 20, file),
             written: 0,
         };
@@ -157,20 +155,15 @@ impl Writer {
         self.put(&crc.finalize().to_le_bytes())
     }
 
-    /// Bytes written so far.
-    pub fn written(&self) -> u64 {
-        self.written
-    }
-
-    /// Writes `end`, flushes and syncs the file to disk.
+    /// Writes `end`, flushes and syncs the file to disk. Returns the file's size.
     ///
     /// # Errors
     /// A write or the sync fails.
-    pub fn finish(mut self) -> std::io::Result<PathBuf> {
+    pub fn finish(mut self) -> std::io::Result<u64> {
         self.section("end", &[])?;
         let file = self.out.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
-        Ok(self.path)
+        Ok(self.written)
     }
 }
 
@@ -399,7 +392,8 @@ mod tests {
         let mut w = Writer::create(&path).unwrap();
         w.section("config", &[b"{}"]).unwrap();
         w.section("ram:0x0", &[&[7u8; 100], &[8u8; 28]]).unwrap();
-        w.finish().unwrap();
+        let size = w.finish().unwrap();
+        assert_eq!(size, std::fs::metadata(&path).unwrap().len());
         let mut r = Reader::open(&path).unwrap();
         assert_eq!(r.next("header").unwrap(), ("config".into(), b"{}".to_vec()));
         let head = r.head("config").unwrap();
