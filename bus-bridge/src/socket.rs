@@ -26,7 +26,73 @@ pub fn bind_private(path: &Path) -> io::Result<UnixListener> {
         }
         std::fs::remove_file(path)?;
     }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    // The socket appears at `path` only once it listens with its final mode: it is bound
+    // under a temporary name beside it, then renamed. A client that waits for the file
+    // (as libvirt and the tests do) never finds it refusing connections or open to others.
+    let temporary = temporary_name(path);
+    let listener = match UnixListener::bind(&temporary) {
+        Ok(listener) => listener,
+        // A path too long for one more character: bind it directly.
+        Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+            let listener = UnixListener::bind(path)?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+            return Ok(listener);
+        }
+        Err(e) => return Err(e),
+    };
+    let placed = std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| std::fs::rename(&temporary, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&temporary);
+        return Err(e);
+    }
     Ok(listener)
+}
+
+/// `DIR/.NAME.PID~` for `DIR/NAME`.
+fn temporary_name(path: &Path) -> std::path::PathBuf {
+    let name = path
+        .file_name()
+        .map_or_else(Default::default, |n| n.to_string_lossy());
+    path.with_file_name(format!(".{name}.{}~", std::process::id()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_socket_appears_listening_private_and_alone() {
+        let dir = std::env::temp_dir().join(format!("qomu-socket-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let listener = bind_private(&path).unwrap();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert!(UnixStream::connect(&path).is_ok());
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["s.sock"], "no temporary left");
+        // Taken while it listens; a stale one (nobody listening) is replaced.
+        assert_eq!(
+            bind_private(&path).unwrap_err().kind(),
+            io::ErrorKind::AddrInUse
+        );
+        drop(listener);
+        let again = bind_private(&path).unwrap();
+        assert!(UnixStream::connect(&path).is_ok());
+        drop(again);
+        // Not a socket: refused, left alone.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, b"data").unwrap();
+        assert_eq!(
+            bind_private(&path).unwrap_err().kind(),
+            io::ErrorKind::AlreadyExists
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), b"data");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
