@@ -225,23 +225,22 @@ impl PciConfig {
     /// Puts back a space [`PciConfig::snapshot`] took of the same function.
     ///
     /// # Errors
-    /// Not 256 bytes, or another function's identity or capability list.
+    /// Not 256 bytes, or a read-only bit (identity, capability list and fields) that is not
+    /// this function's.
     pub fn restore(&mut self, bytes: &[u8]) -> Result<(), String> {
         let bytes: [u8; CONFIG_SIZE] = bytes
             .try_into()
             .map_err(|_| format!("{} bytes of configuration space, not 256", bytes.len()))?;
-        // Identity, header type and the capability pointer are fixed by the device's build.
-        let fixed = [
-            VENDOR_ID..COMMAND,
-            REVISION..CACHE_LINE_SIZE,
-            HEADER_TYPE..BAR0,
-            SUBSYSTEM_VENDOR_ID..CAPABILITIES + 1,
-        ];
-        if fixed
-            .into_iter()
-            .any(|range| bytes[range.clone()] != self.initial[range])
-        {
-            return Err("the saved configuration space is another function's".into());
+        // What the guest cannot write (identity, header type, BAR types, the capabilities
+        // and their fixed fields) is the device's build: it must be this device's.
+        let foreign = (0..CONFIG_SIZE)
+            .find(|&i| (bytes[i] ^ self.initial[i]) & !(self.wmask[i] | self.w1c[i]) != 0);
+        if let Some(at) = foreign {
+            return Err(format!(
+                "the saved configuration space is another function's (byte {at:#x} is {:#04x}, \
+                 this device has {:#04x})",
+                bytes[at], self.initial[at]
+            ));
         }
         self.bytes = bytes;
         Ok(())
@@ -402,5 +401,48 @@ mod tests {
         c.read(0x100, &mut far);
         assert_eq!(far, [0; 4]);
         assert!(!c.write(0xfe, &[1, 2, 3, 4]));
+    }
+
+    #[test]
+    fn restore_takes_only_a_space_of_the_same_build() {
+        let build = |caps: &[u8]| {
+            let mut c = PciConfig::new(ids());
+            c.add_bar(
+                0,
+                Bar {
+                    size: 0x1000,
+                    kind: BarKind::Memory32,
+                },
+            );
+            for &id in caps {
+                let at = c.add_capability(id, &[0; 6]);
+                c.set_writable(at + 2, &[0xff]);
+            }
+            c
+        };
+        let mut guest = build(&[0x09, 0x11]);
+        guest.write(COMMAND, &COMMAND_MEMORY.to_le_bytes());
+        guest.write(BAR0, &0xd000_0000u32.to_le_bytes());
+        guest.write(0x42, &[0x5a]);
+        let saved = guest.snapshot();
+
+        let mut same = build(&[0x09, 0x11]);
+        assert_eq!(same.restore(&saved), Ok(()));
+        assert_eq!(same.snapshot(), saved);
+        // Another capability list (one more capability moves the next), another identity.
+        let mut other = build(&[0x09, 0x09, 0x11]);
+        let err = other.restore(&saved).unwrap_err();
+        assert!(err.contains("another function's"), "{err}");
+        let mut other_id = PciConfig::new(Ids {
+            device: 0x1042,
+            ..ids()
+        });
+        assert!(other_id.restore(&saved).is_err());
+        assert_eq!(
+            other.snapshot(),
+            build(&[0x09, 0x09, 0x11]).snapshot(),
+            "unchanged"
+        );
+        assert!(same.restore(&saved[..255]).is_err());
     }
 }

@@ -7,6 +7,11 @@
 //! per queue, table and PBA in the same BAR), else through INTx (the ISR byte says why;
 //! reading it lowers the line).
 //!
+//! A fifth capability, `VIRTIO_PCI_CAP_PCI_CFG`, is the window the spec asks every device
+//! to offer: the driver writes a BAR, an offset and a length (1, 2 or 4) into it, and a
+//! read or write of its `pci_cfg_data` field becomes that access to the BAR, for drivers
+//! (firmware, early boot) that reach configuration space but not the BARs.
+//!
 //! The qom side: the abstract type `virtio-device` (a `pci-device`) with the transport's
 //! state as properties and the `driver-ok` notifier; each model is a concrete subtype.
 
@@ -34,6 +39,8 @@ pub const VIRTIO_DEVICE: &str = "virtio-device";
 const VENDOR: u16 = 0x1af4;
 /// The BAR holding every structure, and its layout.
 const BAR_INDEX: usize = 4;
+/// The same, as a capability's `bar` field holds it.
+const BAR: u8 = BAR_INDEX as u8;
 const BAR_SIZE: u64 = 0x8000;
 const COMMON: u64 = 0x0000;
 const COMMON_LEN: u64 = 0x38;
@@ -69,6 +76,13 @@ const CAP_COMMON: u8 = 1;
 const CAP_NOTIFY: u8 = 2;
 const CAP_ISR: u8 = 3;
 const CAP_DEVICE: u8 = 4;
+const CAP_PCI_CFG: u8 = 5;
+/// Fields of the `VIRTIO_PCI_CAP_PCI_CFG` capability, from its start: `bar`, `offset`,
+/// `length`, and the data window.
+const CFG_BAR: usize = 4;
+const CFG_OFFSET: usize = 8;
+const CFG_LENGTH: usize = 12;
+const CFG_DATA: usize = 16;
 const PCI_CAP_VENDOR: u8 = 0x09;
 
 /// A device model behind the transport.
@@ -181,11 +195,13 @@ pub struct VirtioPci {
     platform: PlatformRef,
     driver_ok: Mutex<Option<Notifier>>,
     counters: Counters,
+    /// Where the `VIRTIO_PCI_CAP_PCI_CFG` capability starts in the configuration space.
+    cfg_cap: usize,
 }
 
-fn capability(cfg_type: u8, offset: u64, length: u64, extra: &[u8]) -> Vec<u8> {
+fn capability(cfg_type: u8, bar: u8, offset: u64, length: u64, extra: &[u8]) -> Vec<u8> {
     // cap_len, cfg_type, bar, id, padding[2], offset, length (after cap_vndr and cap_next).
-    let mut body = vec![(16 + extra.len()) as u8, cfg_type, BAR_INDEX as u8, 0, 0, 0];
+    let mut body = vec![(16 + extra.len()) as u8, cfg_type, bar, 0, 0, 0];
     body.extend_from_slice(&(offset as u32).to_le_bytes());
     body.extend_from_slice(&(length as u32).to_le_bytes());
     body.extend_from_slice(extra);
@@ -213,22 +229,29 @@ impl VirtioPci {
         let queues = backend.queues();
         config.add_capability(
             PCI_CAP_VENDOR,
-            &capability(CAP_COMMON, COMMON, COMMON_LEN, &[]),
+            &capability(CAP_COMMON, BAR, COMMON, COMMON_LEN, &[]),
         );
-        config.add_capability(PCI_CAP_VENDOR, &capability(CAP_ISR, ISR, 1, &[]));
+        config.add_capability(PCI_CAP_VENDOR, &capability(CAP_ISR, BAR, ISR, 1, &[]));
         config.add_capability(
             PCI_CAP_VENDOR,
-            &capability(CAP_DEVICE, DEVICE_CONFIG, DEVICE_CONFIG_LEN, &[]),
+            &capability(CAP_DEVICE, BAR, DEVICE_CONFIG, DEVICE_CONFIG_LEN, &[]),
         );
         config.add_capability(
             PCI_CAP_VENDOR,
             &capability(
                 CAP_NOTIFY,
+                BAR,
                 NOTIFY,
                 u64::from(NOTIFY_MULTIPLIER) * queues as u64,
                 &NOTIFY_MULTIPLIER.to_le_bytes(),
             ),
         );
+        // The access window: bar, offset, length and data are the driver's to write. Its
+        // `bar` starts as 0, which has nothing behind it: a driver must choose.
+        let cfg_cap =
+            config.add_capability(PCI_CAP_VENDOR, &capability(CAP_PCI_CFG, 0, 0, 0, &[0; 4]));
+        config.set_writable(cfg_cap + CFG_BAR, &[0xff]);
+        config.set_writable(cfg_cap + CFG_OFFSET, &[0xff; 12]);
         let vectors = queues as u16 + 1;
         let msix = Msix::new(
             &mut config,
@@ -259,6 +282,7 @@ impl VirtioPci {
             platform,
             driver_ok: Mutex::new(None),
             counters: Counters::default(),
+            cfg_cap,
         }
     }
 
@@ -614,6 +638,29 @@ impl VirtioPci {
     }
 }
 
+impl VirtioPci {
+    /// The BAR access `VIRTIO_PCI_CAP_PCI_CFG` asks for when a configuration access of
+    /// `len` bytes at `offset` reaches the first byte of its data field (as QEMU decides):
+    /// the offset in the BAR and the length, or None if the window names no BAR of this
+    /// device, a length other than 1, 2 or 4, or a range past the BAR's end (the access
+    /// is then dropped and the data field left as it is).
+    fn window(&self, offset: usize, len: usize) -> Option<(u64, usize)> {
+        let data = self.cfg_cap + CFG_DATA;
+        if !(offset..offset + len).contains(&data) {
+            return None;
+        }
+        let config = self.config.lock();
+        let mut bar = [0u8];
+        config.read(self.cfg_cap + CFG_BAR, &mut bar);
+        let at = u64::from(config.read_u32(self.cfg_cap + CFG_OFFSET));
+        let length = config.read_u32(self.cfg_cap + CFG_LENGTH) as usize;
+        let valid = usize::from(bar[0]) == BAR_INDEX
+            && matches!(length, 1 | 2 | 4)
+            && at + length as u64 <= BAR_SIZE;
+        valid.then_some((at, length))
+    }
+}
+
 /// Answers a read at `offset` inside the register field starting at `field_start`.
 fn put(value: u64, field_start: u64, offset: u64, data: &mut [u8]) {
     read_window(&value.to_le_bytes(), (offset - field_start) as usize, data);
@@ -624,6 +671,17 @@ impl PciDevice for VirtioPci {
         &self.config
     }
 
+    fn config_read(&self, offset: usize, data: &mut [u8]) {
+        if let Some((at, len)) = self.window(offset, data.len()) {
+            let mut bytes = [0u8; 4];
+            self.bar_read(BAR_INDEX, at, &mut bytes[..len]);
+            self.config
+                .lock()
+                .put_u32(self.cfg_cap + CFG_DATA, u32::from_le_bytes(bytes));
+        }
+        self.config.lock().read(offset, data);
+    }
+
     fn config_write(&self, offset: usize, data: &[u8]) -> bool {
         let remap = {
             let mut config = self.config.lock();
@@ -632,6 +690,14 @@ impl PciDevice for VirtioPci {
             self.msix.lock().unmasked(&config);
             remap
         };
+        if let Some((at, len)) = self.window(offset, data.len()) {
+            let bytes = self
+                .config
+                .lock()
+                .read_u32(self.cfg_cap + CFG_DATA)
+                .to_le_bytes();
+            self.bar_write(BAR_INDEX, at, &bytes[..len]);
+        }
         // INTx disable toggled: the line follows.
         if remap {
             let pending = self.transport.lock().isr != 0;
@@ -821,4 +887,180 @@ pub(crate) fn base_type(platform: &PlatformRef) -> TypeInfo {
                 dev.transport.lock().backend.unrealize();
             }
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Weak;
+
+    use super::*;
+    use crate::bus::Bus;
+    use crate::interrupt::IrqLine;
+    use crate::pci::PciBus;
+    use crate::platform::{MachineRequest, Platform};
+
+    /// A model with two queues whose configuration structure reads as its offset.
+    struct Model(Arc<Mutex<Vec<(u64, Vec<u8>)>>>);
+
+    impl Backend for Model {
+        fn device_id(&self) -> u16 {
+            2
+        }
+        fn class(&self) -> u32 {
+            0x01_00_00
+        }
+        fn queues(&self) -> usize {
+            2
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = offset as u8 + i as u8;
+            }
+        }
+        fn write_config(&mut self, offset: u64, data: &[u8]) {
+            self.0.lock().push((offset, data.to_vec()));
+        }
+        fn process(&mut self, _: usize, _: &mut Queue, _: &GuestMemoryMmap) -> bool {
+            false
+        }
+    }
+
+    /// A platform that is never reached: the device under test is not plugged.
+    struct Unplugged;
+
+    impl Platform for Unplugged {
+        fn pio_bus(&self) -> &Bus {
+            unreachable!("not plugged")
+        }
+        fn mmio_bus(&self) -> &Bus {
+            unreachable!("not plugged")
+        }
+        fn irq_line(&self, _: u32) -> qom::Result<Arc<IrqLine>> {
+            Err(qom::Error::failed("not plugged"))
+        }
+        fn request(&self, _: MachineRequest) {}
+        fn pci_bus(&self) -> &Arc<PciBus> {
+            unreachable!("not plugged")
+        }
+        fn guest_memory(&self) -> Option<GuestMemoryMmap> {
+            None
+        }
+    }
+
+    fn device() -> (VirtioPci, Arc<Mutex<Vec<(u64, Vec<u8>)>>>) {
+        let writes = Arc::new(Mutex::new(Vec::new()));
+        let platform: PlatformRef = Weak::<Unplugged>::new();
+        (
+            VirtioPci::new(Box::new(Model(writes.clone())), platform),
+            writes,
+        )
+    }
+
+    fn read(dev: &VirtioPci, offset: usize, len: usize) -> u32 {
+        let mut b = [0u8; 4];
+        dev.config_read(offset, &mut b[..len]);
+        u32::from_le_bytes(b)
+    }
+
+    fn write(dev: &VirtioPci, offset: usize, len: usize, v: u32) {
+        dev.config_write(offset, &v.to_le_bytes()[..len]);
+    }
+
+    /// The `VIRTIO_PCI_CAP_PCI_CFG` capability, found as a driver finds it.
+    fn window(dev: &VirtioPci) -> usize {
+        let mut at = read(dev, 0x34, 1) as usize;
+        while at != 0 {
+            if read(dev, at, 1) == 0x09 && read(dev, at + 3, 1) == u32::from(CAP_PCI_CFG) {
+                assert_eq!(read(dev, at + 2, 1), 20, "cap_len");
+                return at;
+            }
+            at = read(dev, at + 1, 1) as usize;
+        }
+        panic!("no VIRTIO_PCI_CAP_PCI_CFG capability");
+    }
+
+    fn aim(dev: &VirtioPci, cap: usize, bar: u8, offset: u64, length: u32) {
+        write(dev, cap + CFG_BAR, 1, bar.into());
+        write(dev, cap + CFG_OFFSET, 4, offset as u32);
+        write(dev, cap + CFG_LENGTH, 4, length);
+    }
+
+    fn bar(dev: &VirtioPci, offset: u64, len: usize) -> u32 {
+        let mut b = [0u8; 4];
+        dev.bar_read(BAR_INDEX, offset, &mut b[..len]);
+        u32::from_le_bytes(b)
+    }
+
+    #[test]
+    fn pci_cfg_window_reaches_every_structure_of_the_bar() {
+        let (dev, writes) = device();
+        let cap = window(&dev);
+        let data = cap + CFG_DATA;
+        // Fresh: no BAR chosen, so the data field stays as it is.
+        assert_eq!(read(&dev, cap + CFG_BAR, 1), 0);
+        assert_eq!(read(&dev, data, 4), 0);
+
+        // Reads: number of queues (2 bytes), the feature word the select picks (4 bytes,
+        // the select itself written through the window), the device structure (1 byte).
+        aim(&dev, cap, BAR, COMMON + 0x12, 2);
+        assert_eq!(read(&dev, data, 4), 2);
+        aim(&dev, cap, BAR, COMMON, 4);
+        write(&dev, data, 4, 1);
+        assert_eq!(bar(&dev, COMMON, 4), 1, "device_feature_select written");
+        aim(&dev, cap, BAR, COMMON + 0x04, 4);
+        assert_eq!(read(&dev, data, 4), (F_VERSION_1 >> 32) as u32);
+        aim(&dev, cap, BAR, DEVICE_CONFIG + 0x21, 1);
+        assert_eq!(read(&dev, data, 1), 0x21);
+
+        // Writes: status (1 byte), the device structure (2 bytes), an MSI-X table entry
+        // (its write takes the configuration lock the window's write has let go of).
+        aim(&dev, cap, BAR, COMMON + 0x14, 1);
+        write(&dev, data, 1, u32::from(STATUS_ACKNOWLEDGE));
+        assert_eq!(bar(&dev, COMMON + 0x14, 1), u32::from(STATUS_ACKNOWLEDGE));
+        aim(&dev, cap, BAR, DEVICE_CONFIG + 6, 2);
+        write(&dev, data, 4, 0xbeef_1234);
+        assert_eq!(
+            *writes.lock(),
+            [(6, vec![0x34, 0x12])],
+            "first `length` bytes"
+        );
+        aim(&dev, cap, BAR, MSIX_TABLE + 8, 4);
+        write(&dev, data, 4, 0x41);
+        assert_eq!(bar(&dev, MSIX_TABLE + 8, 4), 0x41);
+
+        // Only an access reaching the data field's first byte goes through.
+        aim(&dev, cap, BAR, COMMON + 0x14, 1);
+        write(&dev, data + 2, 2, 0);
+        assert_eq!(read(&dev, data + 2, 2), 0);
+        assert_eq!(bar(&dev, COMMON + 0x14, 1), u32::from(STATUS_ACKNOWLEDGE));
+    }
+
+    #[test]
+    fn pci_cfg_window_drops_what_names_nothing() {
+        let (dev, writes) = device();
+        let cap = window(&dev);
+        let data = cap + CFG_DATA;
+        aim(&dev, cap, BAR, DEVICE_CONFIG, 4);
+        let mut held = 0x0302_0100;
+        assert_eq!(read(&dev, data, 4), held);
+        for (bar_index, offset, length) in [
+            (0, DEVICE_CONFIG + 4, 4),     // a BAR the device does not have
+            (BAR, DEVICE_CONFIG + 4, 3),   // a length other than 1, 2, 4
+            (BAR, DEVICE_CONFIG + 4, 0),   //
+            (BAR, BAR_SIZE - 2, 4),        // past the BAR's end
+            (BAR, u64::from(u32::MAX), 4), //
+        ] {
+            aim(&dev, cap, bar_index, offset, length);
+            // The field keeps what was last read or written into it.
+            assert_eq!(read(&dev, data, 4), held, "{bar_index} {offset} {length}");
+            held += 1;
+            write(&dev, data, 4, held);
+        }
+        assert!(writes.lock().is_empty());
+        // A reset puts the window back as built.
+        PciDevice::reset(&dev);
+        assert_eq!(read(&dev, cap + CFG_BAR, 1), 0);
+        assert_eq!(read(&dev, cap + CFG_LENGTH, 4), 0);
+        assert_eq!(read(&dev, data, 4), 0);
+    }
 }

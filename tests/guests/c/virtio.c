@@ -3,7 +3,8 @@
  * Scans the root bus through ports 0xcf8/0xcfc and through ECAM (both must agree), prints
  * `pci SLOT VENDOR:DEVICE` for each function, then brings up every virtio device as a
  * virtio 1.x driver does: reset, ACKNOWLEDGE, DRIVER, features (VERSION_1), FEATURES_OK,
- * queues, DRIVER_OK, and uses it:
+ * queues, DRIVER_OK, and uses it. First it checks the VIRTIO_PCI_CAP_PCI_CFG window (the
+ * common structure reached through ports 0xcf8/0xcfc alone). Then:
  *   virtio-rng: reads 32 bytes of entropy twice, prints them, checks they are not all zero
  *               and differ. With `msix=1` it turns MSI-X on first (queue on vector 1,
  *               its entry masked): the first interrupt must wait in the PBA until the
@@ -36,6 +37,15 @@ static u32 cf8_read32(u8 slot, u8 reg) {
     return inl(0xcfc);
 }
 
+static void cf8_write32(u8 slot, u8 reg, u32 v) {
+    outl(0xcf8, 0x80000000u | ((u32)slot << 11) | reg);
+    outl(0xcfc, v);
+}
+static void cf8_write8(u8 slot, u8 reg, u8 v) {
+    outl(0xcf8, 0x80000000u | ((u32)slot << 11) | (reg & ~3u));
+    outb(0xcfc + (reg & 3), v);
+}
+
 static u32 cfg_read32(u8 slot, u16 reg) { return mmio_read32(ECAM + ((u64)slot << 15) + reg); }
 static u8 cfg_read8(u8 slot, u16 reg) { return mmio_read8(ECAM + ((u64)slot << 15) + reg); }
 static void cfg_write16(u8 slot, u16 reg, u16 v) {
@@ -48,6 +58,8 @@ struct vdev {
     u8 slot;
     u64 common, isr, device, notify;
     u32 notify_mult;
+    u8 common_bar, window; /* the common structure's BAR; the PCI_CFG capability */
+    u32 common_offset;
 };
 
 #define COMMON_DFSELECT 0x00
@@ -81,9 +93,16 @@ static u64 bar_address(u8 slot, u8 bar) {
 static int find_structures(struct vdev *d) {
     u8 at = cfg_read8(d->slot, 0x34);
     d->common = d->isr = d->device = d->notify = 0;
+    d->window = 0;
     while (at) {
-        if (cfg_read8(d->slot, at) == 0x09) {
+        if (cfg_read8(d->slot, at) == 0x09 && cfg_read8(d->slot, at + 3) == 5) {
+            d->window = at;
+        } else if (cfg_read8(d->slot, at) == 0x09) {
             u8 type = cfg_read8(d->slot, at + 3);
+            if (type == 1) {
+                d->common_bar = cfg_read8(d->slot, at + 4);
+                d->common_offset = cfg_read32(d->slot, at + 8);
+            }
             u64 where = bar_address(d->slot, cfg_read8(d->slot, at + 4)) + cfg_read32(d->slot, at + 8);
             if (type == 1) d->common = where;
             if (type == 2) {
@@ -96,6 +115,28 @@ static int find_structures(struct vdev *d) {
         at = cfg_read8(d->slot, at + 1);
     }
     return d->common && d->isr && d->notify ? 0 : 1;
+}
+
+/* Reaches the common structure through the VIRTIO_PCI_CAP_PCI_CFG window over ports
+ * 0xcf8/0xcfc only, as firmware without BAR mappings would: selects device feature word 1
+ * (a write), reads it (VERSION_1) and num_queues (a 2-byte read), and compares both with
+ * the BAR. 0 on success, else the failed step. */
+static int check_window(struct vdev *d) {
+    u8 s = d->slot, w = d->window;
+    if (!w) return 6;
+    cf8_write8(s, w + 4, d->common_bar);
+    cf8_write32(s, w + 8, d->common_offset + COMMON_DFSELECT);
+    cf8_write32(s, w + 12, 4);
+    cf8_write32(s, w + 16, 1);
+    cf8_write32(s, w + 8, d->common_offset + COMMON_DF);
+    u32 high = cf8_read32(s, w + 16);
+    if (!(high & 1) || mmio_read32(d->common + COMMON_DFSELECT) != 1) return 7;
+    if (mmio_read32(d->common + COMMON_DF) != high) return 7;
+    cf8_write32(s, w + 8, d->common_offset + COMMON_NUMQ);
+    cf8_write32(s, w + 12, 2);
+    if ((u16)cf8_read32(s, w + 16) != mmio_read16(d->common + COMMON_NUMQ)) return 8;
+    puts("virtio: pci-cfg window ok\n");
+    return 0;
 }
 
 /* ---- one split virtqueue of 8 entries ---- */
@@ -381,8 +422,8 @@ static int probe(u8 slot) {
     struct vdev d = {.slot = slot};
     cfg_write16(slot, 0x04, 0x6); /* memory decoding and bus mastering */
     if (find_structures(&d)) debug_exit(3);
-    int failed = 0;
-    switch (id >> 16) {
+    int failed = check_window(&d);
+    if (!failed) switch (id >> 16) {
     case 0x1044: failed = use_rng(&d); break;
     case 0x1042: failed = use_blk(&d); break;
     default: puts("virtio: unknown device\n"); failed = 4;
