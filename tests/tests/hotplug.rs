@@ -66,6 +66,7 @@ fn a_type_subscription_sees_a_virtio_rng_plugged_and_driven() {
     );
     let out = std::fs::read_to_string(&console).unwrap();
     assert!(out.contains("pci 5 0x1af4:0x1044"), "{out}");
+    assert!(out.contains("virtio: pci-cfg window ok"), "{out}");
     assert!(out.contains("virtio-rng: ok"), "{out}");
 }
 
@@ -335,7 +336,9 @@ fn hot_plug_and_unplug_of_a_running_guest_over_qmp() {
         "--kernel",
         &guest("virtio"),
         "--append",
-        "min=0 hotplug=2",
+        // The guest ends after the third eject: the checks between the second and the
+        // third must not race with its end.
+        "min=0 hotplug=3",
         "--device",
         "isa-debug-exit",
         "--serial",
@@ -399,6 +402,17 @@ fn hot_plug_and_unplug_of_a_running_guest_over_qmp() {
         pci_slots(&mut c),
         json!([{"slot": 0, "device": "/machine/unattached/pci-host"}])
     );
+    // The freed slot takes a device again, which the guest brings up and ejects.
+    let r = c.cmd(
+        r#"{"execute": "device_add", "arguments": {"driver": "virtio-rng-pci", "id": "rng1"}}"#,
+    );
+    assert_eq!(r, json!({"return": {}}));
+    assert_eq!(
+        c.wait_notify("plugged", "/machine/peripheral/rng1"),
+        json!({"bus": "pci.0", "slot": 1})
+    );
+    c.wait_notify("driver-ok", "/machine/peripheral/rng1");
+    c.cmd(r#"{"execute": "device_del", "arguments": {"id": "rng1"}}"#);
     assert_eq!(q.wait_exit(Duration::from_secs(60)), Some(1));
     let out = std::fs::read_to_string(&console).unwrap();
     for line in [
@@ -408,7 +422,7 @@ fn hot_plug_and_unplug_of_a_running_guest_over_qmp() {
         "virtio-blk: sector 0: HOT-PLUGGED DISK",
         "hotplug: ejecting slot 1",
         "hotplug: ejecting slot 2",
-        "hotplug: 2 ejected",
+        "hotplug: 3 ejected",
     ] {
         assert!(out.contains(line), "no '{line}' in:\n{out}");
     }
@@ -714,14 +728,19 @@ fn example(name: &str) -> std::path::PathBuf {
         .join(name)
 }
 
-fn run_example(cmd: &mut std::process::Command) -> String {
+/// Runs an example to its end; on failure says what it and the guest (`console`) wrote.
+fn run_example(cmd: &mut std::process::Command, console: &std::path::Path) -> String {
     let out = cmd.output().expect("run the example");
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{text}\nthe guest's console:\n{}",
+        std::fs::read_to_string(console).unwrap_or_default()
+    );
     text
 }
 
@@ -755,6 +774,7 @@ fn the_hotplug_examples_plug_and_unplug_a_device_over_qmp_and_dbus() {
             .arg(example("hotplug.py"))
             .arg(&q.qmp)
             .args(["--id", "rng9", "--timeout", "30"]),
+        &console,
     );
     for line in [
         "subscribed to plugged of every virtio-rng-pci: /subscriptions/",
@@ -777,6 +797,7 @@ fn the_hotplug_examples_plug_and_unplug_a_device_over_qmp_and_dbus() {
             ])
             .env("DBUS_SESSION_BUS_ADDRESS", &bus.address)
             .env("QOMU_TIMEOUT", "30"),
+        &console,
     );
     for line in [
         "subscribed to driver-ok of every virtio-blk-pci: \"/org/qomu/VM1/subscriptions/",
