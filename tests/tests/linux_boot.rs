@@ -1,20 +1,25 @@
-//! Boots Debian's cloud kernel with a busybox initramfs (scripts/guest-kit) and waits for
-//! its init to report and power off through ACPI. Linux needs hardware virtualization: on
-//! hosts whose /dev/kvm emulates guest ring 0 (PVM) it cannot boot, and this test says so
-//! and skips.
+//! Boots Debian's cloud kernel with a busybox initramfs (scripts/guest-kit), hot-plugs a
+//! virtio-rng-pci into it and takes it back (Linux's acpiphp, the virtio driver over
+//! MSI-X), and waits for its init to report and power off through ACPI. Linux needs
+//! hardware virtualization: on hosts whose /dev/kvm emulates guest ring 0 (PVM) it cannot
+//! boot, and this test says so and skips.
 
 use std::path::PathBuf;
 use std::process::Command;
 
 use machine::MachineConfig;
-use qom::Value;
+use qom::{SubscribeOptions, Target, Value};
 use qomu_tests::{TestVm, hardware_virtualization, require_kvm};
 
 fn guest_kit() -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let kit = root.join("target/guest-kit");
-    if !kit.join("vmlinuz").is_file() || !kit.join("initramfs.cpio.gz").is_file() {
-        let status = Command::new(root.join("scripts/guest-kit"))
+    let script = root.join("scripts/guest-kit");
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    // Built again when the script is newer than the initramfs it made.
+    let stale = modified(&kit.join("initramfs.cpio.gz")) < modified(&script);
+    if stale || !kit.join("vmlinuz").is_file() {
+        let status = Command::new(&script)
             .arg(&kit)
             .status()
             .expect("run scripts/guest-kit");
@@ -24,7 +29,7 @@ fn guest_kit() -> PathBuf {
 }
 
 #[test]
-fn linux_boots_finds_its_hardware_and_powers_off() {
+fn linux_boots_hotplugs_a_virtio_rng_and_powers_off() {
     if !hardware_virtualization() {
         eprintln!(
             "SKIPPED linux_boot: this CPU shows no hardware virtualization (no vmx or svm in /proc/cpuinfo); \
@@ -40,7 +45,7 @@ fn linux_boots_finds_its_hardware_and_powers_off() {
         initrd: Some(kit.join("initramfs.cpio.gz")),
         ..MachineConfig::with_kernel(
             kit.join("vmlinuz"),
-            "console=ttyS0 panic=-1 quiet loglevel=4",
+            "console=ttyS0 panic=-1 quiet loglevel=4 qomu.hotplug=1",
         )
     });
     vm.start();
@@ -59,6 +64,62 @@ fn linux_boots_finds_its_hardware_and_powers_off() {
         found.contains("cpus=2"),
         "Linux found both vCPUs through ACPI: {found}"
     );
+
+    // Hot plug: acpiphp brings the device up, the driver uses it through MSI-X.
+    for notifier in ["plugged", "driver-ok", "unplugged"] {
+        vm.client
+            .subscribe(
+                Target::Type("virtio-device".into()),
+                notifier,
+                SubscribeOptions::default(),
+            )
+            .expect(notifier);
+    }
+    vm.client
+        .subscribe(
+            Target::Object("/machine".into()),
+            "DEVICE_DELETED",
+            SubscribeOptions::default(),
+        )
+        .expect("DEVICE_DELETED");
+    vm.wait_line("qomu-linux-boot: hotplug ready");
+    vm.machine
+        .device_add(
+            "virtio-rng-pci",
+            Some("rng0"),
+            None,
+            &Value::map::<&str>([]),
+        )
+        .expect("device_add");
+    vm.wait_event("plugged");
+    let added = vm.wait_line("qomu-linux-boot: hotplug added");
+    assert!(added.contains("/sys/bus/pci/devices/"), "{added}");
+    vm.wait_event("driver-ok");
+    let hwrng = vm.wait_line("qomu-linux-boot: hwrng");
+    assert!(
+        hwrng.contains("virtio_rng") && hwrng.ends_with(" 64 bytes"),
+        "the driver read entropy (its interrupts arrived): {hwrng}"
+    );
+    let msix = vm.wait_line("qomu-linux-boot: msix");
+    assert!(!msix.contains("msix 0 "), "Linux uses MSI-X: {msix}");
+    let messages = vm.get("/machine/peripheral/rng0", "msix-messages");
+    assert!(
+        messages.as_u64().unwrap_or(0) > 0,
+        "MSI-X messages sent: {messages:?}"
+    );
+    vm.wait_line("qomu-linux-boot: hotplug in use");
+    // Hot unplug: a request the guest's acpiphp answers with _EJ0.
+    vm.machine.device_del("rng0").expect("device_del");
+    vm.wait_event("unplugged");
+    vm.wait_event("DEVICE_DELETED");
+    vm.wait_line("qomu-linux-boot: hotplug removed");
+    assert!(
+        vm.machine
+            .tree()
+            .lookup("/machine/peripheral/rng0")
+            .is_err()
+    );
+
     vm.wait_line("qomu-linux-boot: ok");
     let shutdown = vm.wait_event("SHUTDOWN");
     assert_eq!(
