@@ -325,6 +325,21 @@ fn wait_console(path: &std::path::Path, text: &str) {
     }
 }
 
+/// Hot-plugs a virtio-rng-pci with `id`, which must land in slot 1 and be driven.
+fn plug_rng_into_slot_1(c: &mut QmpRaw, id: &str) {
+    let r = c.cmd(
+        &json!({"execute": "device_add", "arguments": {"driver": "virtio-rng-pci", "id": id}})
+            .to_string(),
+    );
+    assert_eq!(r, json!({"return": {}}));
+    let path = format!("/machine/peripheral/{id}");
+    assert_eq!(
+        c.wait_notify("plugged", &path),
+        json!({"bus": "pci.0", "slot": 1})
+    );
+    c.wait_notify("driver-ok", &path);
+}
+
 #[test]
 fn hot_plug_and_unplug_of_a_running_guest_over_qmp() {
     require_kvm!();
@@ -356,15 +371,7 @@ fn hot_plug_and_unplug_of_a_running_guest_over_qmp() {
     c.cmd(r#"{"execute": "cont"}"#);
     wait_console(&console, "hotplug: ready");
 
-    let r = c.cmd(
-        r#"{"execute": "device_add", "arguments": {"driver": "virtio-rng-pci", "id": "rng0"}}"#,
-    );
-    assert_eq!(r, json!({"return": {}}));
-    assert_eq!(
-        c.wait_notify("plugged", "/machine/peripheral/rng0"),
-        json!({"bus": "pci.0", "slot": 1})
-    );
-    c.wait_notify("driver-ok", "/machine/peripheral/rng0");
+    plug_rng_into_slot_1(&mut c, "rng0");
     let r = c.cmd(&json!({"execute": "device_add", "arguments": {"driver": "virtio-blk-pci", "id": "disk0", "file": disk, "serial": "HOT"}}).to_string());
     assert_eq!(r, json!({"return": {}}));
     c.wait_notify("driver-ok", "/machine/peripheral/disk0");
@@ -403,15 +410,7 @@ fn hot_plug_and_unplug_of_a_running_guest_over_qmp() {
         json!([{"slot": 0, "device": "/machine/unattached/pci-host"}])
     );
     // The freed slot takes a device again, which the guest brings up and ejects.
-    let r = c.cmd(
-        r#"{"execute": "device_add", "arguments": {"driver": "virtio-rng-pci", "id": "rng1"}}"#,
-    );
-    assert_eq!(r, json!({"return": {}}));
-    assert_eq!(
-        c.wait_notify("plugged", "/machine/peripheral/rng1"),
-        json!({"bus": "pci.0", "slot": 1})
-    );
-    c.wait_notify("driver-ok", "/machine/peripheral/rng1");
+    plug_rng_into_slot_1(&mut c, "rng1");
     c.cmd(r#"{"execute": "device_del", "arguments": {"id": "rng1"}}"#);
     assert_eq!(q.wait_exit(Duration::from_secs(60)), Some(1));
     let out = std::fs::read_to_string(&console).unwrap();
