@@ -30,20 +30,21 @@ pub fn bind_private(path: &Path) -> io::Result<UnixListener> {
     // under a temporary name beside it, then renamed. A client that waits for the file
     // (as libvirt and the tests do) never finds it refusing connections or open to others.
     let temporary = temporary_name(path);
-    let listener = match UnixListener::bind(&temporary) {
-        Ok(listener) => listener,
-        // A path too long for one more character: bind it directly.
-        Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
-            let listener = UnixListener::bind(path)?;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-            return Ok(listener);
-        }
+    let (listener, bound) = match UnixListener::bind(&temporary) {
+        Ok(listener) => (listener, temporary.as_path()),
+        // A path too long for the longer name: bound where it goes, the mode set after.
+        Err(e) if e.kind() == io::ErrorKind::InvalidInput => (UnixListener::bind(path)?, path),
         Err(e) => return Err(e),
     };
-    let placed = std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(0o600))
-        .and_then(|()| std::fs::rename(&temporary, path));
+    let placed =
+        std::fs::set_permissions(bound, std::fs::Permissions::from_mode(0o600)).and_then(|()| {
+            match bound == path {
+                true => Ok(()),
+                false => std::fs::rename(bound, path),
+            }
+        });
     if let Err(e) = placed {
-        let _ = std::fs::remove_file(&temporary);
+        let _ = std::fs::remove_file(bound);
         return Err(e);
     }
     Ok(listener)
@@ -93,6 +94,14 @@ mod tests {
             io::ErrorKind::AlreadyExists
         );
         assert_eq!(std::fs::read(&path).unwrap(), b"data");
+        // A path with no room for the temporary name is bound directly, still private.
+        let dir_len = dir.as_os_str().len();
+        let long = dir.join("l".repeat(106 - dir_len));
+        assert!(UnixListener::bind(temporary_name(&long)).is_err());
+        let _listener = bind_private(&long).unwrap();
+        let meta = std::fs::symlink_metadata(&long).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert!(UnixStream::connect(&long).is_ok());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
