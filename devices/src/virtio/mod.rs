@@ -521,6 +521,27 @@ impl VirtioPci {
         self.set_intx(false);
         isr
     }
+
+    /// The BAR access `VIRTIO_PCI_CAP_PCI_CFG` asks for when a configuration access of
+    /// `len` bytes at `offset` reaches the first byte of its data field (as QEMU decides):
+    /// the offset in the BAR and the length, or None if the window names no BAR of this
+    /// device, a length other than 1, 2 or 4, or a range past the BAR's end (the access
+    /// is then dropped and the data field left as it is).
+    fn window(&self, offset: usize, len: usize) -> Option<(u64, usize)> {
+        let data = self.cfg_cap + CFG_DATA;
+        if !(offset..offset + len).contains(&data) {
+            return None;
+        }
+        let config = self.config.lock();
+        let mut bar = [0u8];
+        config.read(self.cfg_cap + CFG_BAR, &mut bar);
+        let at = u64::from(config.read_u32(self.cfg_cap + CFG_OFFSET));
+        let length = config.read_u32(self.cfg_cap + CFG_LENGTH) as usize;
+        let valid = usize::from(bar[0]) == BAR_INDEX
+            && matches!(length, 1 | 2 | 4)
+            && at + length as u64 <= BAR_SIZE;
+        valid.then_some((at, length))
+    }
 }
 
 /// A virtqueue in a snapshot: the driver's configuration and the device's ring positions.
@@ -635,29 +656,6 @@ impl VirtioPci {
         drop(t);
         self.set_intx(pending);
         Ok(())
-    }
-}
-
-impl VirtioPci {
-    /// The BAR access `VIRTIO_PCI_CAP_PCI_CFG` asks for when a configuration access of
-    /// `len` bytes at `offset` reaches the first byte of its data field (as QEMU decides):
-    /// the offset in the BAR and the length, or None if the window names no BAR of this
-    /// device, a length other than 1, 2 or 4, or a range past the BAR's end (the access
-    /// is then dropped and the data field left as it is).
-    fn window(&self, offset: usize, len: usize) -> Option<(u64, usize)> {
-        let data = self.cfg_cap + CFG_DATA;
-        if !(offset..offset + len).contains(&data) {
-            return None;
-        }
-        let config = self.config.lock();
-        let mut bar = [0u8];
-        config.read(self.cfg_cap + CFG_BAR, &mut bar);
-        let at = u64::from(config.read_u32(self.cfg_cap + CFG_OFFSET));
-        let length = config.read_u32(self.cfg_cap + CFG_LENGTH) as usize;
-        let valid = usize::from(bar[0]) == BAR_INDEX
-            && matches!(length, 1 | 2 | 4)
-            && at + length as u64 <= BAR_SIZE;
-        valid.then_some((at, length))
     }
 }
 
