@@ -1,5 +1,6 @@
-//! The generated ACPI tables decompile cleanly with `iasl -d` (Debian's acpica-tools) and
-//! the DSDT names the devices the board has.
+//! The generated ACPI tables decompile cleanly with `iasl -d` (Debian's acpica-tools), the
+//! DSDT names the devices the board has, and its hotplug methods do what acpiphp relies on
+//! when ACPICA's `acpiexec` runs them.
 
 use std::path::Path;
 use std::process::Command;
@@ -126,5 +127,148 @@ fn every_table_decompiles_and_the_dsdt_names_the_devices() {
     assert!(fadt.contains("Hardware Reduced (V5) : 1"), "{fadt}");
     let mcfg = std::fs::read_to_string(dir.join("mcfg.dsl")).unwrap();
     assert!(mcfg.contains("00000000E0000000"), "{mcfg}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// What one method did in `acpiexec`: the notifications it sent, the integer it returned.
+type Run = (Vec<(String, u32)>, Option<u64>);
+
+/// Runs `methods` of the test table `ssdt` (ASL) beside our DSDT in ACPICA's `acpiexec`
+/// (the interpreter Linux uses; it keeps operation regions in memory) and returns, per
+/// method, the notifications it sent (`(device, value)`, sorted) and the integer it
+/// returned.
+fn acpiexec(dir: &Path, ssdt: &str, methods: &[&str]) -> Vec<Run> {
+    std::fs::write(dir.join("test.asl"), ssdt).unwrap();
+    let out = Command::new("iasl")
+        .arg("test.asl")
+        .current_dir(dir)
+        .output()
+        .expect("iasl (acpica-tools)");
+    assert!(
+        out.status.success(),
+        "iasl could not compile the test table:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let batch: Vec<String> = methods.iter().map(|m| format!("execute {m}")).collect();
+    let out = Command::new("acpiexec")
+        .args(["-b", &batch.join("; "), "dsdt.dat", "test.aml"])
+        .current_dir(dir)
+        .output()
+        .expect("`acpiexec` is needed for this test: install acpica-tools");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "acpiexec failed:\n{text}");
+    assert!(
+        !text.contains("AE_") || text.contains("AE_OK"),
+        "ACPICA reported an exception:\n{text}"
+    );
+    let mut runs: Vec<Run> = Vec::new();
+    for line in text.lines() {
+        if line.starts_with("Evaluating \\") {
+            runs.push((Vec::new(), None));
+        } else if let Some(rest) = line.split(" Notify on [").nth(1) {
+            let device = rest[..4].trim_end_matches('_').to_owned();
+            let value = rest.split("Value 0x").nth(1).unwrap();
+            let value = u32::from_str_radix(value.split_whitespace().next().unwrap(), 16);
+            runs.last_mut().unwrap().0.push((device, value.unwrap()));
+        } else if let Some(v) = line.trim().strip_prefix("[Integer] = ") {
+            runs.last_mut().unwrap().1 = Some(u64::from_str_radix(v, 16).unwrap());
+        }
+    }
+    assert_eq!(runs.len(), methods.len(), "{text}");
+    // ACPICA delivers notifications from a deferred queue: their order is its own.
+    for run in &mut runs {
+        run.0.sort();
+    }
+    runs
+}
+
+#[test]
+fn the_hotplug_aml_notifies_the_right_slots_and_ejects_in_acpica() {
+    let dir = std::env::temp_dir().join(format!("qomu-acpiexec-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let board = Board {
+        cpus: 1,
+        serials: vec![(0x3f8, 4)],
+    };
+    let tables = build(&board).unwrap();
+    let dsdt = tables
+        .tables
+        .iter()
+        .find(|t| t.signature == "DSDT")
+        .unwrap();
+    std::fs::write(dir.join("dsdt.dat"), &dsdt.bytes).unwrap();
+    // Each method sets the registers as the devices would (the GED's status, the hotplug
+    // controller's PCIU and PCID), then runs the GED's _EVT as Linux's GED driver does on
+    // its interrupt; ejects run a slot's _EJ0 as acpiphp does and read B0EJ back.
+    let event = |name: &str, ged: u32, up: u32, down: u32| {
+        format!(
+            "Method ({name}, 0) {{ \\_SB.GED.GDAT = {ged:#x}  \\_SB.PCI0.PCIU = {up:#x}  \
+             \\_SB.PCI0.PCID = {down:#x}  \\_SB.GED._EVT (0) }}\n"
+        )
+    };
+    let eject = |name: &str, slot: u32| {
+        format!(
+            "Method ({name}, 0) {{ \\_SB.PCI0.B0EJ = 0  \\_SB.PCI0.S{slot:02X}._EJ0 (0)  \
+             Return (\\_SB.PCI0.B0EJ) }}\n"
+        )
+    };
+    let mut ssdt = String::from(
+        "DefinitionBlock (\"\", \"SSDT\", 2, \"QOMU\", \"HPTEST\", 1)\n{\n\
+         External (\\_SB.GED.GDAT, FieldUnitObj)\n\
+         External (\\_SB.PCI0.PCIU, FieldUnitObj)\n\
+         External (\\_SB.PCI0.PCID, FieldUnitObj)\n\
+         External (\\_SB.PCI0.B0EJ, FieldUnitObj)\n\
+         External (\\_SB.GED._EVT, MethodObj)\n",
+    );
+    for slot in [1, 5, 31] {
+        ssdt += &format!("External (\\_SB.PCI0.S{slot:02X}._EJ0, MethodObj)\n");
+    }
+    ssdt += &event("ADD5", 2, 1 << 5, 0);
+    ssdt += &event("DEL5", 2, 0, 1 << 5);
+    ssdt += &event("BOTH", 2, 1 << 1 | 1 << 31, 1 << 5);
+    // Slot 0 is the host bridge: never announced. No hotplug bit: PCNT is not run.
+    ssdt += &event("HOST", 2, 1, 1);
+    ssdt += &event("NONE", 1, 1 << 5, 1 << 5);
+    ssdt += &eject("EJ01", 1);
+    ssdt += &eject("EJ05", 5);
+    ssdt += &eject("EJ31", 31);
+    ssdt += "}\n";
+    let runs = acpiexec(
+        &dir,
+        &ssdt,
+        &[
+            "ADD5", "DEL5", "BOTH", "HOST", "NONE", "EJ01", "EJ05", "EJ31",
+        ],
+    );
+    let notes = |list: &[(&str, u32)]| -> Vec<(String, u32)> {
+        list.iter().map(|&(d, v)| (d.to_owned(), v)).collect()
+    };
+    const CHECK: u32 = 1;
+    const EJECT_REQUEST: u32 = 3;
+    assert_eq!(
+        runs[0].0,
+        notes(&[("S05", CHECK)]),
+        "a device added to slot 5"
+    );
+    assert_eq!(
+        runs[1].0,
+        notes(&[("S05", EJECT_REQUEST)]),
+        "slot 5 asked back"
+    );
+    assert_eq!(
+        runs[2].0,
+        notes(&[("S01", CHECK), ("S05", EJECT_REQUEST), ("S1F", CHECK)]),
+        "several slots in one event"
+    );
+    assert_eq!(runs[3].0, notes(&[]), "slot 0 is never notified");
+    // The power button bit alone notifies the button, not the slots.
+    assert_eq!(runs[4].0, notes(&[("PWRB", 0x80)]));
+    for (run, slot) in runs[5..].iter().zip([1u32, 5, 31]) {
+        assert_eq!(
+            run.1,
+            Some(1 << slot),
+            "S{slot:02X}._EJ0 writes its bit to B0EJ"
+        );
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
