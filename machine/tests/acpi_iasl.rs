@@ -7,10 +7,10 @@ use std::process::Command;
 
 use machine::acpi::{Board, build};
 
-fn iasl_decompile(dir: &Path, file: &str) -> (bool, String) {
+/// Runs `iasl ARGS` in `dir`: whether it succeeded, and what it printed.
+fn iasl(dir: &Path, args: &[&str]) -> (bool, String) {
     let out = Command::new("iasl")
-        .arg("-d")
-        .arg(file)
+        .args(args)
         .current_dir(dir)
         .output()
         .expect(
@@ -41,16 +41,8 @@ fn check_rsdp_with_iasl(dir: &Path, ours: &[u8]) {
         u32::from_le_bytes(ours[20..24].try_into().unwrap()),
     );
     std::fs::write(dir.join("rsdp.asl"), source).unwrap();
-    let out = Command::new("iasl")
-        .arg("rsdp.asl")
-        .current_dir(dir)
-        .output()
-        .expect("iasl (acpica-tools)");
-    assert!(
-        out.status.success(),
-        "iasl could not compile the RSDP: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let (ok, text) = iasl(dir, &["rsdp.asl"]);
+    assert!(ok, "iasl could not compile the RSDP: {text}");
     assert_eq!(
         std::fs::read(dir.join("rsdp.aml")).unwrap(),
         ours,
@@ -72,7 +64,7 @@ fn every_table_decompiles_and_the_dsdt_names_the_devices() {
     for t in described {
         let file = format!("{}.dat", t.signature.to_lowercase());
         std::fs::write(dir.join(&file), &t.bytes).unwrap();
-        let (ok, text) = iasl_decompile(&dir, &file);
+        let (ok, text) = iasl(&dir, &["-d", &file]);
         assert!(ok, "iasl -d {file} failed:\n{text}");
         let lower = text.to_lowercase();
         assert!(
@@ -139,16 +131,8 @@ type Run = (Vec<(String, u32)>, Option<u64>);
 /// returned.
 fn acpiexec(dir: &Path, ssdt: &str, methods: &[&str]) -> Vec<Run> {
     std::fs::write(dir.join("test.asl"), ssdt).unwrap();
-    let out = Command::new("iasl")
-        .arg("test.asl")
-        .current_dir(dir)
-        .output()
-        .expect("iasl (acpica-tools)");
-    assert!(
-        out.status.success(),
-        "iasl could not compile the test table:\n{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let (ok, text) = iasl(dir, &["test.asl"]);
+    assert!(ok, "iasl could not compile the test table:\n{text}");
     let batch: Vec<String> = methods.iter().map(|m| format!("execute {m}")).collect();
     let out = Command::new("acpiexec")
         .args(["-b", &batch.join("; "), "dsdt.dat", "test.aml"])
