@@ -831,6 +831,9 @@ impl Machine {
                 e => e,
             })?;
         if pci {
+            // `plugged` goes out before the guest is told, so that nothing the guest does
+            // with the device (`driver-ok`) can reach a client before it.
+            devices::pci::announce_plugged(&dev);
             // A running guest learns of it through the hotplug controller and the GED.
             let slot = dev.get("slot").ok().and_then(|v| v.as_u64());
             if let (true, Some(slot), Some(h), Some(ged)) =
@@ -839,7 +842,6 @@ impl Machine {
                 h.added(slot as u8);
                 ged.raise(EVENT_PCI_HOTPLUG);
             }
-            devices::pci::announce_plugged(&dev);
         }
         Ok(dev)
     }

@@ -411,14 +411,18 @@ impl QmpRaw {
     /// The next subscription event (`__org.qomu_NOTIFY`) of `notifier` from `path`; its
     /// `data` member (others stay queued).
     pub fn wait_notify(&mut self, notifier: &str, path: &str) -> serde_json::Value {
+        self.wait_notify_event(notifier, path)["data"]["data"].clone()
+    }
+
+    /// As [`QmpRaw::wait_notify`], the whole event (with its `timestamp`).
+    pub fn wait_notify_event(&mut self, notifier: &str, path: &str) -> serde_json::Value {
         loop {
             if let Some(i) = self.events.iter().position(|e| {
                 e["event"] == "__org.qomu_NOTIFY"
                     && e["data"]["notifier"] == notifier
                     && e["data"]["path"] == path
             }) {
-                let e = self.events.remove(i).unwrap_or_default();
-                return e["data"]["data"].clone();
+                return self.events.remove(i).unwrap_or_default();
             }
             let m = self.read_message();
             assert!(

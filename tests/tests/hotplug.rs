@@ -646,6 +646,12 @@ fn footprint(q: &Qomu, c: &mut QmpRaw) -> (Footprint, u64) {
     )
 }
 
+/// An event's time stamp, in microseconds.
+fn emitted_at(event: &Json) -> u64 {
+    let t = &event["timestamp"];
+    t["seconds"].as_u64().unwrap() * 1_000_000 + t["microseconds"].as_u64().unwrap()
+}
+
 #[test]
 fn a_hundred_plug_unplug_cycles_leave_nothing_behind() {
     require_kvm!();
@@ -687,8 +693,13 @@ fn a_hundred_plug_unplug_cycles_leave_nothing_behind() {
         let r = c.cmd(&json!({"execute": "device_add", "arguments": args}).to_string());
         assert_eq!(r, json!({"return": {}}), "cycle {i}");
         let path = "/machine/peripheral/dev";
-        c.wait_notify("plugged", path);
-        c.wait_notify("driver-ok", path);
+        // `plugged` is sent before the guest is told, so it precedes `driver-ok`.
+        let plugged = c.wait_notify_event("plugged", path);
+        let driver_ok = c.wait_notify_event("driver-ok", path);
+        assert!(
+            emitted_at(&plugged) <= emitted_at(&driver_ok),
+            "cycle {i}: driver-ok before plugged: {plugged} {driver_ok}"
+        );
         // A subscription to the device itself, which its owner removes afterwards.
         let r = c.cmd(&format!(
             r#"{{"execute": "__org.qomu_subscribe", "arguments": {{"path": "{path}", "notifier": "unplugged"}}}}"#
