@@ -94,6 +94,11 @@ pub struct Machine {
     pub(crate) notifiers: Notifiers,
     ged: OnceLock<Arc<Ged>>,
     hotplug: OnceLock<Arc<Hotplug>>,
+    /// Held while a request reaches the hotplug controller (`device_add`'s PCIU, and
+    /// `device_del`'s check and PCID, each with its GED event): two unplug requests cannot
+    /// both pass the check, and no GED event shows the guest a request whose events have
+    /// not gone out yet.
+    hotplug_requests: Mutex<()>,
     anon_devices: AtomicU64,
 }
 
@@ -156,6 +161,7 @@ impl Machine {
                 notifiers,
                 ged: OnceLock::new(),
                 hotplug: OnceLock::new(),
+                hotplug_requests: Mutex::new(()),
                 anon_devices: AtomicU64::new(0),
             }
         });
@@ -839,6 +845,7 @@ impl Machine {
             if let (true, Some(slot), Some(h), Some(ged)) =
                 (hot, slot, self.hotplug.get(), self.ged.get())
             {
+                let _requests = self.hotplug_requests.lock();
                 h.added(slot as u8);
                 ged.raise(EVENT_PCI_HOTPLUG);
             }
@@ -935,17 +942,20 @@ impl Machine {
         let (Some(h), Some(ged)) = (self.hotplug.get(), self.ged.get()) else {
             return Err(failed("the machine has no hotplug controller"));
         };
+        let _requests = self.hotplug_requests.lock();
         if h.removal_requested(slot) {
             return Err(Error::InvalidState(format!(
                 "Device {} is already in the process of unplug",
                 dev.name()
             )));
         }
-        h.request_removal(slot);
-        dev.notify_property_changed("unplug-pending", &Value::Bool(true));
+        // Announced before the guest is told (the GED): nothing the guest does about it
+        // (the eject, `unplugged`) can reach a client first.
         if let Ok(n) = dev.notifier("unplug-requested") {
             n.emit(empty);
         }
+        h.request_removal(slot);
+        dev.notify_property_changed("unplug-pending", &Value::Bool(true));
         ged.raise(EVENT_PCI_HOTPLUG);
         Ok(())
     }

@@ -386,12 +386,16 @@ fn hot_plug_and_unplug_of_a_running_guest_over_qmp() {
         again["error"]["desc"], "Device rng0 is already in the process of unplug",
         "{again}"
     );
-    c.wait_notify("unplug-requested", "/machine/peripheral/rng0");
-    assert_eq!(
-        c.wait_notify("eject", "/machine/unattached/pci-hotplug"),
-        json!({"slot": 1, "requested": true})
+    let requested = c.wait_notify_event("unplug-requested", "/machine/peripheral/rng0");
+    let eject = c.wait_notify_event("eject", "/machine/unattached/pci-hotplug");
+    assert_eq!(eject["data"]["data"], json!({"slot": 1, "requested": true}));
+    let unplugged = c.wait_notify_event("unplugged", "/machine/peripheral/rng0");
+    // In the order they happened: the request, the guest's eject, the removal.
+    assert!(
+        emitted_at(&requested) <= emitted_at(&eject)
+            && emitted_at(&eject) <= emitted_at(&unplugged),
+        "{requested} {eject} {unplugged}"
     );
-    c.wait_notify("unplugged", "/machine/peripheral/rng0");
     let deleted = c.wait_event("DEVICE_DELETED");
     assert_eq!(
         deleted["data"],
