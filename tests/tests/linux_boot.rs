@@ -11,7 +11,12 @@ use machine::MachineConfig;
 use qom::{SubscribeOptions, Target, Value};
 use qomu_tests::{TestVm, hardware_virtualization, require_kvm};
 
+/// The kit: `QOMU_GUEST_KIT` if set (a kit built elsewhere, for a host without the
+/// package archive), else `target/guest-kit`, built or rebuilt by `scripts/guest-kit`.
 fn guest_kit() -> PathBuf {
+    if let Some(kit) = std::env::var_os("QOMU_GUEST_KIT") {
+        return PathBuf::from(kit);
+    }
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let kit = root.join("target/guest-kit");
     let script = root.join("scripts/guest-kit");
