@@ -416,21 +416,11 @@ impl QmpRaw {
 
     /// As [`QmpRaw::wait_notify`], the whole event (with its `timestamp`).
     pub fn wait_notify_event(&mut self, notifier: &str, path: &str) -> serde_json::Value {
-        loop {
-            if let Some(i) = self.events.iter().position(|e| {
-                e["event"] == "__org.qomu_NOTIFY"
-                    && e["data"]["notifier"] == notifier
-                    && e["data"]["path"] == path
-            }) {
-                return self.events.remove(i).unwrap_or_default();
-            }
-            let m = self.read_message();
-            assert!(
-                m.get("event").is_some(),
-                "unexpected reply while waiting for {notifier} of {path}: {m}"
-            );
-            self.events.push_back(m);
-        }
+        self.wait_for(&format!("{notifier} of {path}"), |e| {
+            e["event"] == "__org.qomu_NOTIFY"
+                && e["data"]["notifier"] == notifier
+                && e["data"]["path"] == path
+        })
     }
 
     /// Every qom path below `/`, walked with qom-list along `child<>` properties.
@@ -465,14 +455,24 @@ impl QmpRaw {
 
     /// The next event named `name` (others stay queued).
     pub fn wait_event(&mut self, name: &str) -> serde_json::Value {
+        self.wait_for(name, |e| e["event"] == name)
+    }
+
+    /// The first event, queued or next to come, that `wanted` accepts (others stay
+    /// queued); `what` names it if a reply comes instead.
+    fn wait_for(
+        &mut self,
+        what: &str,
+        wanted: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
         loop {
-            if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
+            if let Some(i) = self.events.iter().position(&wanted) {
                 return self.events.remove(i).unwrap_or_default();
             }
             let m = self.read_message();
             assert!(
                 m.get("event").is_some(),
-                "unexpected reply while waiting for {name}: {m}"
+                "unexpected reply while waiting for {what}: {m}"
             );
             self.events.push_back(m);
         }
