@@ -176,19 +176,11 @@ impl Blk {
         writer: &mut virtio_queue::Writer<'_>,
     ) -> Result<(), Failure> {
         let len = writer.available_bytes();
-        let mut offset = Self::range(image, sector, len)?;
-        let mut buf = vec![0u8; len.min(CHUNK)];
-        let mut left = len;
-        while left > 0 {
-            let n = left.min(CHUNK);
-            image
-                .file
-                .read_exact_at(&mut buf[..n], offset)
-                .map_err(Failure::io)?;
-            writer.write_all(&buf[..n]).map_err(Failure::io)?;
-            offset += n as u64;
-            left -= n;
-        }
+        let offset = Self::range(image, sector, len)?;
+        in_chunks(len, offset, |buf, at| {
+            image.file.read_exact_at(buf, at).map_err(Failure::io)?;
+            writer.write_all(buf).map_err(Failure::io)
+        })?;
         self.stats
             .read_bytes
             .fetch_add(len as u64, Ordering::Relaxed);
@@ -205,24 +197,34 @@ impl Blk {
             return Err(Failure::io("the device is read-only"));
         }
         let len = reader.available_bytes();
-        let mut offset = Self::range(image, sector, len)?;
-        let mut buf = vec![0u8; len.min(CHUNK)];
-        let mut left = len;
-        while left > 0 {
-            let n = left.min(CHUNK);
-            reader.read_exact(&mut buf[..n]).map_err(Failure::io)?;
-            image
-                .file
-                .write_all_at(&buf[..n], offset)
-                .map_err(Failure::io)?;
-            offset += n as u64;
-            left -= n;
-        }
+        let offset = Self::range(image, sector, len)?;
+        in_chunks(len, offset, |buf, at| {
+            reader.read_exact(buf).map_err(Failure::io)?;
+            image.file.write_all_at(buf, at).map_err(Failure::io)
+        })?;
         self.stats
             .written_bytes
             .fetch_add(len as u64, Ordering::Relaxed);
         Ok(())
     }
+}
+
+/// Runs `step` over `len` bytes from image offset `offset` in pieces of at most `CHUNK`,
+/// each with a buffer of the piece's size and the piece's offset.
+fn in_chunks(
+    len: usize,
+    mut offset: u64,
+    mut step: impl FnMut(&mut [u8], u64) -> Result<(), Failure>,
+) -> Result<(), Failure> {
+    let mut buf = vec![0u8; len.min(CHUNK)];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(CHUNK);
+        step(&mut buf[..n], offset)?;
+        offset += n as u64;
+        left -= n;
+    }
+    Ok(())
 }
 
 impl Backend for Blk {
