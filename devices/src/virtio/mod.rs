@@ -493,7 +493,24 @@ impl VirtioPci {
         let Some(q) = queues.get_mut(index).filter(|q| q.ready()) else {
             return;
         };
-        if !backend.process(index, q, mem) {
+        // Served as a driver that suppresses notifications expects: while the device
+        // works, none is asked for (without EVENT_IDX, the used ring's NO_NOTIFY flag);
+        // after it, notifications are asked for again (with EVENT_IDX, by publishing the
+        // next index the device will look at as `avail_event`, without which a Linux
+        // driver stops notifying after its first request), and buffers the driver added
+        // meanwhile, about which it may not notify, are served now. A round that serves
+        // nothing ends it, so a broken ring cannot keep the vCPU here.
+        let mut used = false;
+        loop {
+            let _ = q.disable_notification(mem);
+            let served = backend.process(index, q, mem);
+            used |= served;
+            let more = q.enable_notification(mem).unwrap_or(false);
+            if !(served && more) {
+                break;
+            }
+        }
+        if !used {
             return;
         }
         self.counters.used.fetch_add(1, Ordering::Relaxed);
@@ -896,6 +913,8 @@ mod tests {
     use crate::interrupt::IrqLine;
     use crate::pci::PciBus;
     use crate::platform::{MachineRequest, Platform};
+    use virtio_queue::desc::split::Descriptor;
+    use vm_memory::{Bytes, GuestAddress};
 
     /// A model with two queues whose configuration structure reads as its offset.
     struct Model(Arc<Mutex<Vec<(u64, Vec<u8>)>>>);
@@ -987,6 +1006,147 @@ mod tests {
         let mut b = [0u8; 4];
         dev.bar_read(BAR_INDEX, offset, &mut b[..len]);
         u32::from_le_bytes(b)
+    }
+
+    /// A one-queue model that uses every buffer offered, and plays a driver that offers
+    /// `late` more buffers while the device is busy with its first round.
+    struct Serve {
+        late: u16,
+    }
+
+    const DESC: u64 = 0x1000;
+    const AVAIL: u64 = 0x2000;
+    const USED: u64 = 0x3000;
+    const QSIZE: u16 = 8;
+    const VRING_DESC_F_WRITE: u16 = 2;
+    const VRING_USED_F_NO_NOTIFY: u16 = 1;
+    /// `avail_event`, after the used ring's flags, idx and QSIZE elements.
+    const AVAIL_EVENT: u64 = USED + 4 + 8 * QSIZE as u64;
+
+    impl Backend for Serve {
+        fn device_id(&self) -> u16 {
+            4
+        }
+        fn class(&self) -> u32 {
+            0xff_00_00
+        }
+        fn queues(&self) -> usize {
+            1
+        }
+        fn process(&mut self, _: usize, q: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+            let mut served = false;
+            while let Some(chain) = q.pop_descriptor_chain(mem) {
+                q.add_used(mem, chain.head_index(), 0).expect("used ring");
+                served = true;
+            }
+            if std::mem::take(&mut self.late) > 0 {
+                offer(mem, 1);
+            }
+            served
+        }
+    }
+
+    fn read16(mem: &GuestMemoryMmap, at: u64) -> u16 {
+        mem.read_obj(GuestAddress(at)).expect("guest memory")
+    }
+
+    /// The driver offers `n` more buffers (all descriptor 0) and does not notify.
+    fn offer(mem: &GuestMemoryMmap, n: u16) {
+        let idx = read16(mem, AVAIL + 2);
+        for i in 0..n {
+            let slot = u64::from(idx.wrapping_add(i) % QSIZE);
+            mem.write_obj(0u16, GuestAddress(AVAIL + 4 + 2 * slot))
+                .expect("avail ring");
+        }
+        mem.write_obj(idx.wrapping_add(n), GuestAddress(AVAIL + 2))
+            .expect("avail idx");
+    }
+
+    /// A device whose driver has set up queue 0 as a virtio 1.x driver does, accepting
+    /// EVENT_IDX or not, in 64 KiB of guest memory.
+    fn serving(event_idx: bool, late: u16) -> (VirtioPci, GuestMemoryMmap) {
+        let platform: PlatformRef = Weak::<Unplugged>::new();
+        let dev = VirtioPci::new(Box::new(Serve { late }), platform);
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).expect("memory");
+        dev.memory.set(mem.clone()).expect("no memory yet");
+        mem.write_obj(
+            Descriptor::new(0x8000, 16, VRING_DESC_F_WRITE, 0),
+            GuestAddress(DESC),
+        )
+        .expect("descriptor");
+        let common = |offset: u64, data: &[u8]| dev.bar_write(BAR_INDEX, COMMON + offset, data);
+        common(0x14, &[STATUS_ACKNOWLEDGE | STATUS_DRIVER]);
+        let accepted = F_VERSION_1 | if event_idx { F_EVENT_IDX } else { 0 };
+        for word in 0..2u32 {
+            common(0x08, &word.to_le_bytes());
+            common(0x0c, &((accepted >> (32 * word)) as u32).to_le_bytes());
+        }
+        common(
+            0x14,
+            &[STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK],
+        );
+        common(0x16, &0u16.to_le_bytes());
+        common(0x18, &QSIZE.to_le_bytes());
+        for (offset, at) in [(0x20, DESC), (0x28, AVAIL), (0x30, USED)] {
+            common(offset, &at.to_le_bytes());
+        }
+        common(0x1c, &1u16.to_le_bytes());
+        common(
+            0x14,
+            &[STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK],
+        );
+        assert_eq!(bar(&dev, COMMON + 0x1c, 2), 1, "queue enabled");
+        (dev, mem)
+    }
+
+    fn kick(dev: &VirtioPci) {
+        dev.bar_write(BAR_INDEX, NOTIFY, &0u16.to_le_bytes());
+    }
+
+    #[test]
+    fn with_event_idx_the_device_asks_for_the_next_notification() {
+        let (dev, mem) = serving(true, 0);
+        offer(&mem, 1);
+        kick(&dev);
+        assert_eq!(read16(&mem, USED + 2), 1, "used");
+        // A Linux driver notifies only when its new buffers pass `avail_event`: left at 0,
+        // it would never notify again.
+        assert_eq!(read16(&mem, AVAIL_EVENT), 1);
+        offer(&mem, 2);
+        kick(&dev);
+        assert_eq!(read16(&mem, USED + 2), 3);
+        assert_eq!(read16(&mem, AVAIL_EVENT), 3);
+        assert_eq!(
+            read16(&mem, USED),
+            0,
+            "the flags are not used with EVENT_IDX"
+        );
+    }
+
+    #[test]
+    fn without_event_idx_no_notify_is_clear_between_requests() {
+        let (dev, mem) = serving(false, 0);
+        mem.write_obj(VRING_USED_F_NO_NOTIFY, GuestAddress(USED))
+            .expect("flags");
+        offer(&mem, 1);
+        kick(&dev);
+        assert_eq!(read16(&mem, USED + 2), 1);
+        assert_eq!(read16(&mem, USED), 0, "NO_NOTIFY only while serving");
+        assert_eq!(read16(&mem, AVAIL_EVENT), 0, "avail_event untouched");
+    }
+
+    #[test]
+    fn buffers_offered_while_serving_are_served_without_a_notification() {
+        for event_idx in [true, false] {
+            let (dev, mem) = serving(event_idx, 1);
+            offer(&mem, 1);
+            kick(&dev);
+            assert_eq!(read16(&mem, USED + 2), 2, "event_idx {event_idx}");
+            assert_eq!(dev.counters.notifications.load(Ordering::Relaxed), 1);
+            if event_idx {
+                assert_eq!(read16(&mem, AVAIL_EVENT), 2);
+            }
+        }
     }
 
     #[test]

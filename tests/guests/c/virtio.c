@@ -2,8 +2,11 @@
  *
  * Scans the root bus through ports 0xcf8/0xcfc and through ECAM (both must agree), prints
  * `pci SLOT VENDOR:DEVICE` for each function, then brings up every virtio device as a
- * virtio 1.x driver does: reset, ACKNOWLEDGE, DRIVER, features (VERSION_1), FEATURES_OK,
- * queues, DRIVER_OK, and uses it. First it checks the VIRTIO_PCI_CAP_PCI_CFG window (the
+ * virtio 1.x driver does: reset, ACKNOWLEDGE, DRIVER, features (VERSION_1, and EVENT_IDX
+ * unless `event_idx=0`), FEATURES_OK, queues, DRIVER_OK, and uses it, notifying the device
+ * only when it asks to be (as Linux does: with EVENT_IDX, when the new buffer passes the
+ * device's avail_event; without, unless the used ring's NO_NOTIFY flag is set), so a device
+ * that stops asking leaves a request unserved and the step fails. First it checks the VIRTIO_PCI_CAP_PCI_CFG window (the
  * common structure reached through ports 0xcf8/0xcfc alone). Then:
  *   virtio-rng: reads 32 bytes of entropy twice, prints them, checks they are not all zero
  *               and differ. With `msix=1` it turns MSI-X on first (queue on vector 1,
@@ -60,7 +63,11 @@ struct vdev {
     u32 notify_mult;
     u8 common_bar, window; /* the common structure's BAR; the PCI_CFG capability */
     u32 common_offset;
+    u32 features; /* the low feature word accepted */
 };
+
+#define F_EVENT_IDX (1u << 29)
+static int use_event_idx = 1;
 
 #define COMMON_DFSELECT 0x00
 #define COMMON_DF 0x04
@@ -150,6 +157,7 @@ struct queue {
         __attribute__((aligned(4)));
     u16 last_used;
     u64 notify_at;
+    int event_idx;
 };
 
 static struct queue queues[4];
@@ -169,19 +177,32 @@ static int setup_queue(struct vdev *d, u16 index, struct queue *q) {
     w32(c + COMMON_Q_USED, (u32)(u64)&q->used);
     w32(c + COMMON_Q_USED + 4, 0);
     q->notify_at = d->notify + (u64)mmio_read16(c + COMMON_Q_NOFF) * d->notify_mult;
+    q->event_idx = (d->features & F_EVENT_IDX) != 0;
     w16(c + COMMON_Q_ENABLE, 1);
     return mmio_read16(c + COMMON_Q_ENABLE) == 1 ? 0 : 2;
 }
 
-/* Offers `n` descriptors as one chain, notifies, and polls until the device uses it.
- * Returns the length the device wrote, or -1 after a long wait. */
+/* Offers `n` descriptors as one chain, notifies if the device asks for it, and polls until
+ * the device uses it. Returns the length the device wrote, or -1 after a long wait. (The
+ * device serves the queue during this vCPU's notification exit, so compiler barriers
+ * order enough here.) */
 static long submit(struct queue *q, u16 qindex, u16 n) {
-    u16 slot = q->avail.idx % QSIZE;
-    q->avail.ring[slot] = 0;
+    u16 old = q->avail.idx, now = (u16)(old + 1);
+    q->avail.ring[old % QSIZE] = 0;
+    /* With EVENT_IDX, an interrupt for the next used buffer, as Linux asks. */
+    q->avail.used_event = q->last_used;
     barrier();
-    q->avail.idx++;
+    q->avail.idx = now;
     barrier();
-    w16(q->notify_at, qindex);
+    int kick;
+    if (q->event_idx) {
+        /* Linux's vring_need_event(): the device's avail_event lies in [old, now). */
+        u16 event = *(volatile u16 *)&q->used.avail_event;
+        kick = (u16)(now - event - 1) < (u16)(now - old);
+    } else {
+        kick = !(*(volatile u16 *)&q->used.flags & 1);
+    }
+    if (kick) w16(q->notify_at, qindex);
     for (u64 spins = 0; spins < 2000000; spins++) {
         barrier();
         if (*(volatile u16 *)&q->used.idx != q->last_used) {
@@ -194,7 +215,8 @@ static long submit(struct queue *q, u16 qindex, u16 n) {
     return -1;
 }
 
-/* Reset, ACKNOWLEDGE, DRIVER, VERSION_1, FEATURES_OK. 0 on success. */
+/* Reset, ACKNOWLEDGE, DRIVER, VERSION_1 (and EVENT_IDX unless event_idx=0), FEATURES_OK.
+ * 0 on success. */
 static int negotiate(struct vdev *d, u32 wanted_low) {
     u64 c = d->common;
     mmio_write8(c + COMMON_STATUS, 0);
@@ -205,7 +227,9 @@ static int negotiate(struct vdev *d, u32 wanted_low) {
     u32 high = mmio_read32(c + COMMON_DF);
     if (!(high & 1)) return 2; /* no VERSION_1 */
     w32(c + COMMON_DFSELECT, 0);
+    if (use_event_idx) wanted_low |= F_EVENT_IDX;
     u32 low = mmio_read32(c + COMMON_DF) & wanted_low;
+    d->features = low;
     w32(c + COMMON_GFSELECT, 0);
     w32(c + COMMON_GF, low);
     w32(c + COMMON_GFSELECT, 1);
@@ -475,6 +499,7 @@ void guest_main(const u8 *zero_page) {
     u64 min = cmdline_u64(zero_page, "min", 1);
     write_sector = cmdline_u64(zero_page, "wsector", 1);
     use_msix = (int)cmdline_u64(zero_page, "msix", 0);
+    use_event_idx = (int)cmdline_u64(zero_page, "event_idx", 1);
     int found = 0;
     for (u8 slot = 0; slot < 32; slot++) found += probe(slot);
     puts("virtio: ");
