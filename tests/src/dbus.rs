@@ -11,7 +11,7 @@ use zbus::message::Type as MessageType;
 use zbus::wire::DynamicType;
 use zbus::{Connection, MatchRule, Message, MessageStream, OwnedVariant};
 
-use crate::{PATIENCE, Qomu};
+use crate::{Qomu, patience};
 
 /// The bus name qomu owns by default.
 pub const NAME: &str = "org.qomu.VM1";
@@ -233,7 +233,7 @@ impl Client {
         let call = self.conn.call_method(dest, path, Some(iface), member, body);
         match block_on(async {
             let rt = zruntime::SharedRuntime::current().expect("runtime");
-            rt.timeout(PATIENCE, call).await
+            rt.timeout(patience(), call).await
         }) {
             Ok(Ok(m)) => Ok(m),
             Ok(Err(zbus::Error::MethodError(name, message, _))) => Err(CallError {
@@ -248,7 +248,10 @@ impl Client {
                 })
             }
             Ok(Err(e)) => panic!("{iface}.{member} at {path}: {e}"),
-            Err(_) => panic!("{iface}.{member} at {path}: no reply within {PATIENCE:?}"),
+            Err(_) => panic!(
+                "{iface}.{member} at {path}: no reply within {:?}",
+                patience()
+            ),
         }
     }
 
@@ -350,15 +353,15 @@ impl Signals {
         })
     }
 
-    /// The first signal `pred` accepts (others are dropped); panics after [`PATIENCE`].
+    /// The first signal `pred` accepts (others are dropped); panics after [`patience`].
     pub fn wait_for(&mut self, what: &str, pred: impl Fn(&Message) -> bool) -> Message {
-        let deadline = Instant::now() + PATIENCE;
+        let deadline = Instant::now() + patience();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.next(left) {
                 Some(m) if pred(&m) => return m,
                 Some(_) => {}
-                None => panic!("no {what} within {PATIENCE:?}"),
+                None => panic!("no {what} within {:?}", patience()),
             }
         }
     }

@@ -11,9 +11,23 @@ use std::time::{Duration, Instant};
 use machine::{Machine, MachineConfig};
 use qom::{SubscribeOptions, Subscriber, Target, Value};
 
-/// How long a test waits for a guest before failing (guests are slow where KVM emulates
-/// ring 0, and CI machines are shared).
-pub const PATIENCE: Duration = Duration::from_secs(60);
+/// How long a test waits for a guest before failing: 60 s (guests are slow where KVM
+/// emulates ring 0, and CI machines are shared), or `QOMU_TEST_PATIENCE` seconds where a
+/// run is known to be slower (the Linux boot test under nested, emulated virtualization:
+/// `scripts/linux-check-nested`).
+pub fn patience() -> Duration {
+    static PATIENCE: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *PATIENCE.get_or_init(|| {
+        let secs = std::env::var("QOMU_TEST_PATIENCE")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(60);
+        Duration::from_secs(secs)
+    })
+}
+
+/// How many of the last console lines a failed wait shows.
+const RECENT_LINES: usize = 40;
 
 /// Whether `/dev/kvm` can be used. When it cannot, the test prints why and returns early:
 /// the one case where these tests may skip.
@@ -53,6 +67,8 @@ pub struct TestVm {
     pub machine: Arc<Machine>,
     pub client: Subscriber,
     lines: VecDeque<String>,
+    /// The last [`RECENT_LINES`] console lines, consumed or not, for failure messages.
+    recent: VecDeque<String>,
     events: VecDeque<(String, Value)>,
 }
 
@@ -92,6 +108,7 @@ impl TestVm {
             machine,
             client,
             lines: VecDeque::new(),
+            recent: VecDeque::new(),
             events: VecDeque::new(),
         }
     }
@@ -113,6 +130,10 @@ impl TestVm {
                     .and_then(Value::as_str)
                     .unwrap_or_default()
                     .to_owned();
+                if self.recent.len() == RECENT_LINES {
+                    self.recent.pop_front();
+                }
+                self.recent.push_back(line.clone());
                 self.lines.push_back(line);
             } else {
                 self.events
@@ -123,7 +144,7 @@ impl TestVm {
 
     /// Waits for a console line containing `text` (consuming lines up to it).
     pub fn wait_line(&mut self, text: &str) -> String {
-        let deadline = Instant::now() + PATIENCE;
+        let deadline = Instant::now() + patience();
         loop {
             while let Some(line) = self.lines.pop_front() {
                 if line.contains(text) {
@@ -132,7 +153,9 @@ impl TestVm {
             }
             assert!(
                 Instant::now() < deadline,
-                "no console line containing {text:?} within {PATIENCE:?}"
+                "no console line containing {text:?} within {:?}; the console's last lines:\n{}",
+                patience(),
+                self.recent_lines()
             );
             self.pump(Duration::from_millis(50));
         }
@@ -140,7 +163,7 @@ impl TestVm {
 
     /// Waits for the next `/machine` event named `name`; returns its data.
     pub fn wait_event(&mut self, name: &str) -> Value {
-        let deadline = Instant::now() + PATIENCE;
+        let deadline = Instant::now() + patience();
         loop {
             if let Some(i) = self.events.iter().position(|(n, _)| n == name) {
                 return self
@@ -151,10 +174,17 @@ impl TestVm {
             }
             assert!(
                 Instant::now() < deadline,
-                "no {name} event within {PATIENCE:?}"
+                "no {name} event within {:?}; the console's last lines:\n{}",
+                patience(),
+                self.recent_lines()
             );
             self.pump(Duration::from_millis(50));
         }
+    }
+
+    /// The console's last lines (at most 40), consumed or not, joined for a failure message.
+    pub fn recent_lines(&self) -> String {
+        Vec::from(self.recent.clone()).join("\n")
     }
 
     /// Every console line and event received so far (lines are not consumed).
@@ -172,8 +202,8 @@ impl TestVm {
     /// Waits for the VMM to end; returns the exit status.
     pub fn wait_exit(&self) -> i32 {
         self.machine
-            .wait_for_exit_timeout(PATIENCE)
-            .unwrap_or_else(|| panic!("the guest did not end within {PATIENCE:?}"))
+            .wait_for_exit_timeout(patience())
+            .unwrap_or_else(|| panic!("the guest did not end within {:?}", patience()))
     }
 
     pub fn get(&self, path: &str, property: &str) -> Value {
@@ -329,7 +359,7 @@ pub struct QmpRaw {
 impl QmpRaw {
     pub fn connect(path: &std::path::Path) -> QmpRaw {
         let stream = std::os::unix::net::UnixStream::connect(path).expect("connect to QMP");
-        stream.set_read_timeout(Some(PATIENCE)).expect("timeout");
+        stream.set_read_timeout(Some(patience())).expect("timeout");
         let mut c = QmpRaw {
             stream,
             buf: Vec::new(),

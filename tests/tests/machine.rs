@@ -173,7 +173,7 @@ fn an_instruction_kvm_cannot_run_stops_the_machine_in_internal_error() {
     vm.wait_line("xsave to MMIO");
     assert!(
         vm.machine
-            .wait_for_state(RunState::InternalError, qomu_tests::PATIENCE)
+            .wait_for_state(RunState::InternalError, qomu_tests::patience())
     );
     vm.wait_event("STOP");
     let error = vm.get("/machine", "error");
@@ -197,7 +197,7 @@ fn an_instruction_kvm_cannot_run_stops_the_machine_in_internal_error() {
     vm.wait_line("xsave to MMIO");
     assert!(
         vm.machine
-            .wait_for_state(RunState::InternalError, qomu_tests::PATIENCE)
+            .wait_for_state(RunState::InternalError, qomu_tests::patience())
     );
 }
 
