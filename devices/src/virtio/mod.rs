@@ -916,8 +916,11 @@ mod tests {
     use virtio_queue::desc::split::Descriptor;
     use vm_memory::{Bytes, GuestAddress};
 
+    /// The writes to a model's configuration structure: offset and bytes.
+    type Writes = Arc<Mutex<Vec<(u64, Vec<u8>)>>>;
+
     /// A model with two queues whose configuration structure reads as its offset.
-    struct Model(Arc<Mutex<Vec<(u64, Vec<u8>)>>>);
+    struct Model(Writes);
 
     impl Backend for Model {
         fn device_id(&self) -> u16 {
@@ -964,7 +967,7 @@ mod tests {
         }
     }
 
-    fn device() -> (VirtioPci, Arc<Mutex<Vec<(u64, Vec<u8>)>>>) {
+    fn device() -> (VirtioPci, Writes) {
         let writes = Arc::new(Mutex::new(Vec::new()));
         let platform: PlatformRef = Weak::<Unplugged>::new();
         (
