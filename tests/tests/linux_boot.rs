@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 
 use machine::MachineConfig;
 use qom::{SubscribeOptions, Target, Value};
-use qomu_tests::{TestVm, hardware_virtualization, require_kvm};
+use qomu_tests::{TempDir, TestVm, hardware_virtualization, require_kvm};
 
 /// The kit: `QOMU_GUEST_KIT` if set (a kit built elsewhere, for a host without the
 /// package archive), else `target/guest-kit`, built or rebuilt by `scripts/guest-kit`
@@ -41,6 +41,9 @@ fn find_or_build_kit() -> PathBuf {
 }
 
 const NATIVE: &str = "linux_boots_hotplugs_a_virtio_rng_and_powers_off";
+
+/// What the disk plugged at start holds at its first byte.
+const DISK_TEXT: &str = "QOMU DISK READ BY LINUX";
 
 /// The native test, run by `scripts/linux-check-nested` on a QEMU guest whose CPU has
 /// SVM, with this very test binary: the whole check on an emulated host with hardware
@@ -73,6 +76,13 @@ fn linux_check_on_an_emulated_host_with_svm() {
     assert!(out.status.success(), "{}:\n{console}\n{stderr}", out.status);
 }
 
+/// Waits for the guest's report line containing `text`, and shows it (`--nocapture`).
+fn guest_says(vm: &mut TestVm, text: &str) -> String {
+    let line = vm.wait_line(text);
+    eprintln!("{line}");
+    line
+}
+
 #[test]
 fn linux_boots_hotplugs_a_virtio_rng_and_powers_off() {
     if !hardware_virtualization() {
@@ -85,17 +95,31 @@ fn linux_boots_hotplugs_a_virtio_rng_and_powers_off() {
     }
     require_kvm!();
     let kit = guest_kit();
+    // A disk plugged at start, for Linux's virtio-blk driver: 2 MiB, text in sector 0.
+    let dir = TempDir::new("linux-disk");
+    let disk = dir.path("disk.img");
+    let mut image = vec![0u8; 2 << 20];
+    image[..DISK_TEXT.len()].copy_from_slice(DISK_TEXT.as_bytes());
+    std::fs::write(&disk, &image).expect("disk image");
     let mut vm = TestVm::with_config(MachineConfig {
         memory: 512 << 20,
         cpus: 2,
         initrd: Some(kit.join("initramfs.cpio.gz")),
+        devices: vec![
+            format!(
+                "virtio-blk-pci,id=disk0,file={},serial=LINUX-0001",
+                disk.display()
+            )
+            .parse()
+            .expect("device spec"),
+        ],
         ..MachineConfig::with_kernel(
             kit.join("vmlinuz"),
-            "console=ttyS0 panic=-1 quiet loglevel=4 qomu.hotplug=1",
+            "console=ttyS0 panic=-1 quiet loglevel=4 qomu.disk=1 qomu.hotplug=1",
         )
     });
     vm.start();
-    let up = vm.wait_line("qomu-linux-boot: kernel");
+    let up = guest_says(&mut vm, "qomu-linux-boot: kernel");
     assert!(
         up.contains(
             &std::fs::read_to_string(kit.join("kernel-version"))
@@ -105,10 +129,36 @@ fn linux_boots_hotplugs_a_virtio_rng_and_powers_off() {
         ),
         "{up}"
     );
-    let found = vm.wait_line("qomu-linux-boot: cpus=");
+    let found = guest_says(&mut vm, "qomu-linux-boot: cpus=");
     assert!(
         found.contains("cpus=2"),
         "Linux found both vCPUs through ACPI: {found}"
+    );
+
+    // The cold-plugged disk, through Linux's virtio-blk driver: get-id, capacity, a read,
+    // and a write with a flush that lands in the image file.
+    let vda = guest_says(&mut vm, "qomu-linux-boot: vda serial");
+    assert!(
+        vda.ends_with("serial LINUX-0001 size 4096"),
+        "{vda}\n{}",
+        vm.recent_lines()
+    );
+    let read = guest_says(&mut vm, "qomu-linux-boot: vda reads");
+    assert!(read.ends_with(DISK_TEXT), "{read}");
+    let wrote = guest_says(&mut vm, "qomu-linux-boot: vda write status");
+    assert!(wrote.ends_with("status 0"), "{wrote}");
+    let written = std::fs::read(&disk).expect("disk image");
+    assert!(
+        written[512..].starts_with(b"written by Linux through virtio-blk\n"),
+        "sector 1 of the image: {:?}",
+        String::from_utf8_lossy(&written[512..600])
+    );
+    assert!(
+        vm.get("/machine/peripheral/disk0", "flushes")
+            .as_u64()
+            .unwrap_or(0)
+            > 0,
+        "conv=fsync reached the device as a flush"
     );
 
     // Hot plug: acpiphp brings the device up, the driver uses it through MSI-X.
@@ -128,7 +178,7 @@ fn linux_boots_hotplugs_a_virtio_rng_and_powers_off() {
             SubscribeOptions::default(),
         )
         .expect("DEVICE_DELETED");
-    vm.wait_line("qomu-linux-boot: hotplug ready");
+    guest_says(&mut vm, "qomu-linux-boot: hotplug ready");
     vm.machine
         .device_add(
             "virtio-rng-pci",
@@ -138,13 +188,13 @@ fn linux_boots_hotplugs_a_virtio_rng_and_powers_off() {
         )
         .expect("device_add");
     vm.wait_event("plugged");
-    let added = vm.wait_line("qomu-linux-boot: hotplug added");
+    let added = guest_says(&mut vm, "qomu-linux-boot: hotplug added");
     assert!(added.contains("/sys/bus/pci/devices/"), "{added}");
     vm.wait_event("driver-ok");
-    let hwrng = vm.wait_line("qomu-linux-boot: hwrng");
-    let msix = vm.wait_line("qomu-linux-boot: msix");
+    let hwrng = guest_says(&mut vm, "qomu-linux-boot: hwrng");
+    let msix = guest_says(&mut vm, "qomu-linux-boot: msix");
     // The guest's interrupt counts and its kernel's last messages come before this.
-    vm.wait_line("qomu-linux-boot: hotplug in use");
+    guest_says(&mut vm, "qomu-linux-boot: hotplug in use");
     let counters: Vec<String> = [
         "status",
         "notifications",
@@ -175,7 +225,7 @@ fn linux_boots_hotplugs_a_virtio_rng_and_powers_off() {
     vm.machine.device_del("rng0").expect("device_del");
     vm.wait_event("unplugged");
     vm.wait_event("DEVICE_DELETED");
-    vm.wait_line("qomu-linux-boot: hotplug removed");
+    guest_says(&mut vm, "qomu-linux-boot: hotplug removed");
     assert!(
         vm.machine
             .tree()
@@ -183,7 +233,7 @@ fn linux_boots_hotplugs_a_virtio_rng_and_powers_off() {
             .is_err()
     );
 
-    vm.wait_line("qomu-linux-boot: ok");
+    guest_says(&mut vm, "qomu-linux-boot: ok");
     let shutdown = vm.wait_event("SHUTDOWN");
     assert_eq!(
         shutdown.field("reason"),
