@@ -18,6 +18,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use crate::machine::{Launched, Machine, State, empty, pause_all};
 use crate::runstate::RunState;
 use crate::snapshot::{self, Fingerprint, Reader, Writer};
+use crate::vm::{ChipState, VcpuState};
 
 /// QEMU's `MigrationStatus` values qomu passes through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -388,6 +389,9 @@ impl Machine {
     }
 
     /// Loads every section after `config` into the new VM; checks that none is missing.
+    /// The vCPUs' state (their TSCs among it) and kvmclock go in last, after the RAM: both
+    /// count from the moment they are set, so the time the load takes would otherwise
+    /// show in the guest's clocks.
     fn load_sections(&self, l: &Launched, r: &mut Reader, here: &Fingerprint) -> Result<()> {
         let json_err = |name: &str, e: serde_json::Error| {
             failed(format!("section '{name}' does not parse: {e}"))
@@ -405,6 +409,8 @@ impl Machine {
             wanted.push(format!("ram:{:#x}", region.start_addr().0));
         }
         let mut seen = std::collections::HashSet::new();
+        let mut cpus = Vec::new();
+        let mut chips = None;
         let mut last = String::from("config");
         loop {
             let head = r.head(&last).map_err(failed)?;
@@ -422,13 +428,14 @@ impl Machine {
                     .and_then(|i| l.vcpus.get(i))
                     .ok_or_else(|| failed(format!("section '{name}': no such vCPU here")))?;
                 let payload = r.payload(head).map_err(failed)?;
-                let state = serde_json::from_slice(&payload).map_err(|e| json_err(&name, e))?;
-                l.vm.load_vcpu(&v.fd().lock(), &state)
-                    .map_err(|e| failed(format!("vCPU {index}: {e}")))?;
+                let state: VcpuState =
+                    serde_json::from_slice(&payload).map_err(|e| json_err(&name, e))?;
+                cpus.push((v, state));
             } else if name == "chips" {
                 let payload = r.payload(head).map_err(failed)?;
-                let state = serde_json::from_slice(&payload).map_err(|e| json_err(&name, e))?;
-                l.vm.load_chips(&state).map_err(failed)?;
+                let state: ChipState =
+                    serde_json::from_slice(&payload).map_err(|e| json_err(&name, e))?;
+                chips = Some(state);
             } else if let Some((path, level, version)) = snapshot::parse_state_section(&name) {
                 let payload = r.payload(head).map_err(failed)?;
                 let obj = self.tree().lookup(path)?;
@@ -475,6 +482,13 @@ impl Machine {
                 "{} bytes follow the end section",
                 r.remaining()
             )));
+        }
+        for (v, state) in &cpus {
+            l.vm.load_vcpu(&v.fd().lock(), state)
+                .map_err(|e| failed(format!("vCPU {}: {e}", v.index())))?;
+        }
+        if let Some(chips) = &chips {
+            l.vm.load_chips(chips).map_err(failed)?;
         }
         Ok(())
     }
