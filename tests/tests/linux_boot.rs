@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 
 use machine::{MachineConfig, RunState};
 use qom::{SubscribeOptions, Target, Value};
-use qomu_tests::{TempDir, TestVm, hardware_virtualization, require_kvm};
+use qomu_tests::{TempDir, TestVm, hardware_virtualization, kvm_usable};
 
 /// The kit: `QOMU_GUEST_KIT` if set (a kit built elsewhere, for a host without the
 /// package archive), else `target/guest-kit`, built or rebuilt by `scripts/guest-kit`
@@ -111,17 +111,24 @@ fn guest_says(vm: &mut TestVm, text: &str) -> String {
     line
 }
 
-#[test]
-fn linux_boots_hotplugs_a_virtio_rng_and_powers_off() {
+/// Whether Linux can run on this host's KVM; if not, says why, and the test skips.
+fn linux_runs_here(test: &str) -> bool {
     if !hardware_virtualization() {
         eprintln!(
-            "SKIPPED linux_boot: this CPU shows no hardware virtualization (no vmx or svm in /proc/cpuinfo); \
+            "SKIPPED {test}: this CPU shows no hardware virtualization (no vmx or svm in /proc/cpuinfo); \
              KVM emulates guest ring 0 here and an unmodified Linux kernel cannot boot (see docs/testing.md); \
              linux_check_on_an_emulated_host_with_svm runs this test on an emulated host that has it"
         );
+        return false;
+    }
+    kvm_usable(test)
+}
+
+#[test]
+fn linux_boots_hotplugs_a_virtio_rng_and_powers_off() {
+    if !linux_runs_here("linux_boots_hotplugs_a_virtio_rng_and_powers_off") {
         return;
     }
-    require_kvm!();
     let kit = guest_kit();
     let dir = TempDir::new("linux-disk");
     let disk = disk_image(&dir);
@@ -264,14 +271,9 @@ fn uptime(tick: &str) -> f64 {
 /// continue without a reboot, and every device still answers.
 #[test]
 fn linux_goes_on_after_a_snapshot_and_a_restore() {
-    if !hardware_virtualization() {
-        eprintln!(
-            "SKIPPED linux_boot: no hardware virtualization here (see docs/testing.md); \
-             linux_check_on_an_emulated_host_with_svm runs this test on an emulated host that has it"
-        );
+    if !linux_runs_here("linux_goes_on_after_a_snapshot_and_a_restore") {
         return;
     }
-    require_kvm!();
     let kit = guest_kit();
     let dir = TempDir::new("linux-snapshot");
     let disk = disk_image(&dir);
