@@ -1,6 +1,7 @@
-//! Boots Debian's cloud kernel with a busybox initramfs (scripts/guest-kit), hot-plugs a
-//! virtio-rng-pci into it and takes it back (Linux's acpiphp, the virtio driver over
-//! MSI-X), and waits for its init to report and power off through ACPI. Linux needs
+//! Boots Debian's cloud kernel with a busybox initramfs (scripts/guest-kit) and a
+//! virtio-blk-pci, hot-plugs a virtio-rng-pci into it and takes it back (Linux's acpiphp,
+//! the virtio drivers over MSI-X), and waits for its init to report and power off through
+//! ACPI; and saves and restores a Linux that works with both devices. Linux needs
 //! hardware virtualization: on hosts whose /dev/kvm emulates guest ring 0 (PVM) it cannot
 //! boot, and the native test says so and skips; the nested test runs the same test on an
 //! emulated host that has it (QEMU's TCG with SVM, kvm-amd in it), on any host.
@@ -43,7 +44,7 @@ fn find_or_build_kit() -> PathBuf {
 /// What the disk plugged at start holds at its first byte.
 const DISK_TEXT: &str = "QOMU DISK READ BY LINUX";
 
-/// The native test, run by `scripts/linux-check-nested` on a QEMU guest whose CPU has
+/// The native tests, run by `scripts/linux-check-nested` on a QEMU guest whose CPU has
 /// SVM, with this very test binary: the whole check on an emulated host with hardware
 /// virtualization, where this host has none (or as well as natively where it has).
 #[test]
