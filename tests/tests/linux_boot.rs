@@ -43,6 +43,8 @@ fn find_or_build_kit() -> PathBuf {
 
 /// What the disk plugged at start holds at its first byte.
 const DISK_TEXT: &str = "QOMU DISK READ BY LINUX";
+/// What the hot-plugged disk holds at its first byte (under 24 bytes: the guest reads 24).
+const HOT_TEXT: &str = "HOT-PLUGGED DISK, LINUX";
 
 /// The native tests, run by `scripts/linux-check-nested` on a QEMU guest whose CPU has
 /// SVM, with this very test binary: the whole check on an emulated host with hardware
@@ -246,6 +248,42 @@ fn linux_boots_hotplugs_a_virtio_rng_and_powers_off() {
         vm.machine
             .tree()
             .lookup("/machine/peripheral/rng0")
+            .is_err()
+    );
+
+    // A disk, hot-plugged and taken back the same way: Linux's virtio-blk reads it as vdb.
+    guest_says(&mut vm, "qomu-linux-boot: hotplug blk ready");
+    let hot = dir.path("hot.img");
+    let mut image = vec![0u8; 1 << 20];
+    image[..HOT_TEXT.len()].copy_from_slice(HOT_TEXT.as_bytes());
+    std::fs::write(&hot, &image).expect("hot-plugged image");
+    vm.machine
+        .device_add(
+            "virtio-blk-pci",
+            Some("disk1"),
+            None,
+            &Value::map([
+                ("file", Value::Str(hot.display().to_string())),
+                ("serial", Value::Str("HOT-0002".into())),
+            ]),
+        )
+        .expect("device_add");
+    vm.wait_event("plugged");
+    vm.wait_event("driver-ok");
+    let vdb = guest_says(&mut vm, "qomu-linux-boot: hotplug blk vdb");
+    assert!(
+        vdb.ends_with(&format!("serial HOT-0002 reads {HOT_TEXT}")),
+        "{vdb}\n{}",
+        vm.recent_lines()
+    );
+    vm.machine.device_del("disk1").expect("device_del");
+    vm.wait_event("unplugged");
+    vm.wait_event("DEVICE_DELETED");
+    guest_says(&mut vm, "qomu-linux-boot: hotplug blk removed");
+    assert!(
+        vm.machine
+            .tree()
+            .lookup("/machine/peripheral/disk1")
             .is_err()
     );
 
