@@ -76,13 +76,41 @@ fn linux_check_on_an_emulated_host_with_svm() {
     assert!(out.status.success(), "{}:\n{console}\n{stderr}", out.status);
 }
 
-/// A disk for Linux's virtio-blk driver: 2 MiB, `DISK_TEXT` in sector 0.
+/// A raw image `name` of `size` bytes in `dir`, starting with `text`.
+fn image(dir: &TempDir, name: &str, size: usize, text: &str) -> PathBuf {
+    let path = dir.path(name);
+    let mut bytes = vec![0u8; size];
+    bytes[..text.len()].copy_from_slice(text.as_bytes());
+    std::fs::write(&path, &bytes).expect("disk image");
+    path
+}
+
+/// The disk plugged at start: 2 MiB, `DISK_TEXT` in sector 0.
 fn disk_image(dir: &TempDir) -> PathBuf {
-    let disk = dir.path("disk.img");
-    let mut image = vec![0u8; 2 << 20];
-    image[..DISK_TEXT.len()].copy_from_slice(DISK_TEXT.as_bytes());
-    std::fs::write(&disk, &image).expect("disk image");
-    disk
+    image(dir, "disk.img", 2 << 20, DISK_TEXT)
+}
+
+/// `device_del ID`, a request the guest's acpiphp answers with `_EJ0`: `unplugged`,
+/// DEVICE_DELETED, the guest's `removed` line, and the device gone from the tree.
+fn unplug(vm: &mut TestVm, id: &str, removed: &str) {
+    vm.machine.device_del(id).expect("device_del");
+    vm.wait_event("unplugged");
+    vm.wait_event("DEVICE_DELETED");
+    guest_says(vm, removed);
+    let path = format!("/machine/peripheral/{id}");
+    assert!(vm.machine.tree().lookup(&path).is_err(), "{path} is gone");
+}
+
+/// The guest's init reports `ok` and powers off through ACPI: a `guest-shutdown` and
+/// exit status 0.
+fn powers_off(vm: &mut TestVm) {
+    guest_says(vm, "qomu-linux-boot: ok");
+    let shutdown = vm.wait_event("SHUTDOWN");
+    assert_eq!(
+        shutdown.field("reason"),
+        Some(&Value::Enum("guest-shutdown".into()))
+    );
+    assert_eq!(vm.wait_exit(), 0);
 }
 
 /// The kit's Linux with 2 vCPUs, 512 MiB, a virtio-blk on `disk` plugged at start
@@ -239,24 +267,11 @@ fn linux_boots_hotplugs_a_virtio_rng_and_powers_off() {
         messages.as_u64().unwrap_or(0) > 0,
         "MSI-X messages sent: {messages:?}"
     );
-    // Hot unplug: a request the guest's acpiphp answers with _EJ0.
-    vm.machine.device_del("rng0").expect("device_del");
-    vm.wait_event("unplugged");
-    vm.wait_event("DEVICE_DELETED");
-    guest_says(&mut vm, "qomu-linux-boot: hotplug removed");
-    assert!(
-        vm.machine
-            .tree()
-            .lookup("/machine/peripheral/rng0")
-            .is_err()
-    );
+    unplug(&mut vm, "rng0", "qomu-linux-boot: hotplug removed");
 
     // A disk, hot-plugged and taken back the same way: Linux's virtio-blk reads it as vdb.
     guest_says(&mut vm, "qomu-linux-boot: hotplug blk ready");
-    let hot = dir.path("hot.img");
-    let mut image = vec![0u8; 1 << 20];
-    image[..HOT_TEXT.len()].copy_from_slice(HOT_TEXT.as_bytes());
-    std::fs::write(&hot, &image).expect("hot-plugged image");
+    let hot = image(&dir, "hot.img", 1 << 20, HOT_TEXT);
     vm.machine
         .device_add(
             "virtio-blk-pci",
@@ -276,24 +291,8 @@ fn linux_boots_hotplugs_a_virtio_rng_and_powers_off() {
         "{vdb}\n{}",
         vm.recent_lines()
     );
-    vm.machine.device_del("disk1").expect("device_del");
-    vm.wait_event("unplugged");
-    vm.wait_event("DEVICE_DELETED");
-    guest_says(&mut vm, "qomu-linux-boot: hotplug blk removed");
-    assert!(
-        vm.machine
-            .tree()
-            .lookup("/machine/peripheral/disk1")
-            .is_err()
-    );
-
-    guest_says(&mut vm, "qomu-linux-boot: ok");
-    let shutdown = vm.wait_event("SHUTDOWN");
-    assert_eq!(
-        shutdown.field("reason"),
-        Some(&Value::Enum("guest-shutdown".into()))
-    );
-    assert_eq!(vm.wait_exit(), 0);
+    unplug(&mut vm, "disk1", "qomu-linux-boot: hotplug blk removed");
+    powers_off(&mut vm);
 }
 
 /// The guest's uptime in a tick line (`... uptime 6.92 ...`).
@@ -358,13 +357,7 @@ fn linux_goes_on_after_a_snapshot_and_a_restore() {
             );
         }
     }
-    guest_says(&mut vm, "qomu-linux-boot: ok");
-    let shutdown = vm.wait_event("SHUTDOWN");
-    assert_eq!(
-        shutdown.field("reason"),
-        Some(&Value::Enum("guest-shutdown".into()))
-    );
-    assert_eq!(vm.wait_exit(), 0);
+    powers_off(&mut vm);
     // Everything the restored guest printed (a few lines, all kept): no new boot.
     assert!(
         !vm.recent_lines().contains("qomu-linux-boot: kernel"),
