@@ -29,27 +29,136 @@ pub fn patience() -> Duration {
 /// How many of the last console lines a failed wait shows.
 const RECENT_LINES: usize = 40;
 
-/// Whether `/dev/kvm` can be used. When it cannot, the test prints why and returns early:
-/// the one case where these tests may skip.
-pub fn kvm_usable(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("SKIPPED {test}: /dev/kvm is not usable here ({e})");
-            false
-        }
-    }
+/// Whether a test that cannot find what it needs must fail rather than skip: under CI
+/// (`CI` set, and not to `false` or `0`) or with `QOMU_REQUIRE_KVM=1`.
+pub fn skips_are_failures() -> bool {
+    let set =
+        |name: &str| std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0" && v != "false");
+    set("CI") || set("QOMU_REQUIRE_KVM")
 }
 
-/// Skips the calling test (with a message) when KVM is not usable.
+/// The name of the running test (the test harness names each test's thread after it).
+fn test_name() -> String {
+    std::thread::current()
+        .name()
+        .unwrap_or("this test")
+        .to_owned()
+}
+
+/// The running test cannot run here, because of `why`: it prints `SKIPPED <test>: <why>`
+/// and the caller returns; under CI or with `QOMU_REQUIRE_KVM=1` it fails instead, so a
+/// skip never hides a failure there.
+pub fn skip(why: &str) {
+    use std::io::Write;
+    let test = test_name();
+    assert!(
+        !skips_are_failures(),
+        "{test} cannot run: {why} (a failure, not a skip, under CI or with QOMU_REQUIRE_KVM=1)"
+    );
+    // Straight to the process's stderr, past the test harness's capture: a skip shows in
+    // every run's output, not only with --nocapture.
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
+}
+
+/// The running test does not run on this host because `why`, and test `twin` runs it
+/// elsewhere in the same suite: it prints `SKIPPED <test>: <why>; <twin> runs it` and
+/// the caller returns, under CI too. The one such case: the native Linux tests on a host
+/// without hardware virtualization, which their nested twin runs on an emulated host.
+pub fn skip_run_by_twin(why: &str, twin: &str) {
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {}: {why}; {twin} runs it",
+        test_name()
+    );
+}
+
+/// Whether `/dev/kvm` can be used (it opens and answers KVM's first ioctl); when it
+/// cannot, the test skips ([`skip`]).
+pub fn kvm_usable() -> bool {
+    let why = match kvm_ioctls::Kvm::new() {
+        Ok(kvm) if kvm.get_api_version() >= 0 => return true,
+        Ok(_) => "it does not answer KVM_GET_API_VERSION".to_owned(),
+        Err(e) => e.to_string(),
+    };
+    skip(&format!("/dev/kvm is not usable here ({why})"));
+    false
+}
+
+/// Skips the calling test ([`skip`]) when KVM is not usable.
 #[macro_export]
 macro_rules! require_kvm {
     () => {
-        if !$crate::kvm_usable(module_path!()) {
+        if !$crate::kvm_usable() {
+            return;
+        }
+    };
+}
+
+/// Whether every program of `programs` (each with the Debian package that has it) runs
+/// here; when one does not, the test skips ([`skip`]), naming it and its package.
+pub fn tools_present(programs: &[(&str, &str)]) -> bool {
+    for (program, package) in programs {
+        // `--version` is enough to find it; whether it succeeds does not matter.
+        if std::process::Command::new(program)
+            .arg("--version")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_err()
+        {
+            skip(&format!(
+                "`{program}` is not installed (Debian package {package}; scripts/test installs it)"
+            ));
+            return false;
+        }
+    }
+    true
+}
+
+/// Whether Python 3 can import every module of `modules` (each with its PyPI package);
+/// when it cannot, the test skips ([`skip`]).
+pub fn python_modules_present(modules: &[(&str, &str)]) -> bool {
+    for (module, package) in modules {
+        let found = std::process::Command::new("python3")
+            .args(["-c", &format!("import {module}")])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            skip(&format!(
+                "Python 3 cannot import {module} (PyPI package {package}; scripts/test installs it)"
+            ));
+            return false;
+        }
+    }
+    true
+}
+
+/// The programs the D-Bus tests run, with their Debian packages.
+pub const DBUS_TOOLS: &[(&str, &str)] = &[
+    ("dbus-run-session", "dbus"),
+    ("dbus-daemon", "dbus"),
+    ("busctl", "systemd"),
+    ("gdbus", "libglib2.0-bin"),
+];
+
+/// Skips the calling test ([`skip`]) unless the D-Bus tools ([`DBUS_TOOLS`]) run here.
+#[macro_export]
+macro_rules! require_dbus {
+    () => {
+        if !$crate::tools_present($crate::DBUS_TOOLS) {
+            return;
+        }
+    };
+}
+
+/// Skips the calling test ([`skip`]) unless every `(program, Debian package)` runs here.
+#[macro_export]
+macro_rules! require_tools {
+    ($($program:literal from $package:literal),+ $(,)?) => {
+        if !$crate::tools_present(&[$(($program, $package)),+]) {
             return;
         }
     };

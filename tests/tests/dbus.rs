@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use qomu_tests::dbus::*;
-use qomu_tests::{KillOnDrop, Qomu, TempDir, require_kvm};
+use qomu_tests::{KillOnDrop, Qomu, TempDir, require_dbus, require_kvm};
 use zbus::{ObjectPath, OwnedObjectPath, OwnedVariant, Variant};
 
 fn guest(name: &str) -> String {
@@ -48,6 +48,7 @@ fn object_path_of(m: &zbus::Message) -> String {
 
 #[test]
 fn busctl_tree_lists_exactly_the_qom_tree() {
+    require_dbus!();
     let bus = SessionBus::start();
     let q = bus.qomu(&["-S"]);
     let mut qmp = q.connect();
@@ -74,6 +75,7 @@ fn busctl_tree_lists_exactly_the_qom_tree() {
 
 #[test]
 fn busctl_introspect_shows_typed_properties_methods_and_signals() {
+    require_dbus!();
     let bus = SessionBus::start();
     let _q = bus.qomu(&["-S"]);
     let out = stdout_ok(&bus.busctl(&["introspect", NAME, SERIAL0]));
@@ -149,6 +151,7 @@ fn busctl_introspect_shows_typed_properties_methods_and_signals() {
 
 #[test]
 fn properties_get_set_and_refused_sets() {
+    require_dbus!();
     let bus = SessionBus::start();
     let _q = bus.qomu(&["-S"]);
     let c = bus.client();
@@ -287,6 +290,7 @@ fn properties_get_set_and_refused_sets() {
 #[test]
 fn stop_and_cont_deliver_signals() {
     require_kvm!();
+    require_dbus!();
     let bus = SessionBus::start();
     let _q = bus.qomu(&["-S"]);
     let c = bus.client();
@@ -332,6 +336,7 @@ fn stop_and_cont_deliver_signals() {
 #[test]
 fn serial_lines_arrive_as_signals() {
     require_kvm!();
+    require_dbus!();
     let bus = SessionBus::start();
     let _q = bus.qomu(&["-S"]);
     let c = bus.client();
@@ -360,6 +365,7 @@ fn serial_lines_arrive_as_signals() {
 #[test]
 fn a_type_subscription_covers_objects_created_later() {
     require_kvm!();
+    require_dbus!();
     let bus = SessionBus::start();
     let q = bus.qomu(&[
         "-S",
@@ -414,6 +420,7 @@ fn a_type_subscription_covers_objects_created_later() {
 
 #[test]
 fn subscriptions_die_with_their_owner() {
+    require_dbus!();
     let bus = SessionBus::start();
     let q = bus.qomu(&["-S"]);
     let watcher = bus.client();
@@ -475,6 +482,7 @@ fn subscriptions_die_with_their_owner() {
 
 #[test]
 fn gdbus_walks_the_whole_tree() {
+    require_dbus!();
     let bus = SessionBus::start();
     let _q = bus.qomu(&["-S", "--device", "isa-debug-exit,id=dbg"]);
     let out = bus.gdbus(&[
@@ -503,6 +511,7 @@ fn gdbus_walks_the_whole_tree() {
 
 #[test]
 fn get_managed_objects_matches_the_tree() {
+    require_dbus!();
     let bus = SessionBus::start();
     let _q = bus.qomu(&["-S"]);
     let c = bus.client();
@@ -538,6 +547,7 @@ fn get_managed_objects_matches_the_tree() {
 
 #[test]
 fn bad_calls_get_clear_errors_and_change_nothing() {
+    require_dbus!();
     let bus = SessionBus::start();
     let q = bus.qomu(&["-S"]);
     let c = bus.client();
@@ -650,6 +660,7 @@ fn busctl_no_reply(bus: &SessionBus) {
 
 #[test]
 fn peer_to_peer_clients() {
+    require_dbus!();
     let dir = TempDir::new("dbus-p2p");
     let socket = dir.path("p2p.sock");
     let p2p = format!("unix:{}", socket.display());
@@ -727,6 +738,7 @@ fn peer_to_peer_clients() {
 
 #[test]
 fn auto_starts_a_private_bus_when_there_is_none() {
+    require_dbus!();
     let dir = TempDir::new("dbus-auto");
     let mut child = KillOnDrop(
         std::process::Command::new(qomu_tests::qomu_binary())
@@ -782,6 +794,7 @@ fn auto_starts_a_private_bus_when_there_is_none() {
 
 #[test]
 fn a_taken_bus_name_is_a_clear_error() {
+    require_dbus!();
     let bus = SessionBus::start();
     let _first = bus.qomu(&["-S"]);
     let out = std::process::Command::new(qomu_tests::qomu_binary())
@@ -820,6 +833,7 @@ fn a_taken_bus_name_is_a_clear_error() {
 
 #[test]
 fn quit_replies_and_announces_before_the_end() {
+    require_dbus!();
     let bus = SessionBus::start();
     let mut q = bus.qomu(&["-S"]);
     let c = bus.client();
@@ -837,6 +851,7 @@ fn quit_replies_and_announces_before_the_end() {
 
 #[test]
 fn a_subscription_made_for_another_connection_is_that_connections() {
+    require_dbus!();
     let bus = SessionBus::start();
     let dir = TempDir::new("dbus-owner");
     let socket = dir.path("p2p.sock");

@@ -114,10 +114,11 @@ fn system_bus_policy_lets_root_drive_and_others_watch() {
                 .map(|l| l.split_whitespace().nth(2) == Some("0"))
         })
         .unwrap_or(false);
-    if !is_root || Command::new("setpriv").arg("--version").output().is_err() {
-        eprintln!("SKIPPED system_bus_policy: needs root and setpriv to act as another user");
+    if !is_root {
+        qomu_tests::skip("only root can start processes as another user (nobody)");
         return;
     }
+    qomu_tests::require_tools!("setpriv" from "util-linux", "dbus-daemon" from "dbus", "busctl" from "systemd");
     let dir = TempDir::new("dbus-policy");
     // `nobody` must reach the socket and run the binary.
     use std::os::unix::fs::PermissionsExt;

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use qomu_tests::{QmpRaw, Qomu, TempDir, require_kvm};
+use qomu_tests::{QmpRaw, Qomu, TempDir, require_dbus, require_kvm};
 use serde_json::{Value as Json, json};
 
 fn guest(name: &str) -> String {
@@ -78,7 +78,6 @@ fn a_type_subscription_sees_a_virtio_rng_plugged_and_driven() {
 
 #[test]
 fn bad_device_requests_are_refused_and_change_nothing() {
-    require_kvm!();
     let dir = TempDir::new("bad-devices");
     let image = dir.path("disk.img").display().to_string();
     std::fs::write(&image, vec![0u8; 4096]).unwrap();
@@ -523,6 +522,7 @@ fn hot_plug_and_unplug_of_a_running_guest_over_dbus() {
     use zbus::{OwnedObjectPath, Variant};
 
     require_kvm!();
+    require_dbus!();
     let dir = TempDir::new("hotplug-dbus");
     let console = dir.path("console");
     let disk = image(&dir, 16, "PLUGGED OVER D-BUS");
@@ -771,6 +771,10 @@ fn the_hotplug_examples_plug_and_unplug_a_device_over_qmp_and_dbus() {
     use qomu_tests::dbus::SessionBus;
 
     require_kvm!();
+    require_dbus!();
+    if !qomu_tests::python_modules_present(&[("qemu.qmp", "qemu.qmp")]) {
+        return;
+    }
     let dir = TempDir::new("hotplug-examples");
     let console = dir.path("console");
     let disk = image(&dir, 16, "EXAMPLE DISK");

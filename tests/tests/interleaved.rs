@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use qomu_tests::dbus::*;
-use qomu_tests::{QmpRaw, kvm_usable};
+use qomu_tests::{QmpRaw, kvm_usable, require_dbus};
 use serde_json::json;
 use zbus::{OwnedVariant, Variant};
 
@@ -26,6 +26,7 @@ fn subscriptions(qmp: &mut QmpRaw) -> Vec<String> {
 
 #[test]
 fn qmp_and_dbus_on_one_vm() {
+    require_dbus!();
     let bus = SessionBus::start();
     let q = bus.qomu(&["-S"]);
     let mut qmp = q.connect();
@@ -122,7 +123,7 @@ fn qmp_and_dbus_on_one_vm() {
         4
     );
 
-    if kvm_usable("qmp_and_dbus_on_one_vm (run part)") {
+    if kvm_usable() {
         // `cont` over QMP: RESUME on QMP, the Resume signal to the D-Bus subscriber, and
         // Status over D-Bus.
         let mut mine = c.listen(&format!("type='signal',path='{dbus_sub}'"));

@@ -11,7 +11,9 @@ use std::process::{Command, Stdio};
 
 use machine::{MachineConfig, RunState};
 use qom::{SubscribeOptions, Target, Value};
-use qomu_tests::{TempDir, TestVm, hardware_virtualization, kvm_usable};
+use qomu_tests::{
+    TempDir, TestVm, hardware_virtualization, kvm_usable, require_tools, skip_run_by_twin,
+};
 
 /// The kit: `QOMU_GUEST_KIT` if set (a kit built elsewhere, for a host without the
 /// package archive), else `target/guest-kit`, built or rebuilt by `scripts/guest-kit`
@@ -51,6 +53,7 @@ const HOT_TEXT: &str = "HOT-PLUGGED DISK, LINUX";
 /// virtualization, where this host has none (or as well as natively where it has).
 #[test]
 fn linux_check_on_an_emulated_host_with_svm() {
+    require_tools!("qemu-system-x86_64" from "qemu-system-x86");
     let kit = guest_kit();
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/linux-check-nested");
     let out = Command::new(&script)
@@ -61,10 +64,6 @@ fn linux_check_on_an_emulated_host_with_svm() {
         .expect("run scripts/linux-check-nested");
     let console = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !stderr.contains("qemu-system-x86_64 missing"),
-        "this test needs qemu-system-x86_64: install qemu-system-x86 (.ci/run does)"
-    );
     assert!(
         console.contains("qomu-nested: svm 2 npt 2"),
         "the emulated host has SVM with nested paging:\n{console}\n{stderr}"
@@ -143,21 +142,21 @@ fn guest_says(vm: &mut TestVm, text: &str) -> String {
 }
 
 /// Whether Linux can run on this host's KVM; if not, says why, and the test skips.
-fn linux_runs_here(test: &str) -> bool {
+fn linux_runs_here() -> bool {
     if !hardware_virtualization() {
-        eprintln!(
-            "SKIPPED {test}: this CPU shows no hardware virtualization (no vmx or svm in /proc/cpuinfo); \
-             KVM emulates guest ring 0 here and an unmodified Linux kernel cannot boot (see docs/testing.md); \
-             linux_check_on_an_emulated_host_with_svm runs this test on an emulated host that has it"
+        skip_run_by_twin(
+            "this CPU shows no hardware virtualization (no vmx or svm in /proc/cpuinfo); \
+             KVM emulates guest ring 0 here and an unmodified Linux kernel cannot boot (see docs/testing.md)",
+            "linux_check_on_an_emulated_host_with_svm, on an emulated host that has it,",
         );
         return false;
     }
-    kvm_usable(test)
+    kvm_usable()
 }
 
 #[test]
 fn linux_boots_hotplugs_a_virtio_rng_and_powers_off() {
-    if !linux_runs_here("linux_boots_hotplugs_a_virtio_rng_and_powers_off") {
+    if !linux_runs_here() {
         return;
     }
     let kit = guest_kit();
@@ -309,7 +308,7 @@ fn uptime(tick: &str) -> f64 {
 /// continue without a reboot, and every device still answers.
 #[test]
 fn linux_goes_on_after_a_snapshot_and_a_restore() {
-    if !linux_runs_here("linux_goes_on_after_a_snapshot_and_a_restore") {
+    if !linux_runs_here() {
         return;
     }
     let kit = guest_kit();

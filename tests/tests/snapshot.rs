@@ -9,7 +9,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use qomu_tests::dbus::SessionBus;
-use qomu_tests::{KillOnDrop, QmpRaw, Qomu, TempDir, qomu_binary, require_kvm};
+use qomu_tests::{
+    KillOnDrop, QmpRaw, Qomu, TempDir, python_modules_present, qomu_binary, require_dbus,
+    require_kvm,
+};
 use serde_json::{Value as Json, json};
 
 const COUNT: u64 = 3000;
@@ -364,20 +367,13 @@ fn helper(bus: &SessionBus, args: &[&str]) -> Child {
     child
 }
 
-fn python_has_dbus_next() -> bool {
-    Command::new("python3")
-        .args(["-c", "import dbus_next"])
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 #[test]
 fn helper_state_saved_with_the_vm_is_loaded_into_the_new_helper() {
     require_kvm!();
-    assert!(
-        python_has_dbus_next(),
-        "the dbus-next Python package is needed (pip install dbus-next; .ci/run installs it)"
-    );
+    require_dbus!();
+    if !python_modules_present(&[("dbus_next", "dbus-next")]) {
+        return;
+    }
     let bus = SessionBus::start();
     let dir = TempDir::new("snap-helper");
     let (state1, state2) = (dir.path("state1"), dir.path("state2"));
@@ -433,10 +429,10 @@ fn helper_state_saved_with_the_vm_is_loaded_into_the_new_helper() {
 #[test]
 fn missing_unexpected_slow_or_oversized_helpers_fail_the_save_and_the_vm_runs_on() {
     require_kvm!();
-    assert!(
-        python_has_dbus_next(),
-        "the dbus-next Python package is needed"
-    );
+    require_dbus!();
+    if !python_modules_present(&[("dbus_next", "dbus-next")]) {
+        return;
+    }
     let bus = SessionBus::start();
     let dir = TempDir::new("snap-helper-bad");
     let object = |ids: &str| {

@@ -13,9 +13,7 @@ fn iasl(dir: &Path, args: &[&str]) -> (bool, String) {
         .args(args)
         .current_dir(dir)
         .output()
-        .expect(
-            "`iasl` is needed for this test: install acpica-tools (apt-get install acpica-tools)",
-        );
+        .expect("run iasl");
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -52,6 +50,7 @@ fn check_rsdp_with_iasl(dir: &Path, ours: &[u8]) {
 
 #[test]
 fn every_table_decompiles_and_the_dsdt_names_the_devices() {
+    qomu_tests::require_tools!("iasl" from "acpica-tools");
     let dir = std::env::temp_dir().join(format!("qomu-acpi-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let board = Board {
@@ -168,6 +167,7 @@ fn acpiexec(dir: &Path, ssdt: &str, methods: &[&str]) -> Vec<Run> {
 
 #[test]
 fn the_hotplug_aml_notifies_the_right_slots_and_ejects_in_acpica() {
+    qomu_tests::require_tools!("iasl" from "acpica-tools", "acpiexec" from "acpica-tools");
     let dir = std::env::temp_dir().join(format!("qomu-acpiexec-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let board = Board {
