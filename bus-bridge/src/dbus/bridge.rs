@@ -16,12 +16,13 @@ use qom::{
     Args, ObjectRef, SUBSCRIPTION, SubscribeOptions, Subscriber, Target, Tree, Value,
     subscription_of,
 };
-use zbus::message::{Flags, Header, Type as MessageType};
+use zbus::message::{Flags, Header};
 use zbus::wire::{Array, Signature, Str, Structure};
 use zbus::{Connection, Message, ObjectPath, Variant};
 
 use super::encode::{ManagedObjects, ObjectInterfaces};
 use super::error::{self, DbusError, from_qom};
+use super::lanes::{Lanes, Work};
 use super::names;
 use super::schema::{
     self, INTROSPECTABLE, OBJECT_MANAGER, OBJECT1, PEER, PROPERTIES, ROOT1, Schema, TypeIface,
@@ -64,8 +65,10 @@ pub struct Bridge {
     pub peers: Mutex<Vec<Peer>>,
     /// The executor the bridge runs on (for timers).
     pub runtime: zruntime::SharedRuntime,
-    /// Actions running on the blocking pool, not yet answered.
+    /// Actions (and subscriptions for another owner) under way, not yet answered.
     in_flight: AtomicUsize,
+    /// Each caller's queue of calls (lanes.rs).
+    pub lanes: Lanes,
     /// The interfaces announced for each live subscription object (see events.rs).
     pub signal_ifaces: Mutex<HashMap<String, Vec<String>>>,
     machine_id: String,
@@ -171,14 +174,15 @@ impl Bridge {
             peers: Mutex::new(Vec::new()),
             runtime,
             in_flight: AtomicUsize::new(0),
+            lanes: Lanes::default(),
             signal_ifaces: Mutex::new(HashMap::new()),
             machine_id,
         }))
     }
 
-    /// Actions called and not yet answered.
-    pub fn actions_in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Acquire)
+    /// Whether calls are queued or under way, actions included.
+    pub fn calls_in_flight(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) > 0 || self.lanes.busy()
     }
 
     pub fn root(&self) -> &str {
@@ -205,7 +209,7 @@ impl Bridge {
     }
 
     /// The caller's owner label.
-    fn caller(peer: &Peer, hdr: &Header<'_>) -> String {
+    pub fn caller(peer: &Peer, hdr: &Header<'_>) -> String {
         match &peer.kind {
             PeerKind::P2p(label) => label.clone(),
             PeerKind::Bus => hdr
@@ -215,20 +219,23 @@ impl Bridge {
         }
     }
 
-    /// Answers one incoming message, if it is a method call.
-    pub async fn handle(self: &Arc<Self>, peer: &Peer, msg: Message) {
-        if msg.message_type() != MessageType::MethodCall {
-            return;
-        }
+    /// Answers one method call, in its caller's lane (lanes.rs): decodes it and calls the
+    /// tree on the blocking pool, then sends the reply from the executor. An action is
+    /// called on the pool on its own and answered when it returns, so the lane goes on.
+    pub async fn answer(self: &Arc<Self>, peer: &Peer, msg: Message) {
         let hdr = msg.header();
         let wants_reply = !hdr.primary().flags().contains(Flags::NO_REPLY_EXPECTED);
-        let outcome = self.dispatch(peer, &msg, &hdr);
+        let outcome = {
+            let (bridge, peer, msg) = (self.clone(), peer.clone(), msg.clone());
+            zruntime::unblock(move || bridge.dispatch(&peer, &msg, &msg.header())).await
+        };
         let reply = match outcome {
             Outcome::Reply(reply) => Ok(reply),
             Outcome::Error(e) => Err(e),
             Outcome::Delegated { caller, request } => {
                 let bridge = self.clone();
                 let conn = peer.conn.clone();
+                self.in_flight.fetch_add(1, Ordering::AcqRel);
                 zruntime::spawn(async move {
                     let hdr = msg.header();
                     let reply = bridge
@@ -242,6 +249,7 @@ impl Bridge {
                     if wants_reply {
                         send_reply(&conn, &hdr, reply).await;
                     }
+                    bridge.in_flight.fetch_sub(1, Ordering::AcqRel);
                 })
                 .detach();
                 return;
@@ -792,7 +800,7 @@ impl Bridge {
     /// option): it delivers to that connection and dies with it, so a one-shot tool
     /// (`busctl call`) can subscribe for a listener that stays (`gdbus monitor`).
     async fn delegated_subscribe(
-        &self,
+        self: &Arc<Self>,
         conn: &Connection,
         caller: &str,
         request: SubscribeRequest,
@@ -828,10 +836,16 @@ impl Bridge {
                 format!("subscription owner '{name}' is another user's connection"),
             ));
         }
-        let path = self
-            .events
-            .subscribe_for(&owner, request.target, &request.notifier, request.opts)
-            .map_err(|e| from_qom(&e, None))?;
+        let path = {
+            let (bridge, owner) = (self.clone(), owner.clone());
+            zruntime::unblock(move || {
+                bridge
+                    .events
+                    .subscribe_for(&owner, request.target, &request.notifier, request.opts)
+            })
+            .await
+            .map_err(|e| from_qom(&e, None))?
+        };
         // Had the owner left before the subscription existed, its NameOwnerChanged found
         // nothing to drop: ask again now that it exists.
         let still_there = ask("NameHasOwner", owner.clone())
@@ -839,7 +853,7 @@ impl Bridge {
             .ok()
             .and_then(|m| m.body().deserialize::<bool>().ok());
         if still_there != Some(true) {
-            self.events.drop_owner(&owner);
+            self.enqueue(owner, Work::Left);
             return Err(gone());
         }
         Ok(path)

@@ -12,31 +12,72 @@ use zbus::{Message, Variant};
 
 use super::bridge::{BRIDGE_OWNER, Bridge, Peer, PeerKind};
 use super::encode::{InterfacesAdded, ObjectInterfaces};
+use super::lanes::Work;
 use super::schema::{OBJECT_MANAGER, PROPERTIES, SignalArgs};
 
 /// How long a connection may take to accept a signal.
 pub const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// A signal built and ready to go.
+enum Outgoing {
+    /// To every connection (ObjectManager's and Properties' signals).
+    Everyone(Message),
+    /// To the connection of one subscription's owner (its unique name or `p2p:N`).
+    Owner { owner: Arc<str>, msg: Message },
+}
+
 impl Bridge {
-    /// Forwards events until the subscriber is closed.
+    /// Forwards events until the subscriber is closed. Signals are built on the blocking
+    /// pool, as they read the tree (InterfacesAdded carries every property of the new
+    /// object), and sent from the executor in the order of the events.
     pub async fn pump_events(self: Arc<Self>) {
         loop {
             self.events.ready().await;
-            let deliveries = self.events.drain();
-            if deliveries.is_empty() {
+            let bridge = self.clone();
+            let Some(outgoing) = zruntime::unblock(move || bridge.build_signals()).await else {
                 // Ready with nothing pending: the subscriber was closed.
                 return;
-            }
-            for d in deliveries {
-                self.forward(&d).await;
+            };
+            for o in outgoing {
+                match o {
+                    Outgoing::Everyone(msg) => self.broadcast(&msg).await,
+                    Outgoing::Owner { owner, msg } => self.send_to_owner(&owner, &msg).await,
+                }
             }
         }
     }
 
-    async fn forward(&self, d: &Delivery) {
+    /// The signals for every pending event; `None` once the subscriber is closed.
+    fn build_signals(&self) -> Option<Vec<Outgoing>> {
+        let deliveries = self.events.drain();
+        if deliveries.is_empty() {
+            return None;
+        }
+        Some(
+            deliveries
+                .iter()
+                .filter_map(|d| self.signal_of(d))
+                .collect(),
+        )
+    }
+
+    fn signal_of(&self, d: &Delivery) -> Option<Outgoing> {
         let event = &d.event;
         if &*d.owner != BRIDGE_OWNER {
-            return self.forward_to_owner(d).await;
+            // On the bus, a subscriber's signal is addressed to it.
+            let destination = d.owner.starts_with(':').then_some(&*d.owner);
+            let Some(msg) = self.owner_signal(d, destination) else {
+                tracing::debug!(
+                    "D-Bus: event {} of {} does not fit its declared payload; not sent",
+                    event.notifier,
+                    event.source
+                );
+                return None;
+            };
+            return Some(Outgoing::Owner {
+                owner: d.owner.clone(),
+                msg,
+            });
         }
         let msg = match &*event.notifier {
             qom::CHILD_ADDED => self.interfaces_added(&event.data),
@@ -46,9 +87,7 @@ impl Bridge {
             }
             _ => None,
         };
-        if let Some(msg) = msg {
-            self.broadcast(&msg).await;
-        }
+        msg.map(Outgoing::Everyone)
     }
 
     fn interfaces_added(&self, data: &Value) -> Option<Message> {
@@ -114,28 +153,19 @@ impl Bridge {
     }
 
     /// A client's event: the notifier's signal from the subscription's path, to the client.
-    async fn forward_to_owner(&self, d: &Delivery) {
+    async fn send_to_owner(self: &Arc<Self>, owner: &str, msg: &Message) {
         let peer = self
             .peers
             .lock()
             .iter()
             .find(|p| match &p.kind {
-                PeerKind::P2p(label) => *label == *d.owner,
-                PeerKind::Bus => d.owner.starts_with(':'),
+                PeerKind::P2p(label) => label == owner,
+                PeerKind::Bus => owner.starts_with(':'),
             })
             .cloned();
         // The owner's connection is gone; its subscriptions go with it.
         let Some(peer) = peer else { return };
-        let destination = matches!(peer.kind, PeerKind::Bus).then_some(&*d.owner);
-        let Some(msg) = self.owner_signal(d, destination) else {
-            tracing::debug!(
-                "D-Bus: event {} of {} does not fit its declared payload; not sent",
-                d.event.notifier,
-                d.event.source
-            );
-            return;
-        };
-        self.send_event(&peer, &msg).await;
+        self.send_event(&peer, msg).await;
     }
 
     fn owner_signal(&self, d: &Delivery, destination: Option<&str>) -> Option<Message> {
@@ -178,7 +208,7 @@ impl Bridge {
     }
 
     /// Sends a signal on every connection.
-    pub async fn broadcast(&self, msg: &Message) {
+    pub async fn broadcast(self: &Arc<Self>, msg: &Message) {
         let peers = self.peers.lock().clone();
         for peer in peers {
             self.send_event(&peer, msg).await;
@@ -189,7 +219,7 @@ impl Bridge {
     /// other, so a peer-to-peer client that stops reading would hold up all the others:
     /// after [`SEND_TIMEOUT`] it is disconnected, as a bus disconnects a client whose
     /// queue overflows. (The bus itself always reads.)
-    async fn send_event(&self, peer: &Peer, msg: &Message) {
+    async fn send_event(self: &Arc<Self>, peer: &Peer, msg: &Message) {
         match self
             .runtime
             .timeout(SEND_TIMEOUT, peer.conn.send(msg))
@@ -206,7 +236,7 @@ impl Bridge {
                     "D-Bus: {label} read nothing for {SEND_TIMEOUT:?}; disconnecting it"
                 );
                 self.peers.lock().retain(|p| p.kind != peer.kind);
-                self.events.drop_owner(label);
+                self.enqueue(label.clone(), Work::Left);
                 let _ = self
                     .runtime
                     .timeout(SEND_TIMEOUT, peer.conn.clone().close())

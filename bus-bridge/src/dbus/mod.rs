@@ -9,6 +9,7 @@ mod bridge;
 mod encode;
 pub mod error;
 mod events;
+mod lanes;
 pub mod names;
 pub mod schema;
 mod server;

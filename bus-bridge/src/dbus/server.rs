@@ -1,13 +1,15 @@
 //! Running the bridge: its thread, its bus connection and its peer-to-peer sockets.
 //!
-//! Everything runs on one thread with a zruntime executor: the bus connection's message
-//! loop, one loop per peer-to-peer connection, and the event pump. Tree operations are
-//! quick and run inline; actions run on zruntime's blocking pool, so a slow one (`pmemsave`)
-//! holds up no other call.
+//! One thread runs a zruntime executor: the bus connection's message loop, one loop per
+//! peer-to-peer connection, the event pump, and every send. It never calls the tree: each
+//! method call goes to its caller's lane (lanes.rs), whose tree work runs on zruntime's
+//! blocking pool, so a call that waits (an action, or a getter behind a long operation)
+//! holds up no other caller, and `Peer.Ping` answers whatever the tree is doing.
 //!
 //! Method calls and bus signals are read from one stream per connection, in the order the
-//! bus sent them: a client's `Subscribe` is always handled before the `NameOwnerChanged`
-//! that says it left, so no subscription outlives its owner.
+//! bus sent them, and a client's departure (`NameOwnerChanged`) goes into its lane behind
+//! its calls: a client's `Subscribe` is always handled before the departure that drops its
+//! subscriptions, so no subscription outlives its owner.
 
 use std::path::PathBuf;
 use std::pin::pin;
@@ -25,6 +27,7 @@ use zruntime::net::unix::UnixListener;
 use zruntime::{Event, Shared, SharedRuntime, Task};
 
 use super::bridge::{Bridge, Peer, PeerKind};
+use super::lanes::Work;
 use super::names::DEFAULT_ROOT;
 
 /// The bus to serve the tree on.
@@ -190,7 +193,8 @@ async fn run(
     ready: std::sync::mpsc::Sender<Result<Started, StartError>>,
 ) {
     let stop = shutdown.event.listen();
-    let bridge = match Bridge::new(tree, DEFAULT_ROOT, runtime.clone()) {
+    let rt = runtime.clone();
+    let bridge = match zruntime::unblock(move || Bridge::new(tree, DEFAULT_ROOT, rt)).await {
         Ok(b) => b,
         Err(e) => {
             let _ = ready.send(Err(StartError::Internal(e.to_string())));
@@ -242,7 +246,7 @@ async fn run(
                 tracing::warn!(
                     "D-Bus: the bus connection closed; serving peer-to-peer clients only"
                 );
-                forget_peer(&bridge, &peer);
+                forget_peer(&bridge, &peer).await;
             }
             std::future::pending::<()>().await;
         }
@@ -286,7 +290,7 @@ async fn run(
         // Let calls in flight reply (`Quit` is one) and pending events go out, for at most
         // SHUTDOWN_GRACE, still serving meanwhile.
         let settled = async {
-            while bridge.actions_in_flight() > 0 || bridge.events.has_pending() {
+            while bridge.calls_in_flight() || bridge.events.has_pending() {
                 runtime.sleep(Duration::from_millis(5)).await;
             }
         };
@@ -370,8 +374,8 @@ where
     .await
 }
 
-/// Answers a connection's method calls until it closes; on the bus, also drops the
-/// subscriptions of clients that leave it.
+/// Reads a connection's messages until it closes: method calls go to their callers'
+/// lanes; on the bus, a client that leaves has its subscriptions dropped behind its calls.
 async fn serve(bridge: &Arc<Bridge>, peer: &Peer, mut stream: MessageStream) {
     while let Some(msg) = stream.next().await {
         let msg = match msg {
@@ -382,14 +386,23 @@ async fn serve(bridge: &Arc<Bridge>, peer: &Peer, mut stream: MessageStream) {
             }
         };
         match msg.message_type() {
-            MessageType::MethodCall => bridge.handle(peer, msg).await,
+            MessageType::MethodCall => {
+                let caller = Bridge::caller(peer, &msg.header());
+                bridge.enqueue(
+                    caller,
+                    Work::Call {
+                        peer: peer.clone(),
+                        msg,
+                    },
+                );
+            }
             MessageType::Signal if peer.kind == PeerKind::Bus => name_owner_changed(bridge, &msg),
             _ => {}
         }
     }
 }
 
-fn name_owner_changed(bridge: &Bridge, msg: &Message) {
+fn name_owner_changed(bridge: &Arc<Bridge>, msg: &Message) {
     let hdr = msg.header();
     if hdr.member().map(|m| m.as_str()) != Some("NameOwnerChanged")
         || hdr.sender().map(|s| s.as_str()) != Some("org.freedesktop.DBus")
@@ -400,10 +413,7 @@ fn name_owner_changed(bridge: &Bridge, msg: &Message) {
         && name.starts_with(':')
         && new.is_empty()
     {
-        let n = bridge.events.drop_owner(name);
-        if n > 0 {
-            tracing::debug!("D-Bus: {name} left the bus; dropped its {n} subscriptions");
-        }
+        bridge.enqueue(name.to_owned(), Work::Left);
     }
 }
 
@@ -434,24 +444,24 @@ async fn serve_p2p(
     };
     bridge.peers.lock().push(peer.clone());
     serve(&bridge, &peer, stream).await;
-    forget_peer(&bridge, &peer);
+    forget_peer(&bridge, &peer).await;
 }
 
 /// A connection closed: stop sending to it, and drop its clients' subscriptions.
-fn forget_peer(bridge: &Bridge, peer: &Peer) {
+async fn forget_peer(bridge: &Arc<Bridge>, peer: &Peer) {
     bridge
         .peers
         .lock()
         .retain(|p| !(p.kind == peer.kind && p.conn.unique_name() == peer.conn.unique_name()));
-    match &peer.kind {
-        PeerKind::P2p(label) => {
-            bridge.events.drop_owner(label);
-        }
+    let owners = match &peer.kind {
+        PeerKind::P2p(label) => vec![label.clone()],
         PeerKind::Bus => {
-            for owner in bus_owners(bridge) {
-                bridge.events.drop_owner(&owner);
-            }
+            let b = bridge.clone();
+            zruntime::unblock(move || bus_owners(&b)).await
         }
+    };
+    for owner in owners {
+        bridge.enqueue(owner, Work::Left);
     }
 }
 
