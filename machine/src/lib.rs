@@ -26,6 +26,7 @@ mod qom_types;
 pub mod runstate;
 pub mod snapshot;
 mod stats;
+mod status;
 mod vcpu;
 mod vm;
 

@@ -4,6 +4,13 @@
 //!
 //! - Front ends call the machine's actions on their own threads; each action takes the
 //!   machine lock (`Machine::state`) for the whole transition.
+//! - What clients poll (the run state, the exit status, the error, the vCPUs' threads) is
+//!   also published in `Machine::published` (status.rs) at every change, and read from
+//!   there: a save or a restore holds the machine lock throughout, and `query-status` must
+//!   not wait for it.
+//! - `Machine::configuration` is held while the set of devices changes (`device_add`,
+//!   `device_del`, a guest's eject) and by a save for as long as it runs, so a save sees one
+//!   set of devices. It is taken before the machine lock, never after.
 //! - vCPU threads never take the machine lock. What they cannot handle themselves (a
 //!   device asking for a reset, a KVM internal error) they send to the machine's control
 //!   thread, which acts on it like an action would.
@@ -39,6 +46,7 @@ use crate::layout::{ECAM_BASE, IOAPIC_PINS, PCI_MMIO_SIZE, PCI_MMIO_START};
 use crate::qom_types;
 use crate::runstate::{RunState, valid_transition};
 use crate::stats::Stats;
+use crate::status::{Published, VcpuThread};
 use crate::vcpu::{ExitContext, Vcpu, VcpuEvent, install_kick_handler};
 use crate::vm::Vm;
 
@@ -60,10 +68,44 @@ pub(crate) struct Notifiers {
 pub(crate) struct Launched {
     pub(crate) vm: Vm,
     pub(crate) vcpus: Vec<Vcpu>,
+    /// kvmclock as it was when the guest stopped, set back when it runs again, so that a
+    /// guest sees (almost) no time pass while it is stopped, as under QEMU
+    /// (hw/i386/kvm/clock.c). `None` while the guest runs.
+    pub(crate) stopped_clock: Option<u64>,
     lapics: Vec<kvm_lapic_state>,
     boot: BootConfig,
     tables: acpi::Tables,
     entry: BootEntry,
+}
+
+impl Launched {
+    /// Reads kvmclock as the guest stops (its vCPUs paused), unless it is stopped already.
+    fn stop_clock(&mut self) {
+        if self.stopped_clock.is_none() {
+            match self.vm.clock_ns() {
+                Ok(ns) => self.stopped_clock = Some(ns),
+                Err(e) => tracing::warn!("kvmclock goes on while the guest is stopped: {e}"),
+            }
+        }
+    }
+
+    /// Sets kvmclock back to where it stopped, before the vCPUs run again, and tells each
+    /// vCPU's guest that it was paused (KVM_KVMCLOCK_CTRL), so that its soft-lockup
+    /// watchdog does not count the pause, as QEMU does.
+    fn resume_clock(&mut self) {
+        let Some(ns) = self.stopped_clock.take() else {
+            return;
+        };
+        if let Err(e) = self.vm.set_clock_ns(ns) {
+            tracing::warn!("kvmclock could not be set back after the stop: {e}");
+        }
+        for v in &self.vcpus {
+            // EINVAL where the guest has not enabled kvmclock: nothing to tell it.
+            if let Err(e) = v.fd().lock().kvmclock_ctrl() {
+                tracing::debug!("vCPU {}: KVM_KVMCLOCK_CTRL: {e}", v.index());
+            }
+        }
+    }
 }
 
 pub(crate) struct State {
@@ -71,7 +113,6 @@ pub(crate) struct State {
     pub(crate) launched: Option<Launched>,
     /// Set when the VMM should end, with its exit status.
     pub(crate) exit_status: Option<i32>,
-    pub(crate) error: Option<String>,
 }
 
 /// A virtual machine and its object tree.
@@ -89,16 +130,18 @@ pub struct Machine {
     stats: Arc<Stats>,
     irq_lines: Mutex<Vec<Arc<IrqLine>>>,
     pub(crate) state: Mutex<State>,
+    /// What clients poll, readable without the machine lock (status.rs).
+    pub(crate) published: Published,
     changed: Condvar,
     events: Sender<VcpuEvent>,
     pub(crate) notifiers: Notifiers,
     ged: OnceLock<Arc<Ged>>,
     hotplug: OnceLock<Arc<Hotplug>>,
-    /// Held while a request reaches the hotplug controller (`device_add`'s PCIU, and
-    /// `device_del`'s check and PCID, each with its GED event): two unplug requests cannot
-    /// both pass the check, and no GED event shows the guest a request whose events have
-    /// not gone out yet.
-    hotplug_requests: Mutex<()>,
+    /// Held while the set of devices changes (`device_add`, `device_del`, an eject) and by a
+    /// save throughout; taken before the machine lock. Two unplug requests cannot both pass
+    /// the check, no GED event shows the guest a request whose events have not gone out
+    /// yet, and a save sees one set of devices.
+    pub(crate) configuration: Mutex<()>,
     anon_devices: AtomicU64,
 }
 
@@ -154,14 +197,14 @@ impl Machine {
                     run: RunState::Prelaunch,
                     launched: None,
                     exit_status: None,
-                    error: None,
                 }),
+                published: Published::default(),
                 changed: Condvar::new(),
                 events,
                 notifiers,
                 ged: OnceLock::new(),
                 hotplug: OnceLock::new(),
-                hotplug_requests: Mutex::new(()),
+                configuration: Mutex::new(()),
                 anon_devices: AtomicU64::new(0),
             }
         });
@@ -268,22 +311,36 @@ impl Machine {
         &self.object
     }
 
+    /// The run state (never waits for a transition, a save or a restore under way).
     pub fn run_state(&self) -> RunState {
-        self.state.lock().run
+        self.published.run()
     }
 
     pub fn stats(&self) -> &Stats {
         &self.stats
     }
 
+    /// kvmclock now, in ns, as KVM_GET_CLOCK reads it: it stands still while the guest is
+    /// stopped (docs/machine.md, "Run states").
+    ///
+    /// # Errors
+    /// The machine has not started, or KVM refuses.
+    pub fn guest_clock_ns(&self) -> Result<u64> {
+        let st = self.state.lock();
+        let l = st.launched.as_ref().ok_or_else(|| {
+            Error::InvalidState("the machine has not started yet: its clock does not exist".into())
+        })?;
+        l.vm.clock_ns().map_err(failed)
+    }
+
     /// The last internal error, if the machine stopped on one.
     pub fn error(&self) -> Option<String> {
-        self.state.lock().error.clone()
+        self.published.error().map(|e| e.to_string())
     }
 
     /// The exit status, once the VMM should end.
     pub fn exit_status(&self) -> Option<i32> {
-        self.state.lock().exit_status
+        self.published.exit_status()
     }
 
     /// Blocks until the VMM should end; returns its exit status.
@@ -323,6 +380,7 @@ impl Machine {
 
     /// Tells the tree and subscribers about the run state.
     fn publish_state(&self, run: RunState, launched: bool) {
+        self.published.set_run(run);
         let (name, config_open) = match (run, launched) {
             (RunState::Prelaunch, false) => ("prelaunch", true),
             (RunState::Prelaunch, true) => ("past its first start", false),
@@ -341,9 +399,23 @@ impl Machine {
                 st.run, to
             )));
         }
+        self.enter(st, to);
+        Ok(())
+    }
+
+    /// Puts the machine in `to`: kvmclock stops as the guest does and goes on as it runs
+    /// again (the vCPUs are paused when it is read, and still paused when it is set), and
+    /// the state is published.
+    fn enter(&self, st: &mut State, to: RunState) {
+        if let Some(l) = st.launched.as_mut() {
+            if to == RunState::Running {
+                l.resume_clock();
+            } else {
+                l.stop_clock();
+            }
+        }
         st.run = to;
         self.publish_state(to, st.launched.is_some());
-        Ok(())
     }
 
     /// `cont`: start the guest (creating the VM on the first start) or resume it.
@@ -356,7 +428,8 @@ impl Machine {
             let mut st = self.state.lock();
             match st.run {
                 RunState::Running => return Ok(()),
-                RunState::Prelaunch | RunState::Paused => {}
+                // Postmigrate: a snapshot and go on (docs/snapshot.md).
+                RunState::Prelaunch | RunState::Paused | RunState::Postmigrate => {}
                 s if s.needs_reset() => {
                     return Err(Error::InvalidState(format!(
                         "the machine is in '{s}' and cannot go to 'running': reset it first (system_reset)"
@@ -438,7 +511,7 @@ impl Machine {
         if was_running {
             resume_all(&st);
         } else if st.run != RunState::Prelaunch {
-            st.error = None;
+            self.published.set_error(None);
             self.transition(&mut st, RunState::Prelaunch)?;
         }
         Ok(())
@@ -472,8 +545,7 @@ impl Machine {
         pause_all(&st);
         self.notifiers.shutdown.emit(|| guest_reason(cause));
         if st.run != RunState::Shutdown {
-            st.run = RunState::Shutdown;
-            self.publish_state(RunState::Shutdown, st.launched.is_some());
+            self.enter(&mut st, RunState::Shutdown);
         }
         let keep = exit.is_none()
             && cause.is_guest()
@@ -481,7 +553,9 @@ impl Machine {
         if keep {
             self.notifiers.stop.emit(empty);
         } else {
-            st.exit_status = Some(exit.unwrap_or(0));
+            let status = exit.unwrap_or(0);
+            st.exit_status = Some(status);
+            self.published.set_exit_status(status);
             self.changed.notify_all();
         }
     }
@@ -494,10 +568,10 @@ impl Machine {
         }
         tracing::error!("vCPU {cpu}: {reason}; the machine stops in internal-error");
         pause_all(&st);
-        st.error = Some(format!("vCPU {cpu}: {reason}"));
+        self.published
+            .set_error(Some(&format!("vCPU {cpu}: {reason}")));
         let was_live = matches!(st.run, RunState::Running | RunState::Paused);
-        st.run = RunState::InternalError;
-        self.publish_state(RunState::InternalError, st.launched.is_some());
+        self.enter(&mut st, RunState::InternalError);
         if was_live {
             self.notifiers.stop.emit(empty);
         }
@@ -570,9 +644,19 @@ impl Machine {
         self.pci.attach_irqchip(vm.irqchip());
         self.pci.msi().attach(vm.msi_chip());
         let _ = self.memory.set(vm.memory().clone());
+        self.published.set_launched(
+            vcpus
+                .iter()
+                .map(|v| VcpuThread {
+                    index: v.index(),
+                    thread_id: v.thread_id(),
+                })
+                .collect(),
+        );
         Ok(Launched {
             vm,
             vcpus,
+            stopped_clock: None,
             lapics,
             boot,
             tables,
@@ -644,11 +728,11 @@ impl Machine {
 
     /// The host thread id of a vCPU, or -1.
     pub fn vcpu_thread_id(&self, index: u32) -> i64 {
-        let st = self.state.lock();
-        st.launched
-            .as_ref()
-            .and_then(|l| l.vcpus.get(index as usize))
-            .map_or(-1, |v| v.thread_id())
+        self.published
+            .vcpus()
+            .iter()
+            .find(|v| v.index == index)
+            .map_or(-1, |v| v.thread_id)
     }
 
     /// The registers of every vCPU, as `query-cpus` shows them.
@@ -710,11 +794,11 @@ impl Machine {
     /// # Errors
     /// The range is not RAM, the file cannot be written, or the machine has not started.
     pub fn pmemsave(&self, addr: u64, size: u64, path: &Path) -> Result<()> {
-        let st = self.state.lock();
-        let l = st.launched.as_ref().ok_or_else(|| {
+        // Guest RAM is read without the machine lock: a large dump must not hold up
+        // transitions or anything that waits for them.
+        let mem = self.memory.get().ok_or_else(|| {
             Error::InvalidState("the machine has not started yet: its memory does not exist".into())
         })?;
-        let mem = l.vm.memory();
         let invalid = || failed(format!("Invalid addr {addr:#018x}/size {size} specified"));
         let end = addr.checked_add(size).ok_or_else(invalid)?;
         let mut file = File::create(path)
@@ -762,17 +846,15 @@ impl Machine {
             }
             Ok(pieces)
         })?;
-        let st = self.state.lock();
-        let l = st
-            .launched
-            .as_ref()
+        let mem = self
+            .memory
+            .get()
             .ok_or_else(|| Error::InvalidState("the machine has not started yet".into()))?;
         let mut file = File::create(path)
             .map_err(|e| failed(format!("Could not open '{}': {e}", path.display())))?;
         for (phys, len) in physical {
             let mut buf = vec![0u8; len as usize];
-            l.vm.memory()
-                .read_slice(&mut buf, GuestAddress(phys))
+            mem.read_slice(&mut buf, GuestAddress(phys))
                 .map_err(|_| failed(format!("Invalid addr {phys:#018x} specified")))?;
             file.write_all(&buf)
                 .map_err(|e| failed(format!("Error writing '{}': {e}", path.display())))?;
@@ -806,12 +888,13 @@ impl Machine {
             ));
         }
         let pci = class.implements(devices::pci::PCI_DEVICE);
-        let hot = self.state.lock().launched.is_some();
+        let hot = self.published.launched();
         if !class.implements(USER_DEVICE) || (hot && !pci) {
             return Err(Error::InvalidState(
                 "Parameter 'driver' expects a pluggable device type".into(),
             ));
         }
+        let _configuration = self.configuration_for("device_add")?;
         let (parent, name) = match id {
             Some(id) => {
                 qom::path::check_id(id).map_err(|_| {
@@ -845,7 +928,6 @@ impl Machine {
             if let (true, Some(slot), Some(h), Some(ged)) =
                 (hot, slot, self.hotplug.get(), self.ged.get())
             {
-                let _requests = self.hotplug_requests.lock();
                 h.added(slot as u8);
                 ged.raise(EVENT_PCI_HOTPLUG);
             }
@@ -927,13 +1009,14 @@ impl Machine {
             matches!(p.path(), "/machine/peripheral" | "/machine/peripheral-anon")
         });
         let pci = dev.class().implements(devices::pci::PCI_DEVICE);
-        let hot = self.state.lock().launched.is_some();
+        let hot = self.published.launched();
         if !user_added || (hot && !pci) {
             return Err(Error::InvalidState(format!(
                 "Device '{}' does not support hotplugging",
                 dev.type_name()
             )));
         }
+        let _configuration = self.configuration_for("device_del")?;
         if !hot {
             return self.remove_device(&dev);
         }
@@ -942,7 +1025,6 @@ impl Machine {
         let (Some(h), Some(ged)) = (self.hotplug.get(), self.ged.get()) else {
             return Err(failed("the machine has no hotplug controller"));
         };
-        let _requests = self.hotplug_requests.lock();
         if h.removal_requested(slot) {
             return Err(Error::InvalidState(format!(
                 "Device {} is already in the process of unplug",
@@ -960,8 +1042,19 @@ impl Machine {
         Ok(())
     }
 
+    /// The configuration lock, for a change of the set of devices by `command`; refused
+    /// while a save or a restore runs (QEMU's text), where waiting for it could take
+    /// seconds.
+    fn configuration_for(&self, command: &str) -> Result<parking_lot::MutexGuard<'_, ()>> {
+        if self.migration_running() {
+            return Err(failed(format!("{command} not allowed while migrating")));
+        }
+        Ok(self.configuration.lock())
+    }
+
     /// The guest ejected `slot`: the device there goes, with `unplugged` and DEVICE_DELETED.
     fn eject(&self, slot: u8) {
+        let _configuration = self.configuration.lock();
         let Some(h) = self.hotplug.get() else { return };
         if !h.removal_requested(slot) {
             return;
@@ -1002,27 +1095,25 @@ impl Machine {
         Ok(())
     }
 
-    /// `query-cpus-fast`: each vCPU's index, QOM path and host thread (once started).
+    /// `query-cpus-fast`: each vCPU's index, QOM path and host thread (once started). Never
+    /// waits for the machine lock.
     pub fn query_cpus_fast(&self) -> Vec<Value> {
-        let st = self.state.lock();
-        let Some(l) = &st.launched else {
-            return Vec::new();
-        };
-        l.vcpus
+        self.published
+            .vcpus()
             .iter()
             .map(|v| {
                 Value::map([
-                    ("cpu-index", Value::UInt(v.index().into())),
+                    ("cpu-index", Value::UInt(v.index.into())),
                     (
                         "qom-path",
-                        Value::Str(format!("/machine/unattached/cpu[{}]", v.index())),
+                        Value::Str(format!("/machine/unattached/cpu[{}]", v.index)),
                     ),
-                    ("thread-id", Value::Int(v.thread_id())),
+                    ("thread-id", Value::Int(v.thread_id)),
                     ("target", Value::Enum("x86_64".into())),
                     (
                         "props",
                         Value::map([
-                            ("socket-id", Value::Int(v.index().into())),
+                            ("socket-id", Value::Int(v.index.into())),
                             ("core-id", Value::Int(0)),
                             ("thread-id", Value::Int(0)),
                         ]),

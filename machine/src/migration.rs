@@ -160,6 +160,14 @@ impl Machine {
         self.migration.lock().to_value()
     }
 
+    /// Whether a save or a restore is under way.
+    pub(crate) fn migration_running(&self) -> bool {
+        matches!(
+            self.migration.lock().status,
+            Some(Status::Setup | Status::Active)
+        )
+    }
+
     /// `migrate {"uri": "file:PATH"}`: starts saving the machine to PATH and returns; the
     /// MIGRATION events and `query-migrate` tell how it goes.
     ///
@@ -199,6 +207,7 @@ impl Machine {
 
     fn save_thread(&self, path: &Path) {
         let started = Instant::now();
+        let _configuration = self.configuration.lock();
         let mut st = self.state.lock();
         let before = st.run;
         let setup_ms = started.elapsed().as_millis() as u64;
@@ -287,7 +296,11 @@ impl Machine {
             w.section(&format!("cpu:{}", v.index()), &[&json(&state)?])
                 .map_err(io)?;
         }
-        let chips = l.vm.save_chips().map_err(failed)?;
+        let mut chips = l.vm.save_chips().map_err(failed)?;
+        // The clock as the guest stopped, not as it has counted on since.
+        if let Some(ns) = l.stopped_clock {
+            chips = chips.with_clock(ns);
+        }
         w.section("chips", &[&json(&chips)?]).map_err(io)?;
         for obj in objects {
             for level in obj.class().state_hooks() {
@@ -337,6 +350,7 @@ impl Machine {
                 path.display()
             )));
         }
+        let _configuration = self.configuration.lock();
         let mut st = self.state.lock();
         if st.run != RunState::Prelaunch || st.launched.is_some() {
             return Err(Error::InvalidState(format!(
@@ -362,7 +376,7 @@ impl Machine {
             Ok(()) => {}
             Err(e) => {
                 let e = failed(format!("cannot restore '{}': {e}", path.display()));
-                st.error = Some(e.to_string());
+                self.published.set_error(Some(&e.to_string()));
                 let _ = self.transition(&mut st, RunState::InternalError);
                 drop(st);
                 self.set_migration(|i| {

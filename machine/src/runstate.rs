@@ -42,6 +42,20 @@ impl RunState {
         RunState::Colo,
     ];
 
+    /// The state's place in [`RunState::ALL`].
+    pub fn index(self) -> u8 {
+        // ALL lists the variants in declaration order.
+        self as u8
+    }
+
+    /// The state at `index` of [`RunState::ALL`] (`Prelaunch` for an index past its end).
+    pub fn from_index(index: u8) -> RunState {
+        RunState::ALL
+            .get(usize::from(index))
+            .copied()
+            .unwrap_or(RunState::Prelaunch)
+    }
+
     /// QEMU's name of the state.
     pub fn name(self) -> &'static str {
         match self {
@@ -128,5 +142,13 @@ mod tests {
                 .len(),
             16
         );
+    }
+
+    #[test]
+    fn indexes_follow_all() {
+        for (i, s) in RunState::ALL.iter().enumerate() {
+            assert_eq!(usize::from(s.index()), i);
+            assert_eq!(RunState::from_index(s.index()), *s);
+        }
     }
 }

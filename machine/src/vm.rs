@@ -400,6 +400,14 @@ pub struct ChipState {
     clock: kvm_clock_data,
 }
 
+impl ChipState {
+    /// The state with kvmclock at `ns` instead of where it was read.
+    pub fn with_clock(mut self, ns: u64) -> ChipState {
+        self.clock.clock = ns;
+        self
+    }
+}
+
 /// Words of `kvm_xsave2`'s flexible array for an XSAVE area of `size` bytes.
 fn xsave_extra_words(size: usize) -> usize {
     size.saturating_sub(std::mem::size_of::<kvm_xsave>())
@@ -524,6 +532,26 @@ impl Vm {
         Ok(())
     }
 
+    /// kvmclock, in ns (KVM_GET_CLOCK).
+    ///
+    /// # Errors
+    /// KVM refuses.
+    pub fn clock_ns(&self) -> Result<u64, VmError> {
+        Ok(self.fd.get_clock().map_err(kvm_err("read kvmclock"))?.clock)
+    }
+
+    /// Sets kvmclock to `ns` (KVM_SET_CLOCK); it counts on from there.
+    ///
+    /// # Errors
+    /// KVM refuses.
+    pub fn set_clock_ns(&self, ns: u64) -> Result<(), VmError> {
+        let clock = kvm_clock_data {
+            clock: ns,
+            ..Default::default()
+        };
+        self.fd.set_clock(&clock).map_err(kvm_err("set kvmclock"))
+    }
+
     /// Reads the interrupt controllers, the PIT and kvmclock.
     ///
     /// # Errors
@@ -550,11 +578,7 @@ impl Vm {
         self.fd
             .set_pit2(&state.pit)
             .map_err(kvm_err("set PIT state"))?;
-        let clock = kvm_clock_data {
-            clock: state.clock.clock,
-            ..Default::default()
-        };
-        self.fd.set_clock(&clock).map_err(kvm_err("set kvmclock"))
+        self.set_clock_ns(state.clock.clock)
     }
 }
 

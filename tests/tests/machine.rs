@@ -36,6 +36,60 @@ fn hello_prints_and_exits_with_the_chosen_code() {
 }
 
 #[test]
+fn kvmclock_stands_still_while_the_guest_is_stopped() {
+    require_kvm!();
+    let mut vm = TestVm::new("idle", "");
+    vm.start();
+    vm.wait_line("idle guest: halting");
+    let clock = |vm: &TestVm| vm.machine.guest_clock_ns().expect("KVM_GET_CLOCK");
+    // It runs while the guest runs...
+    let t0 = clock(&vm);
+    std::thread::sleep(Duration::from_millis(300));
+    let running = clock(&vm) - t0;
+    assert!(
+        running >= 250_000_000,
+        "kvmclock ran {running} ns in 300 ms"
+    );
+    // ...stands still while it is stopped, and goes on from there on `cont`.
+    let before = clock(&vm);
+    vm.machine.stop().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let stopped = clock(&vm);
+    vm.machine.cont().unwrap();
+    let after = clock(&vm);
+    let paused = after - before;
+    eprintln!("kvmclock moved {paused} ns across a 2 s stop");
+    assert!(
+        paused < 100_000_000,
+        "kvmclock moved {paused} ns across a 2 s stop"
+    );
+    assert!(
+        stopped >= before,
+        "KVM's clock itself counts on while stopped"
+    );
+    // The same across a save of the stopped machine: the file holds the stopped clock.
+    vm.machine.stop().unwrap();
+    let dir = qomu_tests::TempDir::new("kvmclock");
+    let file = dir.path("vm.snap");
+    vm.machine
+        .migrate(&format!("file:{}", file.display()))
+        .unwrap();
+    assert!(
+        vm.machine
+            .wait_for_state(RunState::Postmigrate, qomu_tests::patience())
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let saved_at = clock(&vm);
+    vm.machine.cont().unwrap();
+    let moved = clock(&vm) - after;
+    assert!(
+        moved < 100_000_000,
+        "kvmclock moved {moved} ns across a stop and a save"
+    );
+    assert!(saved_at > after);
+}
+
+#[test]
 fn stop_mid_spin_and_cont_finishes_correctly() {
     require_kvm!();
     let mut vm = TestVm::new("spin", "iters=400000 step=20000");

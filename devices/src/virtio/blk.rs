@@ -3,6 +3,7 @@
 //! failed host I/O is answered IOERR and announced by the `io-error` notifier; the VMM
 //! goes on.
 
+use std::any::Any;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
@@ -38,12 +39,18 @@ pub const S_OK: u8 = 0;
 pub const S_IOERR: u8 = 1;
 pub const S_UNSUPP: u8 = 2;
 
+/// The longest `x-delay-ms`.
+const MAX_DELAY_MS: u64 = 60_000;
+
 /// Bytes moved per host read or write.
 const CHUNK: usize = 128 * 1024;
 
-/// Counters shown as properties.
+/// Counters and the capacity, shown as properties: published beside the transport, so that
+/// reading them never waits for a request the transport is serving.
 #[derive(Default)]
 pub struct BlkStats {
+    /// In bytes, while realized.
+    capacity: AtomicU64,
     read_bytes: AtomicU64,
     written_bytes: AtomicU64,
     flushes: AtomicU64,
@@ -57,6 +64,8 @@ struct Image {
     sectors: u64,
     serial: String,
     io_error: Notifier,
+    /// `x-delay-ms`: how long each request waits before it is served.
+    delay: std::time::Duration,
 }
 
 struct Blk {
@@ -107,6 +116,11 @@ impl Blk {
         let Ok(mut status) = writer.split_at(writer.available_bytes() - 1) else {
             return 0;
         };
+        if let Some(image) = &self.image
+            && !image.delay.is_zero()
+        {
+            std::thread::sleep(image.delay);
+        }
         let result = match &self.image {
             None => Err(Failure::io("the device has no image")),
             Some(image) => match kind {
@@ -274,18 +288,28 @@ impl Backend for Blk {
                 "Could not open '{path}': not a regular file"
             )));
         }
+        let sectors = meta.len() / SECTOR;
+        self.stats
+            .capacity
+            .store(sectors * SECTOR, Ordering::Relaxed);
         self.image = Some(Image {
             file,
             read_only,
-            sectors: meta.len() / SECTOR,
+            sectors,
             serial: get_string(obj, "serial")?,
             io_error: obj.notifier("io-error")?,
+            delay: std::time::Duration::from_millis(obj.get("x-delay-ms")?.as_u64().unwrap_or(0)),
         });
         Ok(())
     }
 
     fn unrealize(&mut self) {
         self.image = None;
+        self.stats.capacity.store(0, Ordering::Relaxed);
+    }
+
+    fn published(&self) -> Option<Arc<dyn Any + Send + Sync>> {
+        Some(self.stats.clone())
     }
 
     fn process(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
@@ -308,8 +332,8 @@ pub(crate) fn register(platform: &PlatformRef) -> TypeInfo {
         Property::new(name, Kind::uint64())
             .description(description)
             .getter(move |o| {
-                let dev = instance::<VirtioPci>(o)?;
-                dev.with_backend(|b: &Blk| Value::UInt(read(&b.stats).load(Ordering::Relaxed)))
+                let stats = instance::<VirtioPci>(o)?.published::<BlkStats>()?;
+                Ok(Value::UInt(read(&stats).load(Ordering::Relaxed)))
             })
     };
     TypeInfo::new(TYPE, VIRTIO_DEVICE)
@@ -345,13 +369,19 @@ pub(crate) fn register(platform: &PlatformRef) -> TypeInfo {
                 }),
         )
         .property(
+            Property::new("x-delay-ms", Kind::uint_range(0, MAX_DELAY_MS))
+                .policy(PhasePolicy::BeforeRealize)
+                .description(
+                    "Test only: every request waits this long on the host before it is served, \
+                     as QEMU's blkdebug delays do (0: none)",
+                ),
+        )
+        .property(
             Property::new("size", Kind::uint64())
                 .description("The capacity in bytes (whole 512-byte sectors)")
                 .getter(|o| {
-                    let dev = instance::<VirtioPci>(o)?;
-                    dev.with_backend(|b: &Blk| {
-                        Value::UInt(b.image.as_ref().map_or(0, |i| i.sectors) * SECTOR)
-                    })
+                    let stats = instance::<VirtioPci>(o)?.published::<BlkStats>()?;
+                    Ok(Value::UInt(stats.capacity.load(Ordering::Relaxed)))
                 }),
         )
         .property(counter("read-bytes", "Bytes read by the guest", |s| {

@@ -117,6 +117,12 @@ pub trait Backend: Send + std::any::Any {
     fn process(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
     /// The driver reset the device.
     fn reset(&mut self) {}
+    /// What the model shares with readers that must not wait for the transport's lock,
+    /// which is held while a request is served (its counters): taken once, when the device
+    /// is made, and reached with [`VirtioPci::published`].
+    fn published(&self) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
+        None
+    }
 }
 
 /// The transport's registers.
@@ -195,6 +201,8 @@ pub struct VirtioPci {
     platform: PlatformRef,
     driver_ok: Mutex<Option<Notifier>>,
     counters: Counters,
+    /// What the model publishes beside the transport ([`Backend::published`]).
+    published: Option<Arc<dyn std::any::Any + Send + Sync>>,
     /// Where the `VIRTIO_PCI_CAP_PCI_CFG` capability starts in the configuration space.
     cfg_cap: usize,
 }
@@ -260,6 +268,7 @@ impl VirtioPci {
             MSIX_TABLE as u32,
             MSIX_PBA as u32,
         );
+        let published = backend.published();
         VirtioPci {
             config: Mutex::new(config),
             msix: Mutex::new(msix),
@@ -282,8 +291,21 @@ impl VirtioPci {
             platform,
             driver_ok: Mutex::new(None),
             counters: Counters::default(),
+            published,
             cfg_cap,
         }
+    }
+
+    /// What the model publishes ([`Backend::published`]), if it is a `T`. Takes no lock.
+    ///
+    /// # Errors
+    /// The model publishes nothing, or no `T` (a type registered with the wrong model: a
+    /// bug).
+    pub fn published<T: Send + Sync + 'static>(&self) -> qom::Result<Arc<T>> {
+        self.published
+            .clone()
+            .and_then(|p| p.downcast::<T>().ok())
+            .ok_or_else(|| qom::Error::failed("the virtio device publishes no such state"))
     }
 
     /// Runs `f` on the device model, if it is a `T` (for the model's own properties).
