@@ -66,7 +66,7 @@ pub use builtin::{
 pub use error::{Error, Result};
 pub use kind::{EnumKind, Field, IntKind, Kind, StructKind, UIntKind};
 pub use notifier::{Event, Notifier, NotifierDecl};
-pub use object::{Instance, ObjectRef, WeakObjectRef};
+pub use object::{Instance, ObjectRef, PropertyList, WeakObjectRef};
 pub use property::{Getter, PhasePolicy, Property, PropertyInfo, PropertyRole, Setter, Validator};
 pub use subscription::{
     Counters, DEFAULT_QUEUE_LIMIT, Delivery, MAX_QUEUE_LIMIT, Ready, Scope, SubscribeOptions,

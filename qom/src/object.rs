@@ -239,18 +239,29 @@ impl ObjectRef {
 
     /// `qom-list`: declared properties, notifiers, then children.
     pub fn list_properties(&self) -> Vec<PropertyInfo> {
-        let mut out = self.core.class.property_infos();
-        out.extend(self.children().into_iter().map(|c| PropertyInfo {
-            name: c.name().to_owned(),
-            type_name: format!("child<{}>", c.type_name()),
-            description: None,
-            default: None,
-            policy: crate::PhasePolicy::ReadOnly,
-            notifying: false,
-            declared_by: c.type_name().to_owned(),
-            role: PropertyRole::Child(c.type_name().to_owned()),
-        }));
-        out
+        self.property_list().iter().cloned().collect()
+    }
+
+    /// What `qom-list` shows, without copying the type's part: its declared properties
+    /// and notifiers (shared with every object of the type), then the children.
+    pub fn property_list(&self) -> PropertyList {
+        PropertyList {
+            declared: self.core.class.property_infos().clone(),
+            children: self
+                .children()
+                .into_iter()
+                .map(|c| PropertyInfo {
+                    name: c.name().to_owned(),
+                    type_name: format!("child<{}>", c.type_name()),
+                    description: None,
+                    default: None,
+                    policy: crate::PhasePolicy::ReadOnly,
+                    notifying: false,
+                    declared_by: c.type_name().to_owned(),
+                    role: PropertyRole::Child(c.type_name().to_owned()),
+                })
+                .collect(),
+        }
     }
 
     pub(crate) fn property_not_found(&self, name: &str) -> Error {
@@ -264,6 +275,28 @@ impl ObjectRef {
         Error::NotFound {
             path: self.path().to_owned(),
         }
+    }
+}
+
+/// An object's properties, notifiers and children, as [`ObjectRef::property_list`] gives
+/// them.
+#[derive(Debug, Clone)]
+pub struct PropertyList {
+    declared: Arc<[PropertyInfo]>,
+    children: Vec<PropertyInfo>,
+}
+
+impl PropertyList {
+    pub fn iter(&self) -> impl Iterator<Item = &PropertyInfo> {
+        self.declared.iter().chain(&self.children)
+    }
+
+    pub fn len(&self) -> usize {
+        self.declared.len() + self.children.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 

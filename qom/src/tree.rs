@@ -219,7 +219,7 @@ impl Tree {
     /// # Errors
     /// [`Error::TypeNotFound`].
     pub fn type_properties(&self, typename: &str) -> Result<Vec<PropertyInfo>> {
-        Ok(self.inner.types.get(typename)?.property_infos())
+        Ok(self.inner.types.get(typename)?.property_infos().to_vec())
     }
 
     /// Number of objects in the tree (the root included).

@@ -203,6 +203,8 @@ pub struct Class {
     hooks: Vec<LevelHooks>,
     /// Snapshot state of every level that has some, base first.
     state: Vec<StateHooks>,
+    /// [`Class::property_infos`].
+    infos: Arc<[PropertyInfo]>,
 }
 
 /// The realize and unrealize hooks one type level declares.
@@ -326,8 +328,13 @@ impl Class {
         &self.state
     }
 
-    /// What `qom-list-properties` shows for the type: properties then notifiers.
-    pub fn property_infos(&self) -> Vec<PropertyInfo> {
+    /// What `qom-list-properties` shows for the type: properties then notifiers. Made
+    /// once, with the class: `qom-list` answers from it without building anything.
+    pub fn property_infos(&self) -> &Arc<[PropertyInfo]> {
+        &self.infos
+    }
+
+    fn build_property_infos(&self) -> Arc<[PropertyInfo]> {
         let props = self.properties.iter().map(|d| PropertyInfo {
             name: d.item.name.clone(),
             type_name: d.item.kind.type_name(),
@@ -489,7 +496,7 @@ impl Class {
             });
         }
 
-        Ok(Class {
+        let mut class = Class {
             parent: parent.clone(),
             is_abstract: info.is_abstract,
             is_interface: info.is_interface,
@@ -516,7 +523,10 @@ impl Class {
             hooks,
             state,
             name,
-        })
+            infos: Arc::from([]),
+        };
+        class.infos = class.build_property_infos();
+        Ok(class)
     }
 }
 

@@ -8,7 +8,7 @@ use serde_json::{Map, Value as Json, json};
 use super::args::{self, ArgSpec, ArgType, Args};
 use super::error::{Context, QmpError, from_qom};
 use super::session::{QEMU_VERSION, Session, package};
-use super::{hmp, schema};
+use super::{hmp, json, schema};
 
 /// How a command runs.
 pub enum Handler {
@@ -23,7 +23,21 @@ pub struct Builtin {
     pub args: fn() -> Vec<ArgSpec>,
     /// Whether keys beyond `args` are allowed (object-add, device_add take properties).
     pub extra: bool,
-    pub run: fn(&mut Session, &Args) -> Result<Json, QmpError>,
+    pub run: Run,
+}
+
+/// A builtin's code: it returns a value, or its reply already written as JSON text (for
+/// the replies built straight into text, without a value in between: `qom-list`).
+pub enum Run {
+    Value(fn(&mut Session, &Args) -> Result<Json, QmpError>),
+    Text(fn(&mut Session, &Args) -> Result<String, QmpError>),
+}
+
+/// What a command returns.
+pub enum Reply {
+    Value(Json),
+    /// JSON text, written as QEMU writes it (json.rs).
+    Text(String),
 }
 
 /// QMP commands that are `/machine` actions: (QMP name, action name).
@@ -53,49 +67,49 @@ pub const BUILTINS: &[Builtin] = &[
         name: "qmp_capabilities",
         args: || vec![opt("enable", ArgType::List(Box::new(ArgType::Str)))],
         extra: false,
-        run: |_, _| Ok(json!({})),
+        run: Run::Value(|_, _| Ok(json!({}))),
     },
     Builtin {
         name: "query-version",
         args: Vec::new,
         extra: false,
-        run: query_version,
+        run: Run::Value(query_version),
     },
     Builtin {
         name: "query-commands",
         args: Vec::new,
         extra: false,
-        run: query_commands,
+        run: Run::Value(query_commands),
     },
     Builtin {
         name: "query-qmp-schema",
         args: Vec::new,
         extra: false,
-        run: |s, _| Ok(schema::build(&s.tree)),
+        run: Run::Value(|s, _| Ok(schema::build(&s.tree))),
     },
     Builtin {
         name: "query-status",
         args: Vec::new,
         extra: false,
-        run: query_status,
+        run: Run::Value(query_status),
     },
     Builtin {
         name: "query-name",
         args: Vec::new,
         extra: false,
-        run: query_name,
+        run: Run::Value(query_name),
     },
     Builtin {
         name: "qom-list",
         args: || vec![s("path")],
         extra: false,
-        run: qom_list,
+        run: Run::Text(qom_list),
     },
     Builtin {
         name: "qom-get",
         args: || vec![s("path"), s("property")],
         extra: false,
-        run: qom_get,
+        run: Run::Value(qom_get),
     },
     Builtin {
         name: "qom-set",
@@ -107,7 +121,7 @@ pub const BUILTINS: &[Builtin] = &[
             ]
         },
         extra: false,
-        run: qom_set,
+        run: Run::Value(qom_set),
     },
     Builtin {
         name: "qom-list-get",
@@ -118,7 +132,7 @@ pub const BUILTINS: &[Builtin] = &[
             )]
         },
         extra: false,
-        run: qom_list_get,
+        run: Run::Value(qom_list_get),
     },
     Builtin {
         name: "qom-list-types",
@@ -129,31 +143,31 @@ pub const BUILTINS: &[Builtin] = &[
             ]
         },
         extra: false,
-        run: qom_list_types,
+        run: Run::Value(qom_list_types),
     },
     Builtin {
         name: "qom-list-properties",
         args: || vec![s("typename")],
         extra: false,
-        run: qom_list_properties,
+        run: Run::Value(qom_list_properties),
     },
     Builtin {
         name: "device-list-properties",
         args: || vec![s("typename")],
         extra: false,
-        run: device_list_properties,
+        run: Run::Value(device_list_properties),
     },
     Builtin {
         name: "object-add",
         args: || vec![s("qom-type"), s("id")],
         extra: true,
-        run: object_add,
+        run: Run::Value(object_add),
     },
     Builtin {
         name: "object-del",
         args: || vec![s("id")],
         extra: false,
-        run: object_del,
+        run: Run::Value(object_del),
     },
     Builtin {
         name: "device_add",
@@ -165,13 +179,13 @@ pub const BUILTINS: &[Builtin] = &[
             ]
         },
         extra: true,
-        run: device_add,
+        run: Run::Value(device_add),
     },
     Builtin {
         name: "human-monitor-command",
         args: || vec![s("command-line"), opt("cpu-index", ArgType::Int)],
         extra: false,
-        run: human_monitor_command,
+        run: Run::Value(human_monitor_command),
     },
     Builtin {
         name: "__org.qomu_subscribe",
@@ -185,13 +199,13 @@ pub const BUILTINS: &[Builtin] = &[
             ]
         },
         extra: false,
-        run: subscribe,
+        run: Run::Value(subscribe),
     },
     Builtin {
         name: "__org.qomu_unsubscribe",
         args: || vec![s("subscription")],
         extra: false,
-        run: unsubscribe,
+        run: Run::Value(unsubscribe),
     },
 ];
 
@@ -217,13 +231,16 @@ pub fn find(tree: &Tree, name: &str) -> Option<Handler> {
 }
 
 /// Runs a command: its arguments are checked first, in QEMU's order.
-pub fn run(session: &mut Session, handler: Handler, args: &Args) -> Result<Json, QmpError> {
+pub fn run(session: &mut Session, handler: Handler, args: &Args) -> Result<Reply, QmpError> {
     match handler {
         Handler::Builtin(b) => {
             args::check(args, &(b.args)(), b.extra)?;
-            (b.run)(session, args)
+            match b.run {
+                Run::Value(run) => run(session, args).map(Reply::Value),
+                Run::Text(run) => run(session, args).map(Reply::Text),
+            }
         }
-        Handler::Action(action) => call_action(session, action, args),
+        Handler::Action(action) => call_action(session, action, args).map(Reply::Value),
     }
 }
 
@@ -311,14 +328,28 @@ fn property_info(p: &PropertyInfo, with_details: bool) -> Json {
     Json::Object(info)
 }
 
-fn qom_list(session: &mut Session, args: &Args) -> Result<Json, QmpError> {
+/// `qom-list`, written straight into JSON text: the reply clients ask for most after
+/// `qom-get`, answered from the type's shared list with nothing built per entry.
+fn qom_list(session: &mut Session, args: &Args) -> Result<String, QmpError> {
     let props = session
         .tree
-        .list(str_arg(args, "path"))
-        .map_err(|e| from_qom(&e, Context::List))?;
-    Ok(Json::Array(
-        props.iter().map(|p| property_info(p, false)).collect(),
-    ))
+        .lookup(str_arg(args, "path"))
+        .map_err(|e| from_qom(&e, Context::List))?
+        .property_list();
+    let mut out = String::with_capacity(48 * props.len() + 2);
+    out.push('[');
+    for (i, p) in props.iter().enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        out.push_str("{\"name\": ");
+        json::write_str(&p.name, &mut out);
+        out.push_str(", \"type\": ");
+        json::write_str(&p.type_name, &mut out);
+        out.push('}');
+    }
+    out.push(']');
+    Ok(out)
 }
 
 fn qom_get(session: &mut Session, args: &Args) -> Result<Json, QmpError> {

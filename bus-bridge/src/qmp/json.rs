@@ -486,7 +486,13 @@ pub fn write(value: &Json) -> String {
     out
 }
 
-fn write_into(value: &Json, out: &mut String) {
+/// Writes a string as [`write`] does, escaped and quoted, at the end of `out`.
+pub fn write_str(s: &str, out: &mut String) {
+    write_string(s, out);
+}
+
+/// Appends `value` to `out` as [`write`] writes it.
+pub fn write_into(value: &Json, out: &mut String) {
     match value {
         Json::Null => out.push_str("null"),
         Json::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
@@ -520,6 +526,14 @@ fn write_into(value: &Json, out: &mut String) {
 fn write_string(s: &str, out: &mut String) {
     use std::fmt::Write as _;
     out.push('"');
+    // Most strings (names, paths, types) need no escape: copy them whole.
+    if s.bytes()
+        .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
+    {
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     for c in s.chars() {
         match c {
             '"' => out.push_str("\\\""),

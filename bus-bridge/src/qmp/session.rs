@@ -11,7 +11,7 @@ use qom::{Delivery, SubscribeOptions, Subscriber, Target, Tree};
 use serde_json::{Map, Value as Json, json};
 
 use super::args::{self, Args};
-use super::commands;
+use super::commands::{self, Reply};
 use super::error::QmpError;
 use super::json::{self, Streamer};
 
@@ -160,7 +160,7 @@ impl Session {
         };
         let id = request.get("id").cloned();
         match self.dispatch(&request) {
-            Ok(value) => {
+            Ok(Reply::Value(value)) => {
                 let mut rsp = Map::new();
                 rsp.insert("return".into(), value);
                 if let Some(id) = id {
@@ -168,12 +168,23 @@ impl Session {
                 }
                 json::write(&Json::Object(rsp))
             }
+            Ok(Reply::Text(text)) => {
+                let mut rsp = String::with_capacity(text.len() + 32);
+                rsp.push_str("{\"return\": ");
+                rsp.push_str(&text);
+                if let Some(id) = id {
+                    rsp.push_str(", \"id\": ");
+                    json::write_into(&id, &mut rsp);
+                }
+                rsp.push('}');
+                rsp
+            }
             Err(e) => error_response(&e, id),
         }
     }
 
     /// QEMU's `qmp_dispatch()`.
-    fn dispatch(&mut self, request: &Map<String, Json>) -> Result<Json, QmpError> {
+    fn dispatch(&mut self, request: &Map<String, Json>) -> Result<Reply, QmpError> {
         let mut exec_key: Option<&str> = None;
         for (key, value) in request {
             match key.as_str() {
@@ -219,7 +230,7 @@ impl Session {
                     "Expecting capabilities negotiation with 'qmp_capabilities'",
                 ));
             }
-            return self.negotiate(args);
+            return self.negotiate(args).map(Reply::Value);
         }
         if name == "qmp_capabilities" {
             return Err(QmpError::command_not_found(
