@@ -18,6 +18,10 @@ use zbus::{
     Connection, Message, MessageStream, ObjectPath, OwnedObjectPath, OwnedVariant, Variant,
 };
 
+/// Held by `a_waiting_call_holds_up_its_caller_only` while `slow` must wait.
+static SLOW_GATE: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
+static SLOW_ENTERED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 const G1: &str = "/org/qomu/VM1/objects/g1";
 const G2: &str = "/org/qomu/VM1/objects/g2";
 const GADGET: &str = "org.qomu.Type.Gadget";
@@ -37,6 +41,12 @@ fn tree() -> Tree {
             ))
             .property(Property::new("blob", Kind::Any))
             .property(Property::new("early", Kind::Bool).policy(PhasePolicy::BeforeRealize))
+            .property(Property::new("slow", Kind::uint64()).getter(|_| {
+                // Waits while a test holds the gate, as a getter behind long work would.
+                SLOW_ENTERED.store(true, std::sync::atomic::Ordering::Release);
+                drop(SLOW_GATE.lock());
+                Ok(Value::UInt(1))
+            }))
             .notifier(NotifierDecl::new(
                 "pinged",
                 Kind::structure(
@@ -249,7 +259,7 @@ fn every_kind_both_ways() {
         );
         assert!(xml.contains(&declared), "{declared} not in:\n{xml}");
     }
-    assert_eq!(all.len(), 6);
+    assert_eq!(all.len(), 7);
 }
 
 /// The next signal named `member` (others are skipped); panics after a minute.
@@ -609,4 +619,102 @@ fn a_peer_that_stops_reading_is_dropped_not_waited_for() {
         s.tree.lookup(qom_path).is_err(),
         "{qom_path} outlived its stuck peer"
     );
+}
+
+/// A call that waits (a getter behind long work) holds up its own caller only: another
+/// connection's Ping, Get, Introspect and GetAll answer meanwhile; the waiting
+/// caller's later calls queue behind it in order, up to the lane's limit, past which they
+/// are refused with LimitsExceeded; once the getter returns, every queued call is answered.
+#[test]
+fn a_waiting_call_holds_up_its_caller_only() {
+    use std::sync::atomic::Ordering;
+    let s = setup("lanes");
+    let gate = SLOW_GATE.lock();
+    let waiting = s.conn.clone();
+    let slow = std::thread::spawn(move || {
+        let v: OwnedVariant = call(&waiting, G1, PROPS, "Get", &(GADGET, "Slow"))
+            .unwrap()
+            .body()
+            .deserialize()
+            .unwrap();
+        u64::try_from(v).unwrap()
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !SLOW_ENTERED.load(Ordering::Acquire) {
+        assert!(std::time::Instant::now() < deadline, "the getter never ran");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+
+    // The waiting caller's next calls: a Set, then gets that must see it, pipelined.
+    let burst = 1100;
+    let pipelined = s.conn.clone();
+    let queued = std::thread::spawn(move || {
+        zbus::block_on(async {
+            let level = (GADGET, "Level", Variant::from(9u8));
+            let which = (GADGET, "Level");
+            let set = pipelined.call_method(None::<&str>, G1, Some(PROPS), "Set", &level);
+            let gets = (0..burst)
+                .map(|_| pipelined.call_method(None::<&str>, G1, Some(PROPS), "Get", &which));
+            let (set, gets) =
+                futures_util::future::join(set, futures_util::future::join_all(gets)).await;
+            (set.is_ok(), gets)
+        })
+    });
+
+    // Everyone else goes on, while the getter waits.
+    let other = setup_client(&s.socket);
+    let t = std::time::Instant::now();
+    call(&other, G1, "org.freedesktop.DBus.Peer", "Ping", &()).unwrap();
+    call(&other, G2, PROPS, "Get", &(GADGET, "Level")).unwrap();
+    call(
+        &other,
+        G1,
+        "org.freedesktop.DBus.Introspectable",
+        "Introspect",
+        &(),
+    )
+    .unwrap();
+    // (Not GetManagedObjects: it reads every property, `slow` among them. That is why
+    // what clients poll must never wait: docs/object-model.md.)
+    call(&other, G2, PROPS, "GetAll", &("org.qomu.Object1",)).unwrap();
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(!slow.is_finished(), "the getter still waits");
+    // Give the burst time to arrive (1024 fit in the lane, behind the Set).
+    std::thread::sleep(Duration::from_millis(500));
+    drop(gate);
+
+    assert_eq!(slow.join().unwrap(), 1);
+    let (set_ok, gets) = queued.join().unwrap();
+    assert!(set_ok, "the Set queued behind the getter was answered");
+    let mut answered = 0;
+    let mut refused = 0;
+    for r in gets {
+        match r {
+            Ok(m) => {
+                let v: OwnedVariant = m.body().deserialize().unwrap();
+                // Queued after the Set, answered after it: they all see its value.
+                assert_eq!(u8::try_from(v).unwrap(), 9);
+                answered += 1;
+            }
+            Err(zbus::Error::MethodError(name, _, _)) => {
+                assert_eq!(name.as_str(), "org.freedesktop.DBus.Error.LimitsExceeded");
+                refused += 1;
+            }
+            Err(zbus::Error::FDO(e)) => {
+                assert!(matches!(*e, zbus::fdo::Error::LimitsExceeded(_)), "{e}");
+                refused += 1;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    // The lane held the Set and 1023 gets; the rest were refused at once.
+    assert_eq!(answered, 1023, "answered {answered}, refused {refused}");
+    assert_eq!(refused, burst - 1023);
+    // And the caller is served as before.
+    assert_eq!(u8::try_from(get(&s.conn, "Level")).unwrap(), 9);
+}
+
+fn setup_client(socket: &std::path::Path) -> Connection {
+    let stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    zbus::block_on(zbus::connection::Builder::unix_stream(stream).p2p().build()).unwrap()
 }
