@@ -323,20 +323,49 @@ impl TestVm {
     }
 }
 
-/// The `qomu` binary of this build (cargo builds it before running the workspace's tests).
+/// The `qomu` binary of this build, built first if it is missing or older than the
+/// sources. `cargo test` builds a package's binary only for that package's own
+/// integration tests, and qomu's are in this crate: so `cargo test --workspace` may not
+/// build it at all, and `cargo test -p qomu-tests` would run a stale one. Once per test
+/// process, this runs the cargo that built the tests (`cargo build -p machine --bin
+/// qomu`, a no-op when it is up to date). Where no cargo is at hand (the Linux check's
+/// emulated host) an existing binary is used as it is.
 pub fn qomu_binary() -> std::path::PathBuf {
+    static BUILT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BUILT.get_or_init(build_qomu).clone()
+}
+
+fn build_qomu() -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> -> target/<profile>/qomu
-    let bin = exe
+    let profile_dir = exe
         .parent()
         .and_then(std::path::Path::parent)
-        .map(|d| d.join("qomu"))
         .expect("target directory");
-    assert!(
-        bin.is_file(),
-        "{} is missing: build it first (`cargo test --workspace` does)",
-        bin.display()
-    );
+    let bin = profile_dir.join("qomu");
+    let target_dir = profile_dir.parent().expect("target directory");
+    let profile = profile_dir.file_name().and_then(|n| n.to_str());
+    let mut build = std::process::Command::new(env!("CARGO"));
+    build
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "machine",
+            "--bin",
+            "qomu",
+            "--target-dir",
+        ])
+        .arg(target_dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    if profile == Some("release") {
+        build.arg("--release");
+    }
+    match build.status() {
+        Ok(status) => assert!(status.success(), "building qomu failed: {status}"),
+        Err(e) => eprintln!("cannot run cargo ({e}); using {} as it is", bin.display()),
+    }
+    assert!(bin.is_file(), "{} is missing", bin.display());
     bin
 }
 
