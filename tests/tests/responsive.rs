@@ -122,7 +122,7 @@ fn both_front_ends_answer_while_a_large_guest_is_saved() {
 }
 
 #[test]
-fn virtio_blk_counters_answer_while_a_request_is_served() {
+fn virtio_blk_counters_and_status_answer_while_a_request_is_served() {
     require_kvm!();
     let dir = TempDir::new("responsive-blk");
     let image = dir.path("disk.img");
@@ -168,6 +168,13 @@ fn virtio_blk_counters_answer_while_a_request_is_served() {
             "flushes",
             "io-errors",
             "size",
+            "status",
+            "guest-features",
+            "host-features",
+            "notifications",
+            "used-batches",
+            "interrupts",
+            "msix-messages",
         ] {
             let (took, r) = timed(|| get(&mut c, property));
             assert!(r["return"].is_u64(), "{r}");

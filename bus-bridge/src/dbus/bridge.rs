@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 use qom::{
@@ -69,6 +69,8 @@ pub struct Bridge {
     in_flight: AtomicUsize,
     /// Each caller's queue of calls (lanes.rs).
     pub lanes: Lanes,
+    /// Events drained and not yet all sent as signals (events.rs).
+    pub signals_in_flight: AtomicBool,
     /// The interfaces announced for each live subscription object (see events.rs).
     pub signal_ifaces: Mutex<HashMap<String, Vec<String>>>,
     machine_id: String,
@@ -175,14 +177,18 @@ impl Bridge {
             runtime,
             in_flight: AtomicUsize::new(0),
             lanes: Lanes::default(),
+            signals_in_flight: AtomicBool::new(false),
             signal_ifaces: Mutex::new(HashMap::new()),
             machine_id,
         }))
     }
 
-    /// Whether calls are queued or under way, actions included.
-    pub fn calls_in_flight(&self) -> bool {
-        self.in_flight.load(Ordering::Acquire) > 0 || self.lanes.busy()
+    /// Whether calls are queued or under way (actions included), or signals are being
+    /// built and sent.
+    pub fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) > 0
+            || self.lanes.busy()
+            || self.signals_in_flight.load(Ordering::Acquire)
     }
 
     pub fn root(&self) -> &str {

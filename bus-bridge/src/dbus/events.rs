@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use qom::{Delivery, Value};
 use zbus::wire::Structure;
@@ -33,9 +34,14 @@ impl Bridge {
     pub async fn pump_events(self: Arc<Self>) {
         loop {
             self.events.ready().await;
+            // From the drain to the last send the events are neither pending nor sent:
+            // shutdown waits for this flag too, so that the last signals (Quit's
+            // Shutdown) still go out.
+            self.signals_in_flight.store(true, Ordering::Release);
             let bridge = self.clone();
             let Some(outgoing) = zruntime::unblock(move || bridge.build_signals()).await else {
                 // Ready with nothing pending: the subscriber was closed.
+                self.signals_in_flight.store(false, Ordering::Release);
                 return;
             };
             for o in outgoing {
@@ -44,6 +50,7 @@ impl Bridge {
                     Outgoing::Owner { owner, msg } => self.send_to_owner(&owner, &msg).await,
                 }
             }
+            self.signals_in_flight.store(false, Ordering::Release);
         }
     }
 

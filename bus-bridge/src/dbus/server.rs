@@ -206,7 +206,7 @@ async fn run(
             Ok((conn, stream)) => Some((conn, stream)),
             Err(e) => {
                 let _ = ready.send(Err(e));
-                bridge.events.close();
+                close_events(&bridge).await;
                 return;
             }
         },
@@ -223,7 +223,7 @@ async fn run(
                     path: path.clone(),
                     reason: e.to_string(),
                 }));
-                bridge.events.close();
+                close_events(&bridge).await;
                 return;
             }
         }
@@ -290,7 +290,7 @@ async fn run(
         // Let calls in flight reply (`Quit` is one) and pending events go out, for at most
         // SHUTDOWN_GRACE, still serving meanwhile.
         let settled = async {
-            while bridge.calls_in_flight() || bridge.events.has_pending() {
+            while bridge.busy() || bridge.events.has_pending() {
                 runtime.sleep(Duration::from_millis(5)).await;
             }
         };
@@ -298,11 +298,18 @@ async fn run(
             .timeout(SHUTDOWN_GRACE, select(pin!(settled), work.as_mut()))
             .await;
     }
-    bridge.events.close();
+    close_events(&bridge).await;
     let peers: Vec<Peer> = std::mem::take(&mut *bridge.peers.lock());
     for peer in peers {
         let _ = peer.conn.close().await;
     }
+}
+
+/// Closes the bridge's subscriber, which destroys every subscription made over D-Bus: tree
+/// work, so on the blocking pool.
+async fn close_events(bridge: &Arc<Bridge>) {
+    let b = bridge.clone();
+    zruntime::unblock(move || b.events.close()).await;
 }
 
 async fn accept_one(listener: &UnixListener<Shared>) -> Option<std::os::unix::net::UnixStream> {

@@ -190,6 +190,22 @@ struct Counters {
     used: AtomicU64,
 }
 
+/// The transport's status and the driver's features, published at every change so that
+/// reading them never waits for the transport's lock, which a request being served holds.
+#[derive(Default)]
+struct PublishedTransport {
+    status: std::sync::atomic::AtomicU8,
+    driver_features: AtomicU64,
+}
+
+impl PublishedTransport {
+    fn update(&self, t: &Transport) {
+        self.status.store(t.status, Ordering::Release);
+        self.driver_features
+            .store(t.driver_features, Ordering::Release);
+    }
+}
+
 /// A virtio device on PCI.
 pub struct VirtioPci {
     config: Mutex<PciConfig>,
@@ -201,6 +217,9 @@ pub struct VirtioPci {
     platform: PlatformRef,
     driver_ok: Mutex<Option<Notifier>>,
     counters: Counters,
+    transport_state: PublishedTransport,
+    /// The features offered (fixed by the model).
+    offered: u64,
     /// What the model publishes beside the transport ([`Backend::published`]).
     published: Option<Arc<dyn std::any::Any + Send + Sync>>,
     /// Where the `VIRTIO_PCI_CAP_PCI_CFG` capability starts in the configuration space.
@@ -269,6 +288,7 @@ impl VirtioPci {
             MSIX_PBA as u32,
         );
         let published = backend.published();
+        let offered = backend.features() | F_VERSION_1 | F_INDIRECT_DESC | F_EVENT_IDX;
         VirtioPci {
             config: Mutex::new(config),
             msix: Mutex::new(msix),
@@ -291,6 +311,8 @@ impl VirtioPci {
             platform,
             driver_ok: Mutex::new(None),
             counters: Counters::default(),
+            transport_state: PublishedTransport::default(),
+            offered,
             published,
             cfg_cap,
         }
@@ -691,6 +713,7 @@ impl VirtioPci {
         t.generation = saved.generation;
         t.config_vector = t.vector(saved.config_vector);
         t.queue_vectors = saved.queue_vectors.iter().map(|&v| t.vector(v)).collect();
+        self.transport_state.update(&t);
         let pending = t.isr != 0;
         drop(t);
         self.set_intx(pending);
@@ -771,6 +794,7 @@ impl PciDevice for VirtioPci {
             COMMON..0x1000 if offset < COMMON_LEN => {
                 let mut t = self.transport.lock();
                 self.write_common(&mut t, offset, data);
+                self.transport_state.update(&t);
             }
             DEVICE_CONFIG..NOTIFY => {
                 self.transport
@@ -795,7 +819,10 @@ impl PciDevice for VirtioPci {
     fn reset(&self) {
         self.config.lock().reset();
         self.msix.lock().reset();
-        self.transport.lock().reset();
+        let mut t = self.transport.lock();
+        t.reset();
+        self.transport_state.update(&t);
+        drop(t);
         self.set_intx(false);
     }
 }
@@ -803,14 +830,10 @@ impl PciDevice for VirtioPci {
 /// The abstract `virtio-device` type.
 pub(crate) fn base_type(platform: &PlatformRef) -> TypeInfo {
     let (p_realize, p_unrealize) = (platform.clone(), platform.clone());
-    let transport_u64 = |name: &str, description: &str, read: fn(&Transport) -> u64| {
+    let published_u64 = |name: &str, description: &str, read: fn(&VirtioPci) -> u64| {
         Property::new(name, Kind::uint64())
             .description(description)
-            .getter(move |o| {
-                Ok(Value::UInt(read(
-                    &instance::<VirtioPci>(o)?.transport.lock(),
-                )))
-            })
+            .getter(move |o| Ok(Value::UInt(read(&*instance::<VirtioPci>(o)?))))
     };
     let counter = |name: &str, description: &str, read: fn(&Counters) -> &AtomicU64| {
         Property::new(name, Kind::uint64())
@@ -837,20 +860,21 @@ pub(crate) fn base_type(platform: &PlatformRef) -> TypeInfo {
             Property::new("status", Kind::uint8())
                 .description("The device status the driver set (4: DRIVER_OK)")
                 .getter(|o| {
+                    let dev = instance::<VirtioPci>(o)?;
                     Ok(Value::UInt(
-                        instance::<VirtioPci>(o)?.transport.lock().status.into(),
+                        dev.transport_state.status.load(Ordering::Acquire).into(),
                     ))
                 }),
         )
-        .property(transport_u64(
+        .property(published_u64(
             "host-features",
             "Feature bits the device offers",
-            Transport::offered,
+            |d| d.offered,
         ))
-        .property(transport_u64(
+        .property(published_u64(
             "guest-features",
             "Feature bits the driver accepted",
-            |t| t.driver_features,
+            |d| d.transport_state.driver_features.load(Ordering::Acquire),
         ))
         .property(counter(
             "notifications",
