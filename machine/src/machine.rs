@@ -963,25 +963,13 @@ impl Machine {
             }
             Some(bus) => return Err(Error::InvalidState(format!("Bus '{bus}' not found"))),
         }
-        let mut values = Vec::new();
-        for (key, value) in props.as_map().into_iter().flatten() {
-            let prop = class.property(key).ok_or_else(|| Error::PropertyNotFound {
-                typename: driver.to_owned(),
-                property: key.clone(),
-            })?;
-            let value = match value {
-                Value::Str(text)
-                    if !matches!(
-                        prop.kind(),
-                        qom::Kind::Str | qom::Kind::Enum(_) | qom::Kind::Path | qom::Kind::Link(_)
-                    ) =>
-                {
-                    prop.kind().parse_text(key, text)?
-                }
-                v => v.clone(),
-            };
-            values.push((key.clone(), value));
-        }
+        let values = class.coerce_all(
+            props
+                .as_map()
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        )?;
         self.add_device(driver, id, values)
     }
 
@@ -1124,22 +1112,16 @@ impl Machine {
     }
 }
 
-/// The properties of a command-line spec (`--device`, `--object`), parsed as `class` types
-/// them.
+/// The properties of a command-line spec (`--device`, `--object`), as `class` takes them.
 fn spec_properties(
     class: &qom::Class,
     spec: &crate::config::DeviceSpec,
 ) -> Result<Vec<(String, Value)>> {
-    spec.props
-        .iter()
-        .map(|(key, text)| {
-            let prop = class.property(key).ok_or_else(|| Error::PropertyNotFound {
-                typename: spec.driver.clone(),
-                property: key.clone(),
-            })?;
-            Ok((key.clone(), prop.kind().parse_text(key, text)?))
-        })
-        .collect()
+    class.coerce_all(
+        spec.props
+            .iter()
+            .map(|(key, text)| (key.clone(), Value::Str(text.clone()))),
+    )
 }
 
 fn device_type_error(driver: &str) -> Error {

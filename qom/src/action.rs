@@ -49,6 +49,26 @@ impl Action {
         }
     }
 
+    /// An action whose handler its type binds ([`crate::TypedInfo::action`]): until
+    /// then, calling it fails.
+    pub fn declare(name: &str) -> Self {
+        let unbound = name.to_owned();
+        Action::new(name, move |_, _| {
+            Err(Error::failed(format!(
+                "action '{unbound}' is not bound to its type"
+            )))
+        })
+    }
+
+    /// The same declaration, running `handler`.
+    pub(crate) fn bind(
+        mut self,
+        handler: impl Fn(&ObjectRef, Args) -> Result<Option<Value>> + Send + Sync + 'static,
+    ) -> Self {
+        self.handler = Arc::new(handler);
+        self
+    }
+
     pub fn description(mut self, text: &str) -> Self {
         self.description = text.to_owned();
         self

@@ -4,8 +4,103 @@
 //! texts, D-Bus error names), so each variant carries the structured facts a front end needs
 //! rather than a preformatted sentence.
 
+use std::sync::Arc;
+
 use crate::kind::Kind;
 use crate::property::PhasePolicy;
+
+/// What went wrong in an operation of the machine or of a device, as facts: each front end
+/// words it in its own way (QMP as QEMU does for the same mistake, D-Bus with an error name
+/// of its own), while the layer that failed says it in its own words through the error's
+/// source ([`Operation`]). The machine's and the devices' error types map onto these.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Fault {
+    /// `driver` names no device type.
+    NotADeviceType { driver: String },
+    /// The device type is abstract.
+    AbstractDeviceType { driver: String },
+    /// Clients may not add the device type (at all, or while the machine runs).
+    NotPluggable { driver: String },
+    /// A device or object id that is not an identifier.
+    InvalidId { id: String },
+    /// An object that needs an id was given none.
+    MissingId,
+    /// A device with this id exists.
+    DuplicateId { id: String },
+    /// No bus of this name.
+    BusNotFound { bus: String },
+    /// The device cannot go on a bus of this kind (`PCI`).
+    WrongBus { driver: String, bus_kind: String },
+    /// The slot is taken, by the device named `by` (QEMU's `TYPE,id=ID`).
+    SlotInUse {
+        slot: u8,
+        driver: String,
+        by: String,
+    },
+    /// Every slot of the bus is taken.
+    BusFull { driver: String },
+    /// The device does not take this value for the property.
+    BadValue {
+        typename: String,
+        property: String,
+        value: String,
+    },
+    /// A property the device needs was not set.
+    PropertyNotSet { typename: String, property: String },
+    /// A text property's value is longer than the device takes.
+    TooLong {
+        typename: String,
+        property: String,
+        max: usize,
+    },
+    /// The device cannot be unplugged (a board device, or not while the machine runs).
+    NotUnpluggable { typename: String },
+    /// An unplug of this device is under way already.
+    UnplugPending { id: String },
+    /// The command cannot run while a migration or snapshot is under way.
+    Migrating { command: String },
+    /// A migration or snapshot is under way already.
+    MigrationRunning,
+    /// A file cannot be opened; `reason` is the host's.
+    OpenFailed { path: String, reason: String },
+    /// A file cannot be written; `reason` is the host's.
+    WriteFailed { path: String, reason: String },
+    /// A guest address (range) that is not in guest memory.
+    BadAddress { addr: u64, size: Option<u64> },
+    /// No vCPU of this index.
+    NoSuchCpu { index: u32 },
+    /// The request is valid, but not in the current state of the machine or device.
+    WrongState,
+    /// The operation was tried and failed.
+    Failed,
+}
+
+/// A failed operation of the machine or of a device: what a front end needs to know
+/// ([`Fault`]), and the layer's own typed error, whose sentence is the error's text.
+#[derive(Debug, Clone)]
+pub struct Operation {
+    pub fault: Fault,
+    pub source: Arc<dyn std::error::Error + Send + Sync>,
+}
+
+impl Operation {
+    /// The failure `source`, which front ends see as `fault`.
+    pub fn new(fault: Fault, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Operation {
+            fault,
+            source: Arc::new(source),
+        }
+    }
+}
+
+impl PartialEq for Operation {
+    fn eq(&self, other: &Self) -> bool {
+        self.fault == other.fault && self.source.to_string() == other.source.to_string()
+    }
+}
+
+impl Eq for Operation {}
 
 /// Errors of tree operations.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -119,6 +214,9 @@ pub enum Error {
     /// The object is not a subscription.
     #[error("'{path}' is not a subscription")]
     NotASubscription { path: String },
+    /// An operation of the machine or of a device failed: see [`Operation`].
+    #[error("{}", .0.source)]
+    Operation(Operation),
     /// An action or accessor of the owning type failed for its own reason.
     #[error("{0}")]
     Failed(String),
@@ -131,6 +229,14 @@ impl Error {
     /// A failure reported by type code, with the text the user should see.
     pub fn failed(reason: impl Into<String>) -> Self {
         Error::Failed(reason.into())
+    }
+
+    /// What front ends are told of a failed operation, if this is one.
+    pub fn fault(&self) -> Option<&Fault> {
+        match self {
+            Error::Operation(op) => Some(&op.fault),
+            _ => None,
+        }
     }
 
     /// A wrong-type error for a value checked against `kind`.

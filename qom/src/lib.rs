@@ -55,6 +55,7 @@ pub mod path;
 mod property;
 mod subscription;
 mod tree;
+mod typed;
 mod types;
 mod value;
 
@@ -63,7 +64,7 @@ pub use builtin::{
     CHILD_ADDED, CHILD_REMOVED, CONTAINER, INTERFACE, MACHINE, NONE_MACHINE, OBJECT,
     PROPERTY_CHANGED, SUBSCRIPTION, USER_CREATABLE,
 };
-pub use error::{Error, Result};
+pub use error::{Error, Fault, Operation, Result};
 pub use kind::{EnumKind, Field, IntKind, Kind, StructKind, UIntKind};
 pub use notifier::{Event, Notifier, NotifierDecl};
 pub use object::{Instance, ObjectRef, PropertyList, WeakObjectRef};
@@ -73,6 +74,7 @@ pub use subscription::{
     Subscriber, Subscription, Target, subscription_of,
 };
 pub use tree::{ObjectKey, Tree, TreeBuilder};
+pub use typed::{TypedInfo, instance_of};
 pub use types::{
     Class, Constructor, Declared, LoadState, RealizeHook, SaveState, StateHooks, TypeInfo,
     TypeRegistry, TypeSummary, UnrealizeHook,

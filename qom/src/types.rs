@@ -17,6 +17,7 @@ use crate::kind::Kind;
 use crate::notifier::NotifierDecl;
 use crate::object::{Instance, ObjectRef};
 use crate::property::{Access, PhasePolicy, Property, PropertyInfo, PropertyRole};
+use crate::value::Value;
 
 /// Builds the instance state of a new object (runs before its properties are set).
 pub type Constructor = Arc<dyn Fn(&ObjectRef) -> Result<Instance> + Send + Sync>;
@@ -278,6 +279,44 @@ impl Class {
             .get(name)
             .map(|&i| &self.properties[i].item)
     }
+    /// A value a client gave for property `name` of this type, as the property takes it:
+    /// text, where the property's kind is not itself text (a command line's `iobase=0x2f8`,
+    /// or a JSON string for an integer, as QEMU's keyval parser allows), is parsed with the
+    /// kind's text syntax ([`crate::Kind::parse_text`]); any other value is passed on for
+    /// the kind's own check when it is set. The one rule of `--device`, `--object`,
+    /// `device_add` and `object-add` (docs/object-model.md, "Values from clients").
+    ///
+    /// # Errors
+    /// The type has no such property, or the text does not parse as its kind.
+    pub fn coerce(&self, name: &str, value: Value) -> Result<Value> {
+        let property = self.property(name).ok_or_else(|| Error::PropertyNotFound {
+            typename: self.name.to_string(),
+            property: name.to_owned(),
+        })?;
+        match value {
+            Value::Str(text)
+                if !matches!(property.kind(), Kind::Str | Kind::Enum(_) | Kind::Any) =>
+            {
+                property.kind().parse_text(name, &text)
+            }
+            value => Ok(value),
+        }
+    }
+
+    /// [`Class::coerce`] of every `(name, value)` pair, in order.
+    ///
+    /// # Errors
+    /// As [`Class::coerce`], for the first pair refused.
+    pub fn coerce_all(
+        &self,
+        values: impl IntoIterator<Item = (String, Value)>,
+    ) -> Result<Vec<(String, Value)>> {
+        values
+            .into_iter()
+            .map(|(name, value)| Ok((name.clone(), self.coerce(&name, value)?)))
+            .collect()
+    }
+
     pub(crate) fn property_slot(&self, name: &str) -> Option<(usize, &Arc<Property>)> {
         self.property_index
             .get(name)

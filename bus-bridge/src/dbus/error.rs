@@ -1,7 +1,7 @@
 //! D-Bus errors: the one function that turns a [`qom::Error`] into a D-Bus error name and
 //! text, and the error replies the bridge sends.
 
-use qom::Error;
+use qom::{Error, Fault};
 
 /// An error reply: a D-Bus error name and a sentence for the caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +27,20 @@ pub const NOT_DELETABLE: &str = "org.qomu.Error.NotDeletable";
 pub const INVALID_STATE: &str = "org.qomu.Error.InvalidState";
 /// The operation was tried and failed.
 pub const QOMU_FAILED: &str = "org.qomu.Error.Failed";
+/// No such device type, or one clients may not add (now).
+pub const NOT_PLUGGABLE: &str = "org.qomu.Error.NotPluggable";
+/// A device with the id exists.
+pub const DUPLICATE_ID: &str = "org.qomu.Error.DuplicateId";
+/// No such bus, or one the device cannot go on.
+pub const NO_SUCH_BUS: &str = "org.qomu.Error.NoSuchBus";
+/// The slot asked for is taken, or every slot is.
+pub const SLOT_UNAVAILABLE: &str = "org.qomu.Error.SlotUnavailable";
+/// The device cannot be unplugged.
+pub const NOT_UNPLUGGABLE: &str = "org.qomu.Error.NotUnpluggable";
+/// Something under way (an unplug, a migration) must end first.
+pub const BUSY: &str = "org.qomu.Error.Busy";
+/// A file could not be opened or written.
+pub const IO_ERROR: &str = "org.qomu.Error.IoError";
 
 impl DbusError {
     pub fn new(name: &'static str, message: impl Into<String>) -> Self {
@@ -110,6 +124,31 @@ pub fn from_qom(err: &Error, expected: Option<&str>) -> DbusError {
             DbusError::new(INVALID_STATE, text)
         }
         Error::InvalidType { .. } | Error::Failed(_) => DbusError::new(QOMU_FAILED, text),
+        Error::Operation(op) => DbusError::new(fault_name(&op.fault), text),
+    }
+}
+
+/// The D-Bus error name of a failed operation (its text is the failing layer's sentence).
+fn fault_name(fault: &Fault) -> &'static str {
+    match fault {
+        Fault::NotADeviceType { .. }
+        | Fault::AbstractDeviceType { .. }
+        | Fault::NotPluggable { .. } => NOT_PLUGGABLE,
+        Fault::DuplicateId { .. } => DUPLICATE_ID,
+        Fault::BusNotFound { .. } | Fault::WrongBus { .. } => NO_SUCH_BUS,
+        Fault::SlotInUse { .. } | Fault::BusFull { .. } => SLOT_UNAVAILABLE,
+        Fault::NotUnpluggable { .. } => NOT_UNPLUGGABLE,
+        Fault::UnplugPending { .. } | Fault::Migrating { .. } | Fault::MigrationRunning => BUSY,
+        Fault::OpenFailed { .. } | Fault::WriteFailed { .. } => IO_ERROR,
+        Fault::InvalidId { .. }
+        | Fault::MissingId
+        | Fault::BadValue { .. }
+        | Fault::PropertyNotSet { .. }
+        | Fault::TooLong { .. }
+        | Fault::BadAddress { .. }
+        | Fault::NoSuchCpu { .. } => INVALID_ARGS,
+        Fault::WrongState => INVALID_STATE,
+        _ => QOMU_FAILED,
     }
 }
 
@@ -148,5 +187,42 @@ mod tests {
             None,
         );
         assert_eq!(e.name, ACCESS_DENIED);
+    }
+
+    #[test]
+    fn failed_operations_get_qomus_names_and_the_layers_own_words() {
+        let op = |fault| {
+            Error::Operation(qom::Operation::new(
+                fault,
+                std::io::Error::other("a device with id 'taken' exists already"),
+            ))
+        };
+        let e = from_qom(&op(Fault::DuplicateId { id: "taken".into() }), None);
+        assert_eq!(e.name, DUPLICATE_ID);
+        assert_eq!(e.message, "a device with id 'taken' exists already");
+        for (fault, name) in [
+            (Fault::NotPluggable { driver: "x".into() }, NOT_PLUGGABLE),
+            (Fault::BusNotFound { bus: "b".into() }, NO_SUCH_BUS),
+            (Fault::BusFull { driver: "x".into() }, SLOT_UNAVAILABLE),
+            (
+                Fault::NotUnpluggable {
+                    typename: "t".into(),
+                },
+                NOT_UNPLUGGABLE,
+            ),
+            (Fault::MigrationRunning, BUSY),
+            (
+                Fault::OpenFailed {
+                    path: "p".into(),
+                    reason: "r".into(),
+                },
+                IO_ERROR,
+            ),
+            (Fault::MissingId, INVALID_ARGS),
+            (Fault::WrongState, INVALID_STATE),
+            (Fault::Failed, QOMU_FAILED),
+        ] {
+            assert_eq!(from_qom(&op(fault.clone()), None).name, name, "{fault:?}");
+        }
     }
 }

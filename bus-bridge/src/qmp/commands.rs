@@ -497,17 +497,9 @@ fn object_add(session: &mut Session, args: &Args) -> Result<Json, QmpError> {
         .types()
         .get(typename)
         .map_err(|e| from_qom(&e, Context::ObjectAdd))?;
-    let mut props = Vec::new();
-    for (k, v) in property_values(args, &["qom-type", "id"])? {
-        let value = match (v, class.property(&k)) {
-            (Value::Str(text), Some(p)) if !matches!(p.kind().json_type(), "string" | "any") => p
-                .kind()
-                .parse_text(&k, &text)
-                .map_err(|e| from_qom(&e, Context::ObjectAdd))?,
-            (v, _) => v,
-        };
-        props.push((k, value));
-    }
+    let props = class
+        .coerce_all(property_values(args, &["qom-type", "id"])?)
+        .map_err(|e| from_qom(&e, Context::ObjectAdd))?;
     session
         .tree
         .add_user_object(typename, id, props)

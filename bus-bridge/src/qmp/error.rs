@@ -1,7 +1,7 @@
 //! QMP errors: the one function that turns a [`qom::Error`] into a QEMU error class and
 //! text, as QEMU words it for the same situation.
 
-use qom::{Error, PhasePolicy};
+use qom::{Error, Fault, PhasePolicy};
 
 /// An error response: `{"error": {"class": ..., "desc": ...}}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,9 +135,65 @@ pub fn from_qom(err: &Error, ctx: Context) -> QmpError {
             let id = path.rsplit('/').next().unwrap_or(path);
             generic(format!("object '{id}' is in use, can not be deleted"))
         }
+        Error::Operation(op) => {
+            generic(qemu_text(&op.fault).unwrap_or_else(|| op.source.to_string()))
+        }
         Error::Failed(text) | Error::InvalidState(text) => generic(text.clone()),
         other => generic(other.to_string()),
     }
+}
+
+/// QEMU's text for a failed operation, where QEMU has one for the same mistake; otherwise
+/// the failing layer's own sentence is the text.
+fn qemu_text(fault: &Fault) -> Option<String> {
+    Some(match fault {
+        Fault::NotADeviceType { driver } => format!("'{driver}' is not a valid device model name"),
+        Fault::AbstractDeviceType { .. } => {
+            "Parameter 'driver' expects a non-abstract device type".into()
+        }
+        Fault::NotPluggable { .. } => "Parameter 'driver' expects a pluggable device type".into(),
+        Fault::InvalidId { .. } => "Parameter 'id' expects an identifier".into(),
+        Fault::MissingId => "Parameter 'id' is missing".into(),
+        Fault::DuplicateId { id } => format!("Duplicate device ID '{id}'"),
+        Fault::BusNotFound { bus } => format!("Bus '{bus}' not found"),
+        Fault::WrongBus { driver, bus_kind } => {
+            format!("Device '{driver}' can't go on {bus_kind} bus")
+        }
+        Fault::SlotInUse { slot, driver, by } => {
+            format!("PCI: slot {slot} function 0 not available for {driver}, in use by {by}")
+        }
+        Fault::BusFull { driver } => {
+            format!("PCI: no slot/function available for {driver}, all in use or reserved")
+        }
+        Fault::BadValue {
+            typename,
+            property,
+            value,
+        } => format!("Property '{typename}.{property}' doesn't take value '{value}'"),
+        Fault::PropertyNotSet { typename, property } => {
+            format!("{typename}: {property} property not set")
+        }
+        Fault::TooLong {
+            typename,
+            property,
+            max,
+        } => format!("Property '{typename}.{property}' takes at most {max} bytes"),
+        Fault::NotUnpluggable { typename } => {
+            format!("Device '{typename}' does not support hotplugging")
+        }
+        Fault::UnplugPending { id } => format!("Device {id} is already in the process of unplug"),
+        Fault::Migrating { command } => format!("{command} not allowed while migrating"),
+        Fault::MigrationRunning => "There's a migration process in progress".into(),
+        Fault::OpenFailed { path, reason } => format!("Could not open '{path}': {reason}"),
+        Fault::WriteFailed { path, reason } => format!("Error writing '{path}': {reason}"),
+        Fault::BadAddress {
+            addr,
+            size: Some(size),
+        } => format!("Invalid addr {addr:#018x}/size {size} specified"),
+        Fault::BadAddress { addr, size: None } => format!("Invalid addr {addr:#018x} specified"),
+        Fault::NoSuchCpu { index } => format!("CPU {index} not found"),
+        _ => return None,
+    })
 }
 
 #[cfg(test)]
@@ -200,5 +256,47 @@ mod tests {
             from_qom(&e, Context::Lookup).desc,
             "Attempt to set property 'iobase' on device 'com2' (type 'isa-serial') after it was realized"
         );
+    }
+
+    #[test]
+    fn failed_operations_read_as_qemus_texts_or_the_layers_own() {
+        let op = |fault| {
+            Error::Operation(qom::Operation::new(
+                fault,
+                std::io::Error::other("qomu's own words"),
+            ))
+        };
+        for (fault, text) in [
+            (
+                Fault::DuplicateId { id: "d".into() },
+                "Duplicate device ID 'd'",
+            ),
+            (
+                Fault::SlotInUse {
+                    slot: 3,
+                    driver: "virtio-rng-pci".into(),
+                    by: "virtio-rng-pci,id=r".into(),
+                },
+                "PCI: slot 3 function 0 not available for virtio-rng-pci, in use by virtio-rng-pci,id=r",
+            ),
+            (
+                Fault::BadAddress {
+                    addr: 0xf000_0000,
+                    size: Some(16),
+                },
+                "Invalid addr 0x00000000f0000000/size 16 specified",
+            ),
+            (
+                Fault::Migrating {
+                    command: "device_add".into(),
+                },
+                "device_add not allowed while migrating",
+            ),
+            (Fault::WrongState, "qomu's own words"),
+            (Fault::Failed, "qomu's own words"),
+        ] {
+            let e = from_qom(&op(fault), Context::Other);
+            assert_eq!((e.class, e.desc.as_str()), (GENERIC_ERROR, text));
+        }
     }
 }
