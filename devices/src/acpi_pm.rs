@@ -2,12 +2,10 @@
 //! sleep control (a write of SLP_TYP=5 with SLP_EN is S5, power off), sleep status, and
 //! the FADT reset register.
 
-use std::sync::Arc;
-
 use qom::TypeInfo;
 
 use crate::bus::BusDevice;
-use crate::device::{DEVICE, Space, claim, release};
+use crate::device::{DEVICE, OnPlatform, Space, claims_range, device_type};
 use crate::platform::{MachineRequest, PlatformRef, ShutdownCause};
 
 pub const TYPE: &str = "acpi-pm";
@@ -25,6 +23,12 @@ const SLP_EN: u8 = 1 << 5;
 
 pub struct AcpiPm {
     platform: PlatformRef,
+}
+
+impl OnPlatform for AcpiPm {
+    fn platform(&self) -> &PlatformRef {
+        &self.platform
+    }
 }
 
 impl BusDevice for AcpiPm {
@@ -48,20 +52,9 @@ impl BusDevice for AcpiPm {
 }
 
 pub(crate) fn register(platform: &PlatformRef) -> TypeInfo {
-    let (p_realize, p_unrealize) = (platform.clone(), platform.clone());
-    TypeInfo::new(TYPE, DEVICE)
-        .description("ACPI sleep control, sleep status and reset registers (ports 0x600-0x602)")
-        .realize(move |o| {
-            claim(
-                &p_realize,
-                o,
-                Space::Pio,
-                BASE.into(),
-                3,
-                Arc::new(AcpiPm {
-                    platform: p_realize.clone(),
-                }),
-            )
-        })
-        .unrealize(move |o| release(&p_unrealize, o))
+    let info = device_type(TYPE, DEVICE, platform, |platform, _| {
+        Ok(AcpiPm { platform })
+    })
+    .description("ACPI sleep control, sleep status and reset registers (ports 0x600-0x602)");
+    claims_range(info, Space::Pio, |_| Ok((BASE.into(), 3))).build()
 }

@@ -10,6 +10,8 @@ use std::sync::Arc;
 
 use parking_lot::RwLock;
 
+use crate::error::{Error, Result};
+
 /// A device on a bus. Offsets are relative to the base of the range it claimed.
 pub trait BusDevice: Send + Sync {
     fn read(&self, offset: u64, data: &mut [u8]);
@@ -80,25 +82,28 @@ impl Bus {
         len: u64,
         owner: &str,
         device: Arc<dyn BusDevice>,
-    ) -> qom::Result<()> {
-        let end = base.checked_add(len).filter(|_| len > 0).ok_or_else(|| {
-            qom::Error::failed(format!(
-                "{} range {base:#x}+{len:#x} is empty or wraps around",
-                self.name
-            ))
-        })?;
+    ) -> Result<()> {
+        let end = base
+            .checked_add(len)
+            .filter(|_| len > 0)
+            .ok_or(Error::EmptyRange {
+                bus: self.name,
+                base,
+                len,
+            })?;
         let mut ranges = self.ranges.write();
         let before = ranges.range(..end).next_back();
         if let Some((&b, r)) = before
             && b + r.len > base
         {
-            return Err(qom::Error::failed(format!(
-                "{} range {base:#x}-{:#x} overlaps {b:#x}-{:#x} of '{}'",
-                self.name,
-                end - 1,
-                b + r.len - 1,
-                r.owner
-            )));
+            return Err(Error::RangeTaken {
+                bus: self.name,
+                base,
+                last: end - 1,
+                other_base: b,
+                other_last: b + r.len - 1,
+                owner: r.owner.clone(),
+            });
         }
         ranges.insert(
             base,

@@ -1,12 +1,10 @@
 //! `isa-debug-exit`: QEMU's test device. A guest write of V ends the VMM with exit status
 //! `(V << 1) | 1`; reads return 0. Defaults as QEMU's: iobase 0x501, iosize 2.
 
-use std::sync::Arc;
-
 use qom::{Field, Kind, Notifier, NotifierDecl, PhasePolicy, Property, TypeInfo, Value};
 
 use crate::bus::BusDevice;
-use crate::device::{DEVICE, Space, USER_DEVICE, claim, get_u64, release};
+use crate::device::{DEVICE, OnPlatform, Space, USER_DEVICE, claims_range, device_type, get_u64};
 use crate::platform::{MachineRequest, PlatformRef};
 
 pub const TYPE: &str = "isa-debug-exit";
@@ -43,52 +41,48 @@ impl BusDevice for DebugExit {
     }
 }
 
+impl OnPlatform for DebugExit {
+    fn platform(&self) -> &PlatformRef {
+        &self.platform
+    }
+}
+
 pub(crate) fn register(platform: &PlatformRef) -> TypeInfo {
-    let (p_ctor, p_realize, p_unrealize) = (platform.clone(), platform.clone(), platform.clone());
-    TypeInfo::new(TYPE, DEVICE)
-        .implements(USER_DEVICE)
-        .description("Debug exit port: a write of V ends the VMM with status (V << 1) | 1")
-        .property(
-            Property::new("iobase", Kind::uint16())
-                .default(0x501u32)
-                .policy(PhasePolicy::BeforeRealize)
-                .description("I/O port"),
-        )
-        .property(
-            Property::new("iosize", Kind::uint_range(1, 4))
-                .default(2u32)
-                .policy(PhasePolicy::BeforeRealize)
-                .description("Ports claimed"),
-        )
-        .notifier(
-            NotifierDecl::new(
-                "exit-request",
-                Kind::structure(
-                    "DebugExitRequest",
-                    vec![
-                        Field::new("value", Kind::uint64(), "The value written"),
-                        Field::new("status", Kind::int32(), "The exit status it asks for"),
-                    ],
-                ),
-            )
-            .description("The guest asked the VMM to exit"),
-        )
-        .constructor(move |o| {
-            Ok(Arc::new(DebugExit {
-                platform: p_ctor.clone(),
-                notifier: o.notifier("exit-request")?,
-            }))
+    let info = device_type(TYPE, DEVICE, platform, |platform, o| {
+        Ok(DebugExit {
+            platform,
+            notifier: o.notifier("exit-request")?,
         })
-        .realize(move |o| {
-            let dev = crate::device::instance::<DebugExit>(o)?;
-            claim(
-                &p_realize,
-                o,
-                Space::Pio,
-                get_u64(o, "iobase")?,
-                get_u64(o, "iosize")?,
-                dev,
-            )
-        })
-        .unrealize(move |o| release(&p_unrealize, o))
+    })
+    .implements(USER_DEVICE)
+    .description("Debug exit port: a write of V ends the VMM with status (V << 1) | 1")
+    .property(
+        Property::new("iobase", Kind::uint16())
+            .default(0x501u32)
+            .policy(PhasePolicy::BeforeRealize)
+            .description("I/O port"),
+    )
+    .property(
+        Property::new("iosize", Kind::uint_range(1, 4))
+            .default(2u32)
+            .policy(PhasePolicy::BeforeRealize)
+            .description("Ports claimed"),
+    )
+    .notifier(
+        NotifierDecl::new(
+            "exit-request",
+            Kind::structure(
+                "DebugExitRequest",
+                vec![
+                    Field::new("value", Kind::uint64(), "The value written"),
+                    Field::new("status", Kind::int32(), "The exit status it asks for"),
+                ],
+            ),
+        )
+        .description("The guest asked the VMM to exit"),
+    );
+    claims_range(info, Space::Pio, |o| {
+        Ok((get_u64(o, "iobase")?, get_u64(o, "iosize")?))
+    })
+    .build()
 }

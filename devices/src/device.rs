@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use qom::{Kind, ObjectRef, Property, TypeInfo, Value};
+use qom::{Kind, ObjectRef, Property, TypeInfo, TypedInfo, Value};
 
 use crate::bus::BusDevice;
 use crate::platform::{Platform, PlatformRef, upgrade};
@@ -46,7 +46,7 @@ pub fn claim(
     base: u64,
     len: u64,
     device: Arc<dyn BusDevice>,
-) -> qom::Result<()> {
+) -> crate::Result<()> {
     let platform = upgrade(platform)?;
     bus(&*platform, space).insert(base, len, obj.path(), device)
 }
@@ -66,20 +66,43 @@ fn bus(platform: &dyn Platform, space: Space) -> &crate::bus::Bus {
     }
 }
 
+/// A device instance that knows the machine it is plugged into.
+pub(crate) trait OnPlatform {
+    fn platform(&self) -> &PlatformRef;
+}
+
+/// A device type whose instances are made by `make` with the machine's platform handle,
+/// which they keep for their own hooks: the one place a device type takes a copy of it.
+pub(crate) fn device_type<T: Send + Sync + 'static>(
+    name: &str,
+    parent: &str,
+    platform: &PlatformRef,
+    make: impl Fn(PlatformRef, &ObjectRef) -> qom::Result<T> + Send + Sync + 'static,
+) -> TypedInfo<T> {
+    let platform = platform.clone();
+    TypedInfo::new(name, parent).constructor(move |o| make(platform.clone(), o))
+}
+
+/// Realize and unrealize hooks claiming one bus range for the instance itself, where
+/// `range` says (from its properties), and releasing it.
+pub(crate) fn claims_range<T: OnPlatform + BusDevice + 'static>(
+    info: TypedInfo<T>,
+    space: Space,
+    range: impl Fn(&ObjectRef) -> qom::Result<(u64, u64)> + Send + Sync + 'static,
+) -> TypedInfo<T> {
+    info.realize(move |dev, o| {
+        let (base, len) = range(o)?;
+        Ok(claim(dev.platform(), o, space, base, len, dev.clone())?)
+    })
+    .unrealize(|dev, o| release(dev.platform(), o))
+}
+
 /// A property's value as `u64` (the kind was checked by the tree).
 pub(crate) fn get_u64(obj: &ObjectRef, name: &str) -> qom::Result<u64> {
-    obj.get(name)?
-        .as_u64()
-        .ok_or_else(|| qom::Error::failed(format!("'{name}' is not an integer")))
+    Ok(obj.get(name)?.as_u64().unwrap_or(0))
 }
 
 /// A property's value as a string.
 pub(crate) fn get_string(obj: &ObjectRef, name: &str) -> qom::Result<String> {
     Ok(obj.get(name)?.as_str().unwrap_or_default().to_owned())
-}
-
-/// The device instance of type `T` behind `obj`.
-pub(crate) fn instance<T: Send + Sync + 'static>(obj: &ObjectRef) -> qom::Result<Arc<T>> {
-    obj.instance::<T>()
-        .ok_or_else(|| qom::Error::failed(format!("'{}' has no device state", obj.path())))
 }

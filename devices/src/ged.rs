@@ -9,9 +9,10 @@ use parking_lot::Mutex;
 use qom::{Kind, Property, TypeInfo, Value};
 
 use crate::bus::{BusDevice, read_window};
-use crate::device::{DEVICE, Space, claim, instance, release};
+use crate::device::{DEVICE, Space, claim, device_type, release};
 use crate::interrupt::IrqLine;
 use crate::platform::{PlatformRef, upgrade};
+use crate::state::SerdeState;
 
 pub const TYPE: &str = "acpi-ged";
 pub const MMIO_BASE: u64 = 0xfed0_0000;
@@ -24,6 +25,7 @@ pub const EVENT_POWER_BUTTON: u32 = 1 << 0;
 pub const EVENT_PCI_HOTPLUG: u32 = 1 << 1;
 
 pub struct Ged {
+    platform: PlatformRef,
     pending: AtomicU32,
     line: Mutex<Option<Arc<IrqLine>>>,
 }
@@ -58,34 +60,41 @@ impl BusDevice for Ged {
 }
 
 pub(crate) fn register(platform: &PlatformRef) -> TypeInfo {
-    let (p_realize, p_unrealize) = (platform.clone(), platform.clone());
-    TypeInfo::new(TYPE, DEVICE)
-        .description("ACPI Generic Event Device: power button (and hotplug) events")
-        .property(
-            Property::new("pending", Kind::uint32())
-                .description("Event bits the guest has not read yet")
-                .getter(|o| Ok(Value::UInt(instance::<Ged>(o)?.pending().into()))),
-        )
-        .state(
-            1,
-            |o| crate::state::encode(o, &instance::<Ged>(o)?.pending()),
-            |o, bytes| {
-                let pending: u32 = crate::state::decode(o, bytes)?;
-                instance::<Ged>(o)?.pending.store(pending, Ordering::SeqCst);
-                Ok(())
-            },
-        )
-        .constructor(|_| {
-            Ok(Arc::new(Ged {
-                pending: AtomicU32::new(0),
-                line: Mutex::new(None),
-            }))
+    device_type(TYPE, DEVICE, platform, |platform, _| {
+        Ok(Ged {
+            platform,
+            pending: AtomicU32::new(0),
+            line: Mutex::new(None),
         })
-        .realize(move |o| {
-            let dev = instance::<Ged>(o)?;
-            *dev.line.lock() = Some(upgrade(&p_realize)?.irq_line(GSI)?);
-            claim(&p_realize, o, Space::Mmio, MMIO_BASE, MMIO_LEN, dev.clone())
-                .inspect_err(|_| *dev.line.lock() = None)
+    })
+    .description("ACPI Generic Event Device: power button (and hotplug) events")
+    .getter(
+        Property::new("pending", Kind::uint32())
+            .description("Event bits the guest has not read yet"),
+        |d| Value::UInt(d.pending().into()),
+    )
+    .serde_state(1, Ged::pending, |d, pending: u32| {
+        d.pending.store(pending, Ordering::SeqCst);
+        Ok(())
+    })
+    .realize(|dev, o| {
+        *dev.line.lock() = Some(upgrade(&dev.platform)?.irq_line(GSI)?);
+        claim(
+            &dev.platform,
+            o,
+            Space::Mmio,
+            MMIO_BASE,
+            MMIO_LEN,
+            dev.clone(),
+        )
+        .map_err(|e| {
+            *dev.line.lock() = None;
+            e.into()
         })
-        .unrealize(move |o| release(&p_unrealize, o))
+    })
+    .unrealize(|dev, o| {
+        release(&dev.platform, o);
+        *dev.line.lock() = None;
+    })
+    .build()
 }

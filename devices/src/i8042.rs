@@ -8,7 +8,7 @@ use qom::{Kind, Notifier, NotifierDecl, Property, TypeInfo, Value};
 use vm_superio::I8042Device;
 
 use crate::bus::BusDevice;
-use crate::device::{DEVICE, Space, claim, instance, release};
+use crate::device::{DEVICE, Space, claim, device_type, release};
 use crate::platform::{MachineRequest, PlatformRef, ShutdownCause};
 
 pub const TYPE: &str = "i8042";
@@ -36,6 +36,7 @@ impl vm_superio::Trigger for ResetLine {
 }
 
 pub struct I8042 {
+    platform: PlatformRef,
     emulation: Mutex<Option<I8042Device<ResetLine>>>,
     requests: Arc<AtomicU64>,
 }
@@ -55,43 +56,37 @@ impl BusDevice for I8042 {
 }
 
 pub(crate) fn register(platform: &PlatformRef) -> TypeInfo {
-    let (p_realize, p_unrealize) = (platform.clone(), platform.clone());
-    TypeInfo::new(TYPE, DEVICE)
-        .description("Keyboard controller (its CPU reset line) at ports 0x60-0x64")
-        .property(
-            Property::new("reset-requests", Kind::uint64())
-                .description("Resets the guest asked for")
-                .getter(|o| {
-                    Ok(Value::UInt(
-                        instance::<I8042>(o)?.requests.load(Ordering::Relaxed),
-                    ))
-                }),
-        )
-        .notifier(
-            NotifierDecl::new("reset-request", Kind::structure("ResetRequest", vec![]))
-                .description("The guest pulsed the CPU reset line"),
-        )
-        .constructor(|_| {
-            Ok(Arc::new(I8042 {
-                emulation: Mutex::new(None),
-                requests: Arc::new(AtomicU64::new(0)),
-            }))
+    device_type(TYPE, DEVICE, platform, |platform, _| {
+        Ok(I8042 {
+            platform,
+            emulation: Mutex::new(None),
+            requests: Arc::new(AtomicU64::new(0)),
         })
-        .realize(move |o| {
-            let dev = instance::<I8042>(o)?;
-            let line = ResetLine {
-                platform: p_realize.clone(),
-                notifier: o.notifier("reset-request")?,
-                requests: dev.requests.clone(),
-            };
-            *dev.emulation.lock() = Some(I8042Device::new(line));
-            claim(&p_realize, o, Space::Pio, BASE, LEN, dev.clone())
-                .inspect_err(|_| *dev.emulation.lock() = None)
+    })
+    .description("Keyboard controller (its CPU reset line) at ports 0x60-0x64")
+    .getter(
+        Property::new("reset-requests", Kind::uint64()).description("Resets the guest asked for"),
+        |d| Value::UInt(d.requests.load(Ordering::Relaxed)),
+    )
+    .notifier(
+        NotifierDecl::new("reset-request", Kind::structure("ResetRequest", vec![]))
+            .description("The guest pulsed the CPU reset line"),
+    )
+    .realize(|dev, o| {
+        let line = ResetLine {
+            platform: dev.platform.clone(),
+            notifier: o.notifier("reset-request")?,
+            requests: dev.requests.clone(),
+        };
+        *dev.emulation.lock() = Some(I8042Device::new(line));
+        claim(&dev.platform, o, Space::Pio, BASE, LEN, dev.clone()).map_err(|e| {
+            *dev.emulation.lock() = None;
+            e.into()
         })
-        .unrealize(move |o| {
-            release(&p_unrealize, o);
-            if let Ok(dev) = instance::<I8042>(o) {
-                *dev.emulation.lock() = None;
-            }
-        })
+    })
+    .unrealize(|dev, o| {
+        release(&dev.platform, o);
+        *dev.emulation.lock() = None;
+    })
+    .build()
 }

@@ -25,6 +25,7 @@ pub mod acpi_pm;
 pub mod bus;
 pub mod debug_exit;
 pub mod device;
+pub mod error;
 pub mod ged;
 pub mod i8042;
 pub mod interrupt;
@@ -39,6 +40,7 @@ pub mod virtio;
 
 pub use bus::{Bus, BusDevice, RangeInfo};
 pub use device::{DEVICE, USER_DEVICE};
+pub use error::{Error, Result};
 pub use interrupt::IrqLine;
 pub use platform::{MachineRequest, Platform, PlatformRef, ShutdownCause};
 
@@ -52,7 +54,7 @@ pub fn register_types(builder: &qom::TreeBuilder, platform: &PlatformRef) -> qom
         .chain(rng::types())
         .chain(pci::types(platform))
         .chain([
-            virtio::base_type(platform),
+            virtio::base_type(),
             virtio::rng::register(platform),
             virtio::blk::register(platform),
         ])

@@ -6,10 +6,13 @@
 use std::sync::{Arc, Weak};
 
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::Bus;
+use crate::ged::Ged;
 use crate::interrupt::IrqLine;
 use crate::pci::PciBus;
+use crate::pci::hotplug::Hotplug;
 
 /// QEMU's `ShutdownCause`, the `reason` of SHUTDOWN and RESET events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,13 +91,26 @@ pub trait Platform: Send + Sync {
     ///
     /// # Errors
     /// The GSI does not exist or the line could not be created.
-    fn irq_line(&self, gsi: u32) -> qom::Result<Arc<IrqLine>>;
+    fn irq_line(&self, gsi: u32) -> crate::Result<Arc<IrqLine>>;
     /// Asks the machine to act (reset, shut down, exit); returns at once.
     fn request(&self, request: MachineRequest);
     /// The PCI root bus.
     fn pci_bus(&self) -> &Arc<PciBus>;
     /// Guest RAM, once the VM exists (devices doing DMA fetch it on first use).
     fn guest_memory(&self) -> Option<GuestMemoryMmap>;
+    /// The ACPI Generic Event Device, once the board has one.
+    fn ged(&self) -> Option<Arc<Ged>>;
+    /// The PCI hotplug controller, once the board has one.
+    fn hotplug(&self) -> Option<Arc<Hotplug>>;
+    /// Has KVM signal `fd`, without a vCPU exit, when the guest writes (any width) to the
+    /// MMIO address `addr`: an ioeventfd. False while the VM does not exist yet (in
+    /// `prelaunch`): the device then signals `fd` itself when the write exits.
+    ///
+    /// # Errors
+    /// KVM refuses.
+    fn register_ioevent(&self, fd: &EventFd, addr: u64) -> crate::Result<bool>;
+    /// Undoes [`Platform::register_ioevent`] (nothing if it was not registered).
+    fn unregister_ioevent(&self, fd: &EventFd, addr: u64);
 }
 
 /// How device types reach the machine: a weak reference, so that the types registered in
@@ -102,8 +118,6 @@ pub trait Platform: Send + Sync {
 pub type PlatformRef = Weak<dyn Platform>;
 
 /// The platform, or an error if the machine is gone.
-pub(crate) fn upgrade(platform: &PlatformRef) -> qom::Result<Arc<dyn Platform>> {
-    platform
-        .upgrade()
-        .ok_or_else(|| qom::Error::failed("the machine is shutting down"))
+pub(crate) fn upgrade(platform: &PlatformRef) -> crate::Result<Arc<dyn Platform>> {
+    platform.upgrade().ok_or(crate::Error::MachineGone)
 }

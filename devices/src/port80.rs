@@ -1,22 +1,28 @@
 //! `ioport80`: the POST-code port. Firmware writes progress codes there and Linux uses it
 //! for I/O delays; it keeps the last value written, and reads return all-ones as on PCs.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use qom::{Kind, Property, TypeInfo, Value};
 
 use crate::bus::BusDevice;
-use crate::device::{DEVICE, Space, claim, instance, release};
+use crate::device::{DEVICE, OnPlatform, Space, claims_range, device_type};
 use crate::platform::PlatformRef;
+use crate::state::SerdeState;
 
 pub const TYPE: &str = "ioport80";
 pub const PORT: u64 = 0x80;
 
-#[derive(Default)]
 pub struct Port80 {
+    platform: PlatformRef,
     last: AtomicU8,
     writes: AtomicU64,
+}
+
+impl OnPlatform for Port80 {
+    fn platform(&self) -> &PlatformRef {
+        &self.platform
+    }
 }
 
 impl BusDevice for Port80 {
@@ -32,46 +38,35 @@ impl BusDevice for Port80 {
 }
 
 pub(crate) fn register(platform: &PlatformRef) -> TypeInfo {
-    let (p_realize, p_unrealize) = (platform.clone(), platform.clone());
-    TypeInfo::new(TYPE, DEVICE)
-        .description("POST code port 0x80")
-        .property(
-            Property::new("post-code", Kind::uint8())
-                .description("The last value written")
-                .getter(|o| {
-                    Ok(Value::UInt(
-                        instance::<Port80>(o)?.last.load(Ordering::Relaxed).into(),
-                    ))
-                }),
-        )
-        .property(
-            Property::new("writes", Kind::uint64())
-                .description("Writes so far")
-                .getter(|o| {
-                    Ok(Value::UInt(
-                        instance::<Port80>(o)?.writes.load(Ordering::Relaxed),
-                    ))
-                }),
-        )
-        .state(
-            1,
-            |o| {
-                let dev = instance::<Port80>(o)?;
-                let saved = (
-                    dev.last.load(Ordering::Relaxed),
-                    dev.writes.load(Ordering::Relaxed),
-                );
-                crate::state::encode(o, &saved)
-            },
-            |o, bytes| {
-                let (last, writes): (u8, u64) = crate::state::decode(o, bytes)?;
-                let dev = instance::<Port80>(o)?;
-                dev.last.store(last, Ordering::Relaxed);
-                dev.writes.store(writes, Ordering::Relaxed);
-                Ok(())
-            },
-        )
-        .constructor(|_| Ok(Arc::new(Port80::default())))
-        .realize(move |o| claim(&p_realize, o, Space::Pio, PORT, 1, instance::<Port80>(o)?))
-        .unrealize(move |o| release(&p_unrealize, o))
+    let info = device_type(TYPE, DEVICE, platform, |platform, _| {
+        Ok(Port80 {
+            platform,
+            last: AtomicU8::new(0),
+            writes: AtomicU64::new(0),
+        })
+    })
+    .description("POST code port 0x80")
+    .getter(
+        Property::new("post-code", Kind::uint8()).description("The last value written"),
+        |d| Value::UInt(d.last.load(Ordering::Relaxed).into()),
+    )
+    .getter(
+        Property::new("writes", Kind::uint64()).description("Writes so far"),
+        |d| Value::UInt(d.writes.load(Ordering::Relaxed)),
+    )
+    .serde_state(
+        1,
+        |d| {
+            (
+                d.last.load(Ordering::Relaxed),
+                d.writes.load(Ordering::Relaxed),
+            )
+        },
+        |d, (last, writes): (u8, u64)| {
+            d.last.store(last, Ordering::Relaxed);
+            d.writes.store(writes, Ordering::Relaxed);
+            Ok(())
+        },
+    );
+    claims_range(info, Space::Pio, |_| Ok((PORT, 1))).build()
 }

@@ -4,13 +4,12 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
-use qom::{Kind, PhasePolicy, Property, TypeInfo, Value};
+use qom::{Kind, PhasePolicy, Property, TypeInfo, TypedInfo, Value};
 
-use crate::device::{get_string, instance};
+use crate::device::get_string;
 
 /// The abstract base of entropy backends.
 pub const RNG_BACKEND: &str = "rng-backend";
@@ -57,32 +56,30 @@ impl RngBackend {
     }
 }
 
-fn bytes_property() -> Property {
-    Property::new("bytes-read", Kind::uint64())
-        .description("Random bytes handed out so far")
-        .getter(|o| {
-            Ok(Value::UInt(
-                instance::<RngBackend>(o)?.bytes.load(Ordering::Relaxed),
-            ))
+fn backend(name: &str, parent: &str, source: fn() -> Source) -> TypedInfo<RngBackend> {
+    TypedInfo::new(name, parent).constructor(move |_| {
+        Ok(RngBackend {
+            source: source(),
+            bytes: AtomicU64::new(0),
         })
+    })
 }
 
 pub(crate) fn types() -> Vec<TypeInfo> {
     vec![
-        TypeInfo::new(RNG_BACKEND, qom::OBJECT)
-            .abstract_type()
+        TypedInfo::<RngBackend>::abstract_type(RNG_BACKEND, qom::OBJECT)
             .description("An entropy source for entropy devices")
-            .property(bytes_property()),
-        TypeInfo::new(RNG_BUILTIN, RNG_BACKEND)
+            .getter(
+                Property::new("bytes-read", Kind::uint64())
+                    .description("Random bytes handed out so far"),
+                |b| Value::UInt(b.bytes.load(Ordering::Relaxed)),
+            )
+            .build(),
+        backend(RNG_BUILTIN, RNG_BACKEND, || Source::Getrandom)
             .implements(qom::USER_CREATABLE)
             .description("Entropy from the host kernel (getrandom)")
-            .constructor(|_| {
-                Ok(Arc::new(RngBackend {
-                    source: Source::Getrandom,
-                    bytes: AtomicU64::new(0),
-                }))
-            }),
-        TypeInfo::new(RNG_RANDOM, RNG_BACKEND)
+            .build(),
+        backend(RNG_RANDOM, RNG_BACKEND, || Source::File(Mutex::new(None)))
             .implements(qom::USER_CREATABLE)
             .description("Entropy read from a file or device")
             .property(
@@ -91,28 +88,22 @@ pub(crate) fn types() -> Vec<TypeInfo> {
                     .policy(PhasePolicy::BeforeRealize)
                     .description("File to read entropy from"),
             )
-            .constructor(|_| {
-                Ok(Arc::new(RngBackend {
-                    source: Source::File(Mutex::new(None)),
-                    bytes: AtomicU64::new(0),
-                }))
-            })
-            .realize(|o| {
-                let backend = instance::<RngBackend>(o)?;
+            .realize(|backend, o| {
                 let path = get_string(o, "filename")?;
-                let file = File::open(&path)
-                    .map_err(|e| qom::Error::failed(format!("Could not open '{path}': {e}")))?;
+                let file = File::open(&path).map_err(|source| crate::Error::Open {
+                    path: path.clone(),
+                    source,
+                })?;
                 if let Source::File(slot) = &backend.source {
                     *slot.lock() = Some(file);
                 }
                 Ok(())
             })
-            .unrealize(|o| {
-                if let Ok(backend) = instance::<RngBackend>(o)
-                    && let Source::File(slot) = &backend.source
-                {
+            .unrealize(|backend, _| {
+                if let Source::File(slot) = &backend.source {
                     *slot.lock() = None;
                 }
-            }),
+            })
+            .build(),
     ]
 }

@@ -2,15 +2,15 @@
 //! NVRAM. The clock runs at host time plus an offset the guest (or `base`) sets; alarm,
 //! periodic and update interrupts are not generated.
 
-use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 use qom::{Kind, PhasePolicy, Property, TypeInfo, Value};
 
 use crate::bus::BusDevice;
-use crate::device::{DEVICE, Space, claim, get_string, instance, release};
+use crate::device::{DEVICE, Space, claim, device_type, get_string, release};
 use crate::platform::PlatformRef;
+use crate::state::SerdeState;
 
 pub const TYPE: &str = "mc146818rtc";
 const BASE: u64 = 0x70;
@@ -232,6 +232,7 @@ struct SavedCmos {
 }
 
 pub struct Rtc {
+    platform: PlatformRef,
     cmos: Mutex<Cmos>,
 }
 
@@ -265,83 +266,82 @@ impl BusDevice for Rtc {
     }
 }
 
-fn parse_base(text: &str) -> qom::Result<i64> {
+fn parse_base(text: &str) -> crate::Result<i64> {
     match text {
         "utc" | "" => Ok(0),
         t => DateTime::parse(t)
             .map(|dt| dt.to_unix() - host_now())
-            .ok_or_else(|| {
-                qom::Error::failed(format!(
-                    "RTC base '{t}' is neither 'utc' nor a date like 2006-06-17T16:01:21"
-                ))
+            .ok_or_else(|| crate::Error::BadValue {
+                typename: TYPE.into(),
+                property: "base",
+                value: t.into(),
+                why: "neither 'utc' nor a date like 2006-06-17T16:01:21",
             }),
     }
 }
 
 pub(crate) fn register(platform: &PlatformRef) -> TypeInfo {
-    let (p_realize, p_unrealize) = (platform.clone(), platform.clone());
-    TypeInfo::new(TYPE, DEVICE)
-        .description("CMOS real-time clock and NVRAM at ports 0x70-0x71")
-        .property(
-            Property::new("base", Kind::Str)
-                .default("utc")
-                .policy(PhasePolicy::BeforeRealize)
-                .description(
-                    "Start the clock at host UTC ('utc') or at a date like 2006-06-17T16:01:21",
-                )
-                .validate(|_, v| parse_base(v.as_str().unwrap_or_default()).map(drop)),
-        )
-        .property(
-            Property::new("date", Kind::Str)
-                .description("The guest's current date and time (UTC)")
-                .getter(|o| Ok(Value::Str(instance::<Rtc>(o)?.date().to_string()))),
-        )
-        .state(
-            1,
-            |o| {
-                let dev = instance::<Rtc>(o)?;
-                let c = dev.cmos.lock();
-                crate::state::encode(
-                    o,
-                    &SavedCmos {
-                        index: c.index,
-                        nvram: c.nvram.to_vec(),
-                        offset: c.offset,
-                    },
-                )
-            },
-            |o, bytes| {
-                let saved: SavedCmos = crate::state::decode(o, bytes)?;
-                let nvram: [u8; 128] = saved.nvram.as_slice().try_into().map_err(|_| {
-                    qom::Error::failed(format!("{}: the saved CMOS is not 128 bytes", o.path()))
-                })?;
-                let dev = instance::<Rtc>(o)?;
-                let mut c = dev.cmos.lock();
-                c.index = saved.index;
-                c.nvram = nvram;
-                c.offset = saved.offset;
-                Ok(())
-            },
-        )
-        .constructor(|_| {
-            let mut nvram = [0u8; 128];
-            nvram[usize::from(REG_A)] = 0x26;
-            nvram[usize::from(REG_B)] = B_24H;
-            nvram[usize::from(REG_D)] = 0x80;
-            Ok(Arc::new(Rtc {
-                cmos: Mutex::new(Cmos {
-                    index: 0,
-                    nvram,
-                    offset: 0,
-                }),
-            }))
+    device_type(TYPE, DEVICE, platform, |platform, _| {
+        let mut nvram = [0u8; 128];
+        nvram[usize::from(REG_A)] = 0x26;
+        nvram[usize::from(REG_B)] = B_24H;
+        nvram[usize::from(REG_D)] = 0x80;
+        Ok(Rtc {
+            platform,
+            cmos: Mutex::new(Cmos {
+                index: 0,
+                nvram,
+                offset: 0,
+            }),
         })
-        .realize(move |o| {
-            let dev = instance::<Rtc>(o)?;
-            dev.cmos.lock().offset = parse_base(&get_string(o, "base")?)?;
-            claim(&p_realize, o, Space::Pio, BASE, 2, dev)
-        })
-        .unrealize(move |o| release(&p_unrealize, o))
+    })
+    .description("CMOS real-time clock and NVRAM at ports 0x70-0x71")
+    .property(
+        Property::new("base", Kind::Str)
+            .default("utc")
+            .policy(PhasePolicy::BeforeRealize)
+            .description(
+                "Start the clock at host UTC ('utc') or at a date like 2006-06-17T16:01:21",
+            )
+            .validate(|_, v| Ok(parse_base(v.as_str().unwrap_or_default()).map(drop)?)),
+    )
+    .getter(
+        Property::new("date", Kind::Str).description("The guest's current date and time (UTC)"),
+        |d| Value::Str(d.date().to_string()),
+    )
+    .serde_state(
+        1,
+        |d| {
+            let c = d.cmos.lock();
+            SavedCmos {
+                index: c.index,
+                nvram: c.nvram.to_vec(),
+                offset: c.offset,
+            }
+        },
+        |d, saved: SavedCmos| {
+            let nvram: [u8; 128] =
+                saved
+                    .nvram
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| crate::Error::State {
+                        path: TYPE.into(),
+                        why: "the saved CMOS is not 128 bytes".into(),
+                    })?;
+            let mut c = d.cmos.lock();
+            c.index = saved.index;
+            c.nvram = nvram;
+            c.offset = saved.offset;
+            Ok(())
+        },
+    )
+    .realize(|dev, o| {
+        dev.cmos.lock().offset = parse_base(&get_string(o, "base")?)?;
+        Ok(claim(&dev.platform, o, Space::Pio, BASE, 2, dev.clone())?)
+    })
+    .unrealize(|dev, o| release(&dev.platform, o))
+    .build()
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ const INTERFACE: &str = "org.qemu.VMState1";
 pub const MAX_HELPER_STATE: usize = 1 << 20;
 
 fn failed(e: impl std::fmt::Display) -> Error {
-    Error::Failed(format!("dbus-vmstate: {e}"))
+    crate::Error::Helper(format!("dbus-vmstate: {e}")).into()
 }
 
 /// The object's settings, read from its properties.

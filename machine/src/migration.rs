@@ -12,10 +12,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use qom::{Error, ObjectRef, Result, Value};
+use qom::{ObjectRef, Value};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::machine::{Launched, Machine, State, empty, pause_all};
+use crate::error::{Error, Result};
+use crate::launch::Launched;
+use crate::lifecycle::pause_all;
+use crate::machine::{Machine, State, empty};
 use crate::runstate::RunState;
 use crate::snapshot::{self, Fingerprint, Reader, Writer};
 use crate::vm::{ChipState, VcpuState};
@@ -88,8 +91,9 @@ impl Info {
     }
 }
 
+/// A snapshot that does not fit or does not load, in a sentence.
 fn failed(e: impl std::fmt::Display) -> Error {
-    Error::Failed(e.to_string())
+    Error::Snapshot(e.to_string())
 }
 
 /// The file of a `file:PATH` URI.
@@ -99,13 +103,15 @@ fn failed(e: impl std::fmt::Display) -> Error {
 pub fn file_uri(uri: &str) -> Result<PathBuf> {
     match uri.split_once(':') {
         Some(("file", path)) if !path.is_empty() => Ok(PathBuf::from(path)),
-        Some(("file", _)) => Err(failed("file: needs a path (file:PATH)")),
-        Some((scheme @ ("tcp" | "unix" | "exec" | "fd" | "rdma" | "vsock"), _)) => Err(failed(
-            format!("qomu saves to files only: '{scheme}:' is not supported, use file:PATH"),
-        )),
-        _ => Err(failed(format!(
-            "Invalid migration URI '{uri}': use file:PATH"
-        ))),
+        Some(("file", _)) => Err(Error::NoPath),
+        Some((scheme @ ("tcp" | "unix" | "exec" | "fd" | "rdma" | "vsock"), _)) => {
+            Err(Error::UnsupportedScheme {
+                scheme: scheme.to_owned(),
+            })
+        }
+        _ => Err(Error::BadUri {
+            uri: uri.to_owned(),
+        }),
     }
 }
 
@@ -179,14 +185,11 @@ impl Machine {
         {
             let st = self.state.lock();
             if st.launched.is_none() || !matches!(st.run, RunState::Running | RunState::Paused) {
-                return Err(Error::InvalidState(format!(
-                    "the machine is in '{}': only a running or paused machine can be saved",
-                    st.run
-                )));
+                return Err(Error::NotSaveable { state: st.run });
             }
             let mut info = self.migration.lock();
             if matches!(info.status, Some(Status::Setup | Status::Active)) {
-                return Err(failed("There's a migration process in progress"));
+                return Err(Error::MigrationRunning);
             }
             *info = Info::default();
         }
@@ -196,12 +199,16 @@ impl Machine {
             .name("qomu-migrate".into())
             .spawn(move || machine.save_thread(&path))
             .map(drop)
-            .map_err(|e| {
+            .map_err(|source| {
+                let e = Error::Host {
+                    what: "the migration thread",
+                    source,
+                };
                 self.set_migration(|i| {
                     i.status = Some(Status::Failed);
-                    i.error = Some(format!("cannot start the migration thread: {e}"));
+                    i.error = Some(e.to_string());
                 });
-                failed(format!("cannot start the migration thread: {e}"))
+                e
             })
     }
 
@@ -259,6 +266,9 @@ impl Machine {
         if was_running {
             self.notifiers.stop.emit(empty);
         }
+        // No device request half-served in the file: each device's I/O thread finishes
+        // the one it serves, and its state is read after.
+        self.pci.pause_io(true);
         let l = st
             .launched
             .as_ref()
@@ -266,8 +276,10 @@ impl Machine {
         let run_state = if was_running { "running" } else { "paused" };
         let partial = partial_path(path);
         let written = self.write_file(l, &partial, run_state).and_then(|bytes| {
-            std::fs::rename(&partial, path)
-                .map_err(|e| failed(format!("cannot rename '{}': {e}", partial.display())))?;
+            std::fs::rename(&partial, path).map_err(|source| Error::Write {
+                path: partial.clone(),
+                source,
+            })?;
             Ok(bytes)
         });
         if written.is_err() {
@@ -284,7 +296,10 @@ impl Machine {
     }
 
     fn write_file(&self, l: &Launched, path: &Path, run_state: &str) -> Result<u64> {
-        let io = |e: std::io::Error| failed(format!("cannot write '{}': {e}", path.display()));
+        let io = |source: std::io::Error| Error::Write {
+            path: path.to_owned(),
+            source,
+        };
         let mut w = Writer::create(path).map_err(io)?;
         let objects = stateful_objects(&self.tree().root());
         let fingerprint = self.fingerprint(&objects, run_state)?;
@@ -296,7 +311,7 @@ impl Machine {
             w.section(&format!("cpu:{}", v.index()), &[&json(&state)?])
                 .map_err(io)?;
         }
-        let mut chips = l.vm.save_chips().map_err(failed)?;
+        let mut chips = l.vm.save_chips()?;
         // The clock as the guest stopped, not as it has counted on since.
         if let Some(ns) = l.stopped_clock {
             chips = chips.with_clock(ns);
@@ -314,8 +329,9 @@ impl Machine {
             let start = region.start_addr();
             let host = memory.get_host_address(start).map_err(failed)?;
             // SAFETY: the region's mapping is `region.len()` bytes from `host` and lives as
-            // long as the VM (borrowed through `l`). Every vCPU is paused and devices touch
-            // guest memory only from vCPU threads, so nothing writes it while it is read.
+            // long as the VM (borrowed through `l`). Every vCPU is paused and every device's
+            // I/O thread too (`pause_io(true)` above), so nothing writes it while it is
+            // read.
             let bytes = unsafe { std::slice::from_raw_parts(host, region.len() as usize) };
             w.section(&format!("ram:{:#x}", start.0), &[bytes])
                 .map_err(io)?;
@@ -332,10 +348,10 @@ impl Machine {
     /// the guest has not run (the machine stops in internal-error, with the reason).
     pub fn incoming(&self, uri: &str, start: bool) -> Result<()> {
         let path = file_uri(uri)?;
-        let mut r = Reader::open(&path).map_err(failed)?;
-        let (name, payload) = r.next("header").map_err(failed)?;
+        let mut r = Reader::open(&path)?;
+        let (name, payload) = r.next("header")?;
         if name != "config" {
-            return Err(failed(r.unexpected(&name, "config")));
+            return Err(r.unexpected(&name, "config").into());
         }
         let saved: Fingerprint = serde_json::from_slice(&payload).map_err(|e| {
             failed(format!(
@@ -353,10 +369,7 @@ impl Machine {
         let _configuration = self.configuration.lock();
         let mut st = self.state.lock();
         if st.run != RunState::Prelaunch || st.launched.is_some() {
-            return Err(Error::InvalidState(format!(
-                "the machine is in '{}': a snapshot loads only into a machine that has not started",
-                st.run
-            )));
+            return Err(Error::NotRestorable { state: st.run });
         }
         self.transition(&mut st, RunState::Inmigrate)?;
         self.set_migration(|i| {
@@ -427,13 +440,13 @@ impl Machine {
         let mut chips = None;
         let mut last = String::from("config");
         loop {
-            let head = r.head(&last).map_err(failed)?;
+            let head = r.head(&last)?;
             let name = head.name.clone();
             if !seen.insert(name.clone()) {
                 return Err(failed(format!("section '{name}' appears twice")));
             }
             if name == "end" {
-                r.payload(head).map_err(failed)?;
+                r.payload(head)?;
                 break;
             } else if let Some(index) = name.strip_prefix("cpu:") {
                 let v = index
@@ -441,17 +454,17 @@ impl Machine {
                     .ok()
                     .and_then(|i| l.vcpus.get(i))
                     .ok_or_else(|| failed(format!("section '{name}': no such vCPU here")))?;
-                let payload = r.payload(head).map_err(failed)?;
+                let payload = r.payload(head)?;
                 let state: VcpuState =
                     serde_json::from_slice(&payload).map_err(|e| json_err(&name, e))?;
                 cpus.push((v, state));
             } else if name == "chips" {
-                let payload = r.payload(head).map_err(failed)?;
+                let payload = r.payload(head)?;
                 let state: ChipState =
                     serde_json::from_slice(&payload).map_err(|e| json_err(&name, e))?;
                 chips = Some(state);
             } else if let Some((path, level, version)) = snapshot::parse_state_section(&name) {
-                let payload = r.payload(head).map_err(failed)?;
+                let payload = r.payload(head)?;
                 let obj = self.tree().lookup(path)?;
                 let hooks = obj
                     .class()
@@ -479,10 +492,11 @@ impl Machine {
                     .get_host_address(region.start_addr())
                     .map_err(failed)?;
                 // SAFETY: the region's mapping is `region.len()` bytes from `host`, owned by
-                // the VM borrowed through `l`. No vCPU has run and nothing else holds a
-                // reference into guest memory, so this is the only access while it lives.
+                // the VM borrowed through `l`. No vCPU has run, and the device I/O threads a
+                // loaded state started wait paused until the guest runs, so nothing else
+                // reads or writes guest memory while this slice lives.
                 let ram = unsafe { std::slice::from_raw_parts_mut(host, region.len() as usize) };
-                r.payload_into(head, ram).map_err(failed)?;
+                r.payload_into(head, ram)?;
             } else {
                 return Err(failed(format!("unknown section '{name}'")));
             }
@@ -502,7 +516,7 @@ impl Machine {
                 .map_err(|e| failed(format!("vCPU {}: {e}", v.index())))?;
         }
         if let Some(chips) = &chips {
-            l.vm.load_chips(chips).map_err(failed)?;
+            l.vm.load_chips(chips)?;
         }
         Ok(())
     }

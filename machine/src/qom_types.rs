@@ -28,10 +28,10 @@ fn upgrade(weak: &Weak<Machine>) -> Result<Arc<Machine>> {
 fn machine_action(
     weak: &Weak<Machine>,
     name: &str,
-    f: impl Fn(&Machine, &Args) -> Result<Option<Value>> + Send + Sync + 'static,
+    f: impl Fn(&Machine, &Args) -> crate::Result<Option<Value>> + Send + Sync + 'static,
 ) -> Action {
     let weak = weak.clone();
-    Action::new(name, move |_, args| f(&*upgrade(&weak)?, &args))
+    Action::new(name, move |_, args| Ok(f(&*upgrade(&weak)?, &args)?))
 }
 
 /// A read-only property computed from the machine.
@@ -176,7 +176,7 @@ pub(crate) fn register(builder: &TreeBuilder, weak: &Weak<Machine>) -> Result<()
                 if a.get("resume").and_then(Value::as_bool) == Some(true) {
                     return Err(Error::failed("qomu cannot resume a migration: start a new one"));
                 }
-                upgrade(&weak)?.migrate(str_arg(&a, "uri")).map(|()| None)
+                Ok(upgrade(&weak)?.migrate(str_arg(&a, "uri")).map(|()| None)?)
             })
             .description("Save the whole VM to a file (uri file:PATH); follow it with query-migrate or the MIGRATION events")
             .arg(Field::new("uri", Kind::Str, "Where to save: file:PATH"))

@@ -17,7 +17,7 @@ use kvm_bindings::{
 use kvm_bindings::{
     KVM_MAX_MSR_ENTRIES, Xsave, kvm_clock_data, kvm_debugregs, kvm_sregs, kvm_xcrs, kvm_xsave,
 };
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -146,6 +146,28 @@ impl MsiChip for KvmIrqChip {
     }
 }
 
+/// Registers eventfds KVM signals on guest MMIO writes (`KVM_IOEVENTFD`, any length, no
+/// data match), so that a write there costs the vCPU no exit.
+#[derive(Clone)]
+pub struct IoEvents(Arc<VmFd>);
+
+impl IoEvents {
+    /// # Errors
+    /// KVM refuses.
+    pub fn register(&self, fd: &EventFd, addr: u64) -> Result<(), VmError> {
+        self.0
+            .register_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(kvm_err("register ioeventfd"))
+    }
+
+    /// Undoes [`IoEvents::register`]; an eventfd not registered there is no error.
+    pub fn unregister(&self, fd: &EventFd, addr: u64) {
+        let _ = self
+            .0
+            .unregister_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch);
+    }
+}
+
 const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
 const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
@@ -246,6 +268,12 @@ impl Vm {
     /// MSI routing and irqfds, for the PCI bus's MSI-X vectors.
     pub fn msi_chip(&self) -> Arc<dyn MsiChip> {
         Arc::new(KvmIrqChip(self.fd.clone()))
+    }
+
+    /// KVM's ioeventfds, for devices to register their notification eventfds on (from any
+    /// thread, without the machine lock).
+    pub fn ioevents(&self) -> IoEvents {
+        IoEvents(self.fd.clone())
     }
 
     /// Connects an interrupt line: its eventfd injects its GSI.
@@ -530,6 +558,18 @@ impl Vm {
         vcpu.set_debug_regs(&state.debugregs)
             .map_err(kvm_err("set debug registers"))?;
         Ok(())
+    }
+
+    /// A vCPU's general and special registers (pause it first).
+    ///
+    /// # Errors
+    /// KVM refuses.
+    pub fn registers(&self, vcpu: &VcpuFd) -> Result<(kvm_regs, kvm_sregs), VmError> {
+        Ok((
+            vcpu.get_regs().map_err(kvm_err("read registers"))?,
+            vcpu.get_sregs()
+                .map_err(kvm_err("read special registers"))?,
+        ))
     }
 
     /// kvmclock, in ns (KVM_GET_CLOCK).

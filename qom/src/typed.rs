@@ -147,14 +147,18 @@ impl<T: Send + Sync + 'static> TypedInfo<T> {
         self.map(|i| i.constructor(move |o| Ok(Arc::new(make(o)?))))
     }
 
-    /// Claims the object's resources when it is realized.
-    pub fn realize(self, f: impl Fn(&T, &ObjectRef) -> Result<()> + Send + Sync + 'static) -> Self {
-        self.map(|i| i.realize(move |o| f(&*instance_of::<T>(o)?, o)))
+    /// Claims the object's resources when it is realized (with the instance's `Arc`, for
+    /// code that hands the instance on, to a bus for instance).
+    pub fn realize(
+        self,
+        f: impl Fn(&Arc<T>, &ObjectRef) -> Result<()> + Send + Sync + 'static,
+    ) -> Self {
+        self.map(|i| i.realize(move |o| f(&instance_of::<T>(o)?, o)))
     }
 
     /// Releases them when it goes. An object whose instance is missing has nothing to
     /// release.
-    pub fn unrealize(self, f: impl Fn(&T, &ObjectRef) + Send + Sync + 'static) -> Self {
+    pub fn unrealize(self, f: impl Fn(&Arc<T>, &ObjectRef) + Send + Sync + 'static) -> Self {
         self.map(|i| {
             i.unrealize(move |o| {
                 if let Ok(t) = instance_of::<T>(o) {

@@ -444,10 +444,18 @@ fn memory_dumps_and_registers() {
         dumped,
         "identity mapped: virtual equals physical"
     );
-    let err = vm.machine.pmemsave(0xf000_0000, 16, &phys).unwrap_err();
+    let err = qom::Error::from(vm.machine.pmemsave(0xf000_0000, 16, &phys).unwrap_err());
     assert_eq!(
-        err.to_string(),
-        "Invalid addr 0x00000000f0000000/size 16 specified"
+        err.fault(),
+        Some(&qom::Fault::BadAddress {
+            addr: 0xf000_0000,
+            size: Some(16)
+        })
+    );
+    assert_eq!(
+        bus_bridge::qmp::error::from_qom(&err, bus_bridge::qmp::error::Context::Other).desc,
+        "Invalid addr 0x00000000f0000000/size 16 specified",
+        "QEMU's text on the wire"
     );
     assert!(
         vm.machine

@@ -41,6 +41,14 @@ pub trait PciDevice: Send + Sync {
     fn reset(&self) {
         self.config().lock().reset();
     }
+    /// BAR `bar` now decodes at `base` on the MMIO bus, or no longer decodes (`None`).
+    fn bar_moved(&self, _bar: usize, _base: Option<u64>) {}
+    /// The machine stops the guest (or saves, resets, unplugs): the function's own I/O
+    /// finishes what it is doing and starts nothing new; with `wait`, returns once nothing
+    /// is in flight.
+    fn pause_io(&self, _wait: bool) {}
+    /// The guest runs again: the function's I/O goes on.
+    fn resume_io(&self) {}
 }
 
 /// What the machine's interrupt controller offers level-triggered lines.
@@ -128,6 +136,9 @@ pub struct PciBus {
     remap: Mutex<()>,
     /// The MSI-X vectors of the bus's devices.
     msi: Arc<super::MsiRouter>,
+    /// Whether the machine has its devices' I/O paused (from power-on until the guest
+    /// first runs, and whenever it is stopped); a device that starts its I/O starts it so.
+    io_paused: AtomicBool,
 }
 
 impl std::fmt::Debug for PciBus {
@@ -157,7 +168,39 @@ impl PciBus {
             }),
             remap: Mutex::new(()),
             msi: Arc::default(),
+            io_paused: AtomicBool::new(true),
         })
+    }
+
+    /// Whether the devices' I/O is paused ([`PciBus::pause_io`]).
+    pub fn io_paused(&self) -> bool {
+        self.io_paused.load(Ordering::Acquire)
+    }
+
+    /// Pauses every function's own I/O (the guest stops): with `wait`, returns once none
+    /// has anything in flight, as a snapshot needs.
+    pub fn pause_io(&self, wait: bool) {
+        self.io_paused.store(true, Ordering::Release);
+        for (_, d) in self.functions() {
+            d.pause_io(wait);
+        }
+    }
+
+    /// Lets every function's I/O go on (the guest runs).
+    pub fn resume_io(&self) {
+        self.io_paused.store(false, Ordering::Release);
+        for (_, d) in self.functions() {
+            d.resume_io();
+        }
+    }
+
+    fn functions(&self) -> Vec<(u8, Arc<dyn PciDevice>)> {
+        self.slots
+            .read()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().map(|s| (i as u8, s.device.clone())))
+            .collect()
     }
 
     /// The MSI vectors of the bus's devices.
@@ -252,9 +295,11 @@ impl PciBus {
     /// Takes the device out of `slot` and unmaps its BARs.
     pub fn unplug(&self, slot: u8) {
         let _serial = self.remap.lock();
-        if let Some(s) = self.slots.write()[usize::from(slot)].take() {
+        let taken = self.slots.write()[usize::from(slot)].take();
+        if let Some(s) = taken {
             for bar in s.mapped {
                 self.mmio.remove(bar.base);
+                s.device.bar_moved(bar.index, None);
             }
         }
     }
@@ -321,6 +366,24 @@ impl PciBus {
         self.remap(slot);
     }
 
+    /// Tells every function again where its mapped BARs decode: the VM now exists (a
+    /// snapshot loaded before launch mapped them), so what a function attaches to a BAR's
+    /// address (a virtio device's ioeventfds) can be attached.
+    pub fn announce_bars(&self) {
+        let mapped: Vec<_> = self
+            .slots
+            .read()
+            .iter()
+            .flatten()
+            .map(|s| (s.device.clone(), s.mapped.clone()))
+            .collect();
+        for (device, bars) in mapped {
+            for bar in bars {
+                device.bar_moved(bar.index, Some(bar.base));
+            }
+        }
+    }
+
     /// The configuration address latch (port 0xCF8).
     pub fn config_address(&self) -> u32 {
         self.address.load(Ordering::SeqCst)
@@ -346,6 +409,7 @@ impl PciBus {
         for bar in &old {
             if !wanted.contains(bar) {
                 self.mmio.remove(bar.base);
+                device.bar_moved(bar.index, None);
             }
         }
         for bar in wanted {
@@ -358,7 +422,10 @@ impl PciBus {
                 index: bar.index,
             });
             match self.mmio.insert(bar.base, bar.size, &owner, window) {
-                Ok(()) => mapped.push(bar),
+                Ok(()) => {
+                    device.bar_moved(bar.index, Some(bar.base));
+                    mapped.push(bar);
+                }
                 Err(e) => tracing::warn!("{owner}: BAR {} not mapped: {e}", bar.index),
             }
         }
@@ -369,13 +436,7 @@ impl PciBus {
 
     /// Resets every function (a system reset) and remaps their BARs.
     pub fn reset(&self) {
-        let devices: Vec<(u8, Arc<dyn PciDevice>)> = self
-            .slots
-            .read()
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| s.as_ref().map(|s| (i as u8, s.device.clone())))
-            .collect();
+        let devices = self.functions();
         self.address.store(0, Ordering::SeqCst);
         for (slot, d) in devices {
             d.reset();

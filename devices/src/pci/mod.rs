@@ -22,7 +22,7 @@ pub use msi::{MsiChip, MsiRouter, MsiVector};
 pub use msix::Msix;
 
 use crate::device::{DEVICE, Space, claim, get_string, release};
-use crate::platform::{PlatformRef, upgrade};
+use crate::platform::{Platform, PlatformRef, upgrade};
 
 /// The host bridge's qom type.
 pub const HOST_TYPE: &str = "pci-host";
@@ -30,27 +30,9 @@ pub const HOST_TYPE: &str = "pci-host";
 pub const PCI_DEVICE: &str = "pci-device";
 /// The root bus's name (`device_add`'s `bus`).
 pub const ROOT_BUS: &str = "pci.0";
-/// Where the machine puts the hotplug controller.
-pub const HOTPLUG_PATH: &str = "/machine/unattached/pci-hotplug";
 /// The configuration ports.
 pub const CONFIG_PORT: u64 = 0xcf8;
 pub const CONFIG_PORT_LEN: u64 = 8;
-
-/// The host bridge as a function: slot 0, class "host bridge", no BARs. Red Hat's
-/// vendor ID and QEMU's "PCIe host bridge" device ID, as QEMU's generic host does.
-struct HostBridge {
-    config: Mutex<PciConfig>,
-}
-
-impl PciDevice for HostBridge {
-    fn config(&self) -> &Mutex<PciConfig> {
-        &self.config
-    }
-    fn bar_read(&self, _bar: usize, _offset: u64, data: &mut [u8]) {
-        data.fill(0xff);
-    }
-    fn bar_write(&self, _bar: usize, _offset: u64, _data: &[u8]) {}
-}
 
 /// Parses a PCI address as QEMU's `addr` property does: `SLOT` or `SLOT.FN`, hexadecimal
 /// with or without `0x`. Empty means "the first free slot".
@@ -58,14 +40,15 @@ impl PciDevice for HostBridge {
 /// # Errors
 /// Not such an address, a slot past 31, or a function other than 0 (qomu has no
 /// multi-function devices).
-pub fn parse_addr(typename: &str, text: &str) -> qom::Result<Option<u8>> {
+pub fn parse_addr(typename: &str, text: &str) -> crate::Result<Option<u8>> {
     if text.is_empty() {
         return Ok(None);
     }
-    let bad = || {
-        qom::Error::failed(format!(
-            "Property '{typename}.addr' doesn't take value '{text}'"
-        ))
+    let bad = || crate::Error::BadValue {
+        typename: typename.to_owned(),
+        property: "addr",
+        value: text.to_owned(),
+        why: "not SLOT or SLOT.0 in hex, with a slot below 32",
     };
     let (slot, function) = match text.split_once('.') {
         Some((s, f)) => (s, Some(f)),
@@ -82,9 +65,9 @@ pub fn parse_addr(typename: &str, text: &str) -> qom::Result<Option<u8>> {
         .ok_or_else(bad)?;
     match function.map(hex) {
         None | Some(Some(0)) => Ok(Some(slot)),
-        Some(Some(f)) if f < 8 => Err(qom::Error::failed(format!(
-            "PCI: function {f} of slot {slot} is not available: qomu's devices are single-function"
-        ))),
+        Some(Some(function)) if function < 8 => {
+            Err(crate::Error::FunctionUnavailable { slot, function })
+        }
         Some(_) => Err(bad()),
     }
 }
@@ -109,38 +92,20 @@ pub fn plug(
 ) -> qom::Result<u8> {
     let slot = parse_addr(obj.type_name(), &get_string(obj, "addr")?)?;
     let platform = upgrade(platform)?;
-    platform
+    let plugged = platform
         .pci_bus()
         .plug(slot, obj.path(), &label(obj), device)
-        .map_err(|e| {
-            qom::Error::failed(match e {
-                PlugError::SlotInUse { slot, by } => format!(
-                    "PCI: slot {slot} function 0 not available for {}, in use by {by}",
-                    obj.type_name()
-                ),
-                PlugError::Full => format!(
-                    "PCI: no slot/function available for {}, all in use or reserved",
-                    obj.type_name()
-                ),
-            })
-        })
-}
-
-/// Announces that the device at `obj` is on the bus (its `plugged` notifier), once it is
-/// in the tree.
-pub fn announce_plugged(obj: &ObjectRef) {
-    let (Ok(notifier), Some(slot)) = (
-        obj.notifier("plugged"),
-        obj.get("slot").ok().and_then(|v| v.as_u64()),
-    ) else {
-        return;
-    };
-    notifier.emit(|| {
-        Value::map([
-            ("bus", Value::Str(ROOT_BUS.to_owned())),
-            ("slot", Value::UInt(slot)),
-        ])
-    });
+        .map_err(|e| match e {
+            PlugError::SlotInUse { slot, by } => crate::Error::SlotInUse {
+                slot,
+                driver: obj.type_name().to_owned(),
+                by,
+            },
+            PlugError::Full => crate::Error::BusFull {
+                driver: obj.type_name().to_owned(),
+            },
+        })?;
+    Ok(plugged)
 }
 
 /// Takes the device at `obj` off the bus (in its unrealize hook).
@@ -153,6 +118,16 @@ pub fn unplug(platform: &PlatformRef, obj: &ObjectRef) {
     }
 }
 
+/// A closure for a type's hooks that runs `f` with the platform: the platform handle is
+/// copied into it here, once, rather than in a block of copies before each type.
+fn on_platform<R>(
+    platform: &PlatformRef,
+    f: impl Fn(&dyn Platform, &ObjectRef) -> crate::Result<R> + Send + Sync + 'static,
+) -> impl Fn(&ObjectRef) -> qom::Result<R> + Send + Sync + 'static {
+    let platform = platform.clone();
+    move |o| Ok(f(&*upgrade(&platform)?, o)?)
+}
+
 /// A function's state in a snapshot: where it sits and its configuration space (BARs,
 /// command register, capabilities' control fields).
 #[derive(Serialize, Deserialize)]
@@ -161,9 +136,11 @@ struct FunctionState {
     config: Vec<u8>,
 }
 
-fn save_function(platform: &PlatformRef, obj: &ObjectRef) -> qom::Result<FunctionState> {
-    let bus = upgrade(platform)?.pci_bus().clone();
-    let not_plugged = || qom::Error::failed(format!("{} is not on the PCI bus", obj.path()));
+fn save_function(platform: &dyn Platform, obj: &ObjectRef) -> crate::Result<FunctionState> {
+    let bus = platform.pci_bus();
+    let not_plugged = || crate::Error::NotPlugged {
+        path: obj.path().to_owned(),
+    };
     let slot = bus.slot_of(obj.path()).ok_or_else(not_plugged)?;
     let function = bus.function(slot).ok_or_else(not_plugged)?;
     let config = function.config().lock().snapshot();
@@ -171,26 +148,31 @@ fn save_function(platform: &PlatformRef, obj: &ObjectRef) -> qom::Result<Functio
 }
 
 fn load_function(
-    platform: &PlatformRef,
+    platform: &dyn Platform,
     obj: &ObjectRef,
     saved: &FunctionState,
-) -> qom::Result<()> {
-    let bus = upgrade(platform)?.pci_bus().clone();
-    let not_plugged = || qom::Error::failed(format!("{} is not on the PCI bus", obj.path()));
+) -> crate::Result<()> {
+    let bus = platform.pci_bus();
+    let not_plugged = || crate::Error::NotPlugged {
+        path: obj.path().to_owned(),
+    };
     let slot = bus.slot_of(obj.path()).ok_or_else(not_plugged)?;
     if slot != saved.slot {
-        return Err(qom::Error::failed(format!(
-            "{} was in PCI slot {} when saved and is in slot {slot} here",
-            obj.path(),
-            saved.slot
-        )));
+        return Err(crate::Error::MovedSlot {
+            path: obj.path().to_owned(),
+            saved: saved.slot,
+            here: slot,
+        });
     }
     let function = bus.function(slot).ok_or_else(not_plugged)?;
     function
         .config()
         .lock()
         .restore(&saved.config)
-        .map_err(|e| qom::Error::failed(format!("{}: {e}", obj.path())))?;
+        .map_err(|why| crate::Error::State {
+            path: obj.path().to_owned(),
+            why,
+        })?;
     bus.refresh(slot);
     Ok(())
 }
@@ -202,18 +184,27 @@ struct HostState {
     address: u32,
 }
 
+/// The slot of the device at `obj`, if it is on the bus.
+fn slot_of(platform: &dyn Platform, obj: &ObjectRef) -> Option<u8> {
+    platform.pci_bus().slot_of(obj.path())
+}
+
 /// The abstract base of PCI devices: `addr` and the slot it got.
 fn device_type(platform: &PlatformRef) -> TypeInfo {
-    let p = platform.clone();
-    let (p_save, p_load) = (platform.clone(), platform.clone());
+    let save = on_platform(platform, |p, o| {
+        crate::state::encode(o, &save_function(p, o)?)
+    });
+    let load = {
+        let platform = platform.clone();
+        move |o: &ObjectRef, bytes: &[u8]| -> qom::Result<()> {
+            let saved: FunctionState = crate::state::decode(o, bytes)?;
+            Ok(load_function(&*upgrade(&platform)?, o, &saved)?)
+        }
+    };
     TypeInfo::new(PCI_DEVICE, DEVICE)
         .abstract_type()
         .description("A device on the PCI root bus")
-        .state(
-            1,
-            move |o| crate::state::encode(o, &save_function(&p_save, o)?),
-            move |o, bytes| load_function(&p_load, o, &crate::state::decode(o, bytes)?),
-        )
+        .state(1, save, load)
         .notifier(
             NotifierDecl::new(
                 "plugged",
@@ -239,149 +230,167 @@ fn device_type(platform: &PlatformRef) -> TypeInfo {
             Property::new("unplug-pending", Kind::Bool)
                 .notifying()
                 .description("An unplug was requested and the guest has not ejected the device yet")
-                .getter(|o| {
-                    let slot = o.get("slot")?.as_i64().unwrap_or(-1);
-                    let hotplug = o
-                        .tree()
-                        .lookup(HOTPLUG_PATH)
-                        .ok()
-                        .and_then(|h| h.instance::<hotplug::Hotplug>());
-                    Ok(Value::Bool(match (u8::try_from(slot), hotplug) {
-                        (Ok(slot), Some(h)) => h.removal_requested(slot),
+                .getter(on_platform(platform, |p, o| {
+                    let pending = match (slot_of(p, o), p.hotplug()) {
+                        (Some(slot), Some(h)) => h.removal_requested(slot),
                         _ => false,
-                    }))
-                }),
+                    };
+                    Ok(Value::Bool(pending))
+                })),
         )
         .property(
-        Property::new("addr", Kind::Str)
-            .policy(qom::PhasePolicy::BeforeRealize)
-            .description("Slot on the root bus: SLOT or SLOT.0 in hex (\"4\", \"0x04.0\"); empty for the first free one")
-            .validate(|o, v| parse_addr(o.type_name(), v.as_str().unwrap_or_default()).map(drop)),
+            Property::new("addr", Kind::Str)
+                .policy(qom::PhasePolicy::BeforeRealize)
+                .description("Slot on the root bus: SLOT or SLOT.0 in hex (\"4\", \"0x04.0\"); empty for the first free one")
+                .validate(|o, v| Ok(parse_addr(o.type_name(), v.as_str().unwrap_or_default()).map(drop)?)),
+        )
+        .property(
+            Property::new("slot", Kind::int32())
+                .description("The slot the device is plugged into, -1 while it is not")
+                .getter(on_platform(platform, |p, o| {
+                    Ok(Value::Int(slot_of(p, o).map_or(-1, i64::from)))
+                })),
+        )
+}
+
+/// The host bridge's instance.
+struct HostBridge {
+    platform: PlatformRef,
+    config: Mutex<PciConfig>,
+}
+
+impl PciDevice for HostBridge {
+    fn config(&self) -> &Mutex<PciConfig> {
+        &self.config
+    }
+    fn bar_read(&self, _bar: usize, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn bar_write(&self, _bar: usize, _offset: u64, _data: &[u8]) {}
+}
+
+fn host_type(platform: &PlatformRef) -> TypeInfo {
+    crate::device::device_type(HOST_TYPE, DEVICE, platform, |platform, _| {
+        // Red Hat's vendor ID and QEMU's "PCIe host bridge" device ID, as QEMU's generic
+        // host does.
+        let config = PciConfig::new(Ids {
+            vendor: 0x1b36,
+            device: 0x0008,
+            class: 0x06_00_00,
+            revision: 0,
+            subsystem_vendor: 0x1af4,
+            subsystem: 0x1100,
+        });
+        Ok(HostBridge {
+            platform,
+            config: Mutex::new(config),
+        })
+    })
+    .description(
+        "PCI host bridge: the root bus pci.0, configuration through ports 0xcf8/0xcfc and ECAM",
+    )
+    .state(
+        1,
+        |h, o| {
+            let platform = upgrade(&h.platform)?;
+            let state = HostState {
+                function: save_function(&*platform, o)?,
+                address: platform.pci_bus().config_address(),
+            };
+            Ok(crate::state::encode(o, &state)?)
+        },
+        |h, o, bytes| {
+            let state: HostState = crate::state::decode(o, bytes)?;
+            let platform = upgrade(&h.platform)?;
+            load_function(&*platform, o, &state.function)?;
+            platform.pci_bus().set_config_address(state.address);
+            Ok(())
+        },
+    )
+    .getter(
+        Property::new("bus", Kind::Str).description("The name of the root bus"),
+        |_| Value::Str(ROOT_BUS.to_owned()),
+    )
+    .try_getter(
+        Property::new(
+            "slots",
+            Kind::list(Kind::structure(
+                "PciSlot",
+                vec![
+                    Field::new("slot", Kind::uint8(), "Slot number"),
+                    Field::new("device", Kind::Str, "QOM path of the device in it"),
+                ],
+            )),
+        )
+        .description("The occupied slots of the root bus"),
+        |h, _| {
+            let platform = upgrade(&h.platform)?;
+            Ok(Value::List(
+                platform
+                    .pci_bus()
+                    .occupants()
+                    .into_iter()
+                    .map(|(slot, path)| {
+                        Value::map([
+                            ("slot", Value::UInt(slot.into())),
+                            ("device", Value::Str(path)),
+                        ])
+                    })
+                    .collect(),
+            ))
+        },
     )
     .property(
-        Property::new("slot", Kind::int32())
-            .description("The slot the device is plugged into, -1 while it is not")
-            .getter(move |o| {
-                let slot = p
-                    .upgrade()
-                    .and_then(|p| p.pci_bus().slot_of(o.path()))
-                    .map_or(-1, i64::from);
-                Ok(Value::Int(slot))
-            }),
+        Property::new("ecam-base", Kind::uint64())
+            .policy(qom::PhasePolicy::BeforeRealize)
+            .description("Guest physical address of the ECAM window (1 MiB: bus 0)"),
     )
+    .realize(|h, o| {
+        let bus = upgrade(&h.platform)?.pci_bus().clone();
+        let ecam = crate::device::get_u64(o, "ecam-base")?;
+        bus.plug(Some(0), o.path(), HOST_TYPE, h.clone())
+            .map_err(|_| crate::Error::SlotInUse {
+                slot: 0,
+                driver: HOST_TYPE.into(),
+                by: "another host bridge".into(),
+            })?;
+        let claimed = claim(
+            &h.platform,
+            o,
+            Space::Pio,
+            CONFIG_PORT,
+            CONFIG_PORT_LEN,
+            Arc::new(ConfigPorts(bus.clone())),
+        )
+        .and_then(|()| {
+            claim(
+                &h.platform,
+                o,
+                Space::Mmio,
+                ecam,
+                1 << 20,
+                Arc::new(Ecam(bus.clone())),
+            )
+        });
+        claimed.map_err(|e| {
+            release(&h.platform, o);
+            bus.unplug(0);
+            e.into()
+        })
+    })
+    .unrealize(|h, o| {
+        release(&h.platform, o);
+        unplug(&h.platform, o);
+    })
+    .build()
 }
 
 pub(crate) fn types(platform: &PlatformRef) -> Vec<TypeInfo> {
-    let (p_realize, p_unrealize, p_slots) = (platform.clone(), platform.clone(), platform.clone());
-    let (p_save, p_load) = (platform.clone(), platform.clone());
-    let host = TypeInfo::new(HOST_TYPE, DEVICE)
-        .state(
-            1,
-            move |o| {
-                let state = HostState {
-                    function: save_function(&p_save, o)?,
-                    address: upgrade(&p_save)?.pci_bus().config_address(),
-                };
-                crate::state::encode(o, &state)
-            },
-            move |o, bytes| {
-                let state: HostState = crate::state::decode(o, bytes)?;
-                load_function(&p_load, o, &state.function)?;
-                upgrade(&p_load)?
-                    .pci_bus()
-                    .set_config_address(state.address);
-                Ok(())
-            },
-        )
-        .description(
-            "PCI host bridge: the root bus pci.0, configuration through ports 0xcf8/0xcfc and ECAM",
-        )
-        .property(
-            Property::new("bus", Kind::Str)
-                .description("The name of the root bus")
-                .getter(|_| Ok(Value::Str(ROOT_BUS.to_owned()))),
-        )
-        .property(
-            Property::new(
-                "slots",
-                Kind::list(Kind::structure(
-                    "PciSlot",
-                    vec![
-                        Field::new("slot", Kind::uint8(), "Slot number"),
-                        Field::new("device", Kind::Str, "QOM path of the device in it"),
-                    ],
-                )),
-            )
-            .description("The occupied slots of the root bus")
-            .getter(move |_| {
-                let bus = upgrade(&p_slots)?.pci_bus().clone();
-                Ok(Value::List(
-                    bus.occupants()
-                        .into_iter()
-                        .map(|(slot, path)| {
-                            Value::map([
-                                ("slot", Value::UInt(slot.into())),
-                                ("device", Value::Str(path)),
-                            ])
-                        })
-                        .collect(),
-                ))
-            }),
-        )
-        .property(
-            Property::new("ecam-base", Kind::uint64())
-                .policy(qom::PhasePolicy::BeforeRealize)
-                .description("Guest physical address of the ECAM window (1 MiB: bus 0)"),
-        )
-        .constructor(|_| {
-            let config = PciConfig::new(Ids {
-                vendor: 0x1b36,
-                device: 0x0008,
-                class: 0x06_00_00,
-                revision: 0,
-                subsystem_vendor: 0x1af4,
-                subsystem: 0x1100,
-            });
-            Ok(Arc::new(HostBridge {
-                config: Mutex::new(config),
-            }))
-        })
-        .realize(move |o| {
-            let bridge = o
-                .instance::<HostBridge>()
-                .ok_or_else(|| qom::Error::failed("pci-host has no state"))?;
-            let bus = upgrade(&p_realize)?.pci_bus().clone();
-            let ecam = crate::device::get_u64(o, "ecam-base")?;
-            bus.plug(Some(0), o.path(), HOST_TYPE, bridge)
-                .map_err(|_| qom::Error::failed("PCI: slot 0 is taken"))?;
-            let claimed = claim(
-                &p_realize,
-                o,
-                Space::Pio,
-                CONFIG_PORT,
-                CONFIG_PORT_LEN,
-                Arc::new(ConfigPorts(bus.clone())),
-            )
-            .and_then(|()| {
-                claim(
-                    &p_realize,
-                    o,
-                    Space::Mmio,
-                    ecam,
-                    1 << 20,
-                    Arc::new(Ecam(bus.clone())),
-                )
-            });
-            claimed.inspect_err(|_| {
-                release(&p_realize, o);
-                bus.unplug(0);
-            })
-        })
-        .unrealize(move |o| {
-            release(&p_unrealize, o);
-            unplug(&p_unrealize, o);
-        });
-    vec![host, device_type(platform), hotplug::register(platform)]
+    vec![
+        host_type(platform),
+        device_type(platform),
+        hotplug::register(platform),
+    ]
 }
 
 #[cfg(test)]
@@ -395,10 +404,12 @@ mod tests {
         assert_eq!(parse_addr("x", "0x1f").unwrap(), Some(31));
         assert_eq!(parse_addr("x", "0a.0").unwrap(), Some(10));
         assert_eq!(
-            parse_addr("virtio-rng-pci", "0x20")
-                .unwrap_err()
-                .to_string(),
-            "Property 'virtio-rng-pci.addr' doesn't take value '0x20'"
+            parse_addr("virtio-rng-pci", "0x20").unwrap_err().fault(),
+            qom::Fault::BadValue {
+                typename: "virtio-rng-pci".into(),
+                property: "addr".into(),
+                value: "0x20".into()
+            }
         );
         for bad in ["zz", "4.", ".0", "4.8", "123", "0x", "-1"] {
             assert!(parse_addr("x", bad).is_err(), "{bad}");
