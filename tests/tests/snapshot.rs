@@ -23,6 +23,11 @@ fn guest() -> String {
 
 /// The machine every test here uses: the counter guest and its disk.
 fn machine_args(dir: &TempDir, console: &Path, extra: &[&str]) -> Vec<String> {
+    counter_machine(dir, console, &format!("counter={COUNT} spin=2000"), extra)
+}
+
+/// The counter guest with command line `append`, and its disk.
+fn counter_machine(dir: &TempDir, console: &Path, append: &str, extra: &[&str]) -> Vec<String> {
     let disk = dir.path("disk.img");
     if !disk.exists() {
         std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
@@ -31,7 +36,7 @@ fn machine_args(dir: &TempDir, console: &Path, extra: &[&str]) -> Vec<String> {
         "--kernel",
         &guest(),
         "--append",
-        &format!("counter={COUNT} spin=2000"),
+        append,
         "-m",
         "64M",
         "--device",
@@ -162,6 +167,71 @@ fn snapshot_kill_restore(paused: bool) {
             .first()
             .is_some_and(|&n| n > saved_at && n <= saved_at + 200),
         "the restored guest went on from {saved_at}: {after:?}"
+    );
+}
+
+/// A disk property of the machine in `c`.
+fn disk(c: &mut QmpRaw, property: &str) -> Json {
+    c.cmd(
+        &json!({"execute": "qom-get", "arguments": {"path": "disk", "property": property}})
+            .to_string(),
+    )["return"]
+        .clone()
+}
+
+#[test]
+fn a_snapshot_under_continuous_disk_io_keeps_every_request_whole() {
+    require_kvm!();
+    let dir = TempDir::new("snap-io");
+    let (console1, console2, file) = (dir.path("c1"), dir.path("c2"), dir.path("vm.snap"));
+    // No pause between the counter's steps: a disk request follows another all the time.
+    let append = "counter=500 spin=0";
+    let mut first = spawn(&counter_machine(&dir, &console1, append, &[]));
+    let mut c = first.connect();
+    c.negotiate();
+    wait_console(&console1, "counter: 100");
+    // The next request takes 300 ms on the host; save while it is being served.
+    let r = c.cmd(r#"{"execute": "qom-set", "arguments": {"path": "disk", "property": "x-delay-ms", "value": 300}}"#);
+    assert_eq!(r, json!({"return": {}}));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while disk(&mut c, "in-flight") != json!(1) {
+        assert!(Instant::now() < deadline, "no request ever in flight");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let served = disk(&mut c, "read-bytes").as_u64().unwrap()
+        + disk(&mut c, "written-bytes").as_u64().unwrap();
+    let info = migrate(&mut c, &file);
+    assert_eq!(info["status"], "completed", "{info}");
+    // The request in flight was finished before the state was read, not cut off.
+    assert_eq!(disk(&mut c, "in-flight"), json!(0));
+    let after = disk(&mut c, "read-bytes").as_u64().unwrap()
+        + disk(&mut c, "written-bytes").as_u64().unwrap();
+    assert_eq!(
+        after,
+        served + 512,
+        "exactly the request in flight completed"
+    );
+    let saved_at = *counts(&std::fs::read_to_string(&console1).unwrap())
+        .last()
+        .unwrap();
+    first.child.kill().unwrap();
+    first.wait_exit(Duration::from_secs(10));
+
+    let mut args = counter_machine(&dir, &console2, append, &[]);
+    args.extend(["--incoming".into(), format!("file:{}", file.display())]);
+    let mut second = spawn(&args);
+    assert_eq!(
+        second.wait_exit(Duration::from_secs(120)),
+        Some(1),
+        "the guest's verdict (0: every count agreed, RAM and disk): {}",
+        std::fs::read_to_string(&console2).unwrap_or_default()
+    );
+    let out = std::fs::read_to_string(&console2).unwrap();
+    assert!(!out.contains("counter: start"), "started over:\n{out}");
+    assert!(out.contains("counter: done 500"), "{out}");
+    assert!(
+        counts(&out).first().is_some_and(|&n| n > saved_at),
+        "the restored guest went on from {saved_at}: {out}"
     );
 }
 

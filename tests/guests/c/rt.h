@@ -145,9 +145,44 @@ static inline void __attribute__((noreturn)) acpi_poweroff(void) {
 /* The keyboard controller's CPU reset line. */
 static inline void i8042_reset(void) { outb(I8042_CMD, 0xfe); }
 
+static inline u64 rdtsc(void) {
+    u32 lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((u64)hi << 32) | lo;
+}
+
 /* A busy delay of about n iterations (no timer interrupts on every host). */
 static inline void delay(u64 n) {
     for (volatile u64 i = 0; i < n; i++) {
+    }
+}
+
+/* ---- application processors ---- */
+
+#define AP_BASE 0x2000UL
+#define LAPIC_ICR_LOW 0xfee00300UL
+#define LAPIC_ICR_HIGH 0xfee00310UL
+extern const u8 ap_trampoline[], ap_trampoline_end[], ap_cr3[], ap_stack[], ap_entry[];
+
+/* Starts the CPU with APIC ID `apic_id` (which the VMM holds in wait-for-SIPI) in long mode,
+ * calling `entry` on the stack whose top is `stack_top`, as a BIOS-less kernel does: the
+ * trampoline copied to AP_BASE, then INIT and two STARTUP IPIs. */
+static inline void start_ap(u8 apic_id, void (*entry)(void), u8 *stack_top) {
+    volatile u8 *base = (volatile u8 *)AP_BASE;
+    u64 len = (u64)(ap_trampoline_end - ap_trampoline);
+    for (u64 i = 0; i < len; i++) base[i] = ap_trampoline[i];
+    u64 cr3;
+    __asm__ volatile("mov %%cr3, %0" : "=r"(cr3));
+    *(volatile u64 *)(AP_BASE + (u64)(ap_cr3 - ap_trampoline)) = cr3;
+    *(volatile u64 *)(AP_BASE + (u64)(ap_stack - ap_trampoline)) = (u64)stack_top;
+    *(volatile u64 *)(AP_BASE + (u64)(ap_entry - ap_trampoline)) = (u64)entry;
+    mmio_write32(LAPIC_ICR_HIGH, (u32)apic_id << 24);
+    mmio_write32(LAPIC_ICR_LOW, 0x4500); /* INIT, assert */
+    delay(1000);
+    for (int i = 0; i < 2; i++) {
+        mmio_write32(LAPIC_ICR_HIGH, (u32)apic_id << 24);
+        mmio_write32(LAPIC_ICR_LOW, 0x4600 | (u32)(AP_BASE >> 12)); /* STARTUP */
+        delay(200);
     }
 }
 

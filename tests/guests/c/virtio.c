@@ -88,6 +88,7 @@ static int use_event_idx = 1;
 static inline void w16(u64 a, u16 v) { *(volatile u16 *)a = v; }
 static inline void w32(u64 a, u32 v) { *(volatile u32 *)a = v; }
 static inline void barrier(void) { __asm__ volatile("" ::: "memory"); }
+static inline void full_barrier(void) { __asm__ volatile("mfence" ::: "memory"); }
 
 static u64 bar_address(u8 slot, u8 bar) {
     u32 low = cfg_read32(slot, 0x10 + 4 * bar);
@@ -146,9 +147,9 @@ static int check_window(struct vdev *d) {
     return 0;
 }
 
-/* ---- one split virtqueue of 8 entries ---- */
+/* ---- one split virtqueue of 16 entries ---- */
 
-#define QSIZE 8
+#define QSIZE 16
 struct desc { u64 addr; u32 len; u16 flags; u16 next; };
 struct queue {
     struct desc desc[QSIZE] __attribute__((aligned(16)));
@@ -183,34 +184,57 @@ static int setup_queue(struct vdev *d, u16 index, struct queue *q) {
 }
 
 /* Offers `n` descriptors as one chain, notifies if the device asks for it, and polls until
- * the device uses it. Returns the length the device wrote, or -1 after a long wait. (The
- * device serves the queue during this vCPU's notification exit, so compiler barriers
- * order enough here.) */
-static long submit(struct queue *q, u16 qindex, u16 n) {
+ * the device uses it. Returns the length the device wrote, or -1 after a long wait. The
+ * device serves the queue on a host thread of its own: the store of avail.idx must be
+ * visible before avail_event or the flags are read (a full barrier, as Linux's
+ * virtio_mb()); x86 keeps stores in order and loads in order otherwise. */
+/* How long a request may take: about 30 s at 3 GHz (the tests' own limits end it sooner). */
+#define REQUEST_TIMEOUT_TSC 100000000000ULL
+
+/* Makes the chain at `head` available and notifies the device if it asks to be (Linux's
+ * vring_need_event() with EVENT_IDX, the NO_NOTIFY flag without). Returns the time stamp
+ * of the notification, or 0 if the device did not want one. */
+static u64 offer(struct queue *q, u16 qindex, u16 head) {
     u16 old = q->avail.idx, now = (u16)(old + 1);
-    q->avail.ring[old % QSIZE] = 0;
+    q->avail.ring[old % QSIZE] = head;
     /* With EVENT_IDX, an interrupt for the next used buffer, as Linux asks. */
     q->avail.used_event = q->last_used;
     barrier();
     q->avail.idx = now;
-    barrier();
+    full_barrier();
     int kick;
     if (q->event_idx) {
-        /* Linux's vring_need_event(): the device's avail_event lies in [old, now). */
+        /* The device's avail_event lies in [old, now). */
         u16 event = *(volatile u16 *)&q->used.avail_event;
         kick = (u16)(now - event - 1) < (u16)(now - old);
     } else {
         kick = !(*(volatile u16 *)&q->used.flags & 1);
     }
-    if (kick) w16(q->notify_at, qindex);
-    for (u64 spins = 0; spins < 2000000; spins++) {
-        barrier();
-        if (*(volatile u16 *)&q->used.idx != q->last_used) {
-            u32 len = q->used.ring[q->last_used % QSIZE].len;
-            q->last_used++;
-            return len;
-        }
-    }
+    if (!kick) return 0;
+    u64 at = rdtsc();
+    w16(q->notify_at, qindex);
+    return at;
+}
+
+/* The next used element, if the device has returned one: 1 and its id and length. */
+static int take_used(struct queue *q, u32 *id, u32 *len) {
+    barrier();
+    if (*(volatile u16 *)&q->used.idx == q->last_used) return 0;
+    *id = q->used.ring[q->last_used % QSIZE].id;
+    *len = q->used.ring[q->last_used % QSIZE].len;
+    q->last_used++;
+    return 1;
+}
+
+/* Offers descriptors 0.. as one chain and polls until the device uses it. Returns the
+ * length the device wrote, or -1 after a long wait. */
+static long submit(struct queue *q, u16 qindex, u16 n) {
+    offer(q, qindex, 0);
+    /* The device serves on its own thread: wait by the clock, not by a count of spins that
+     * a fast host would get through in milliseconds. */
+    u32 id, len;
+    for (u64 start = rdtsc(); rdtsc() - start < REQUEST_TIMEOUT_TSC;)
+        if (take_used(q, &id, &len)) return len;
     (void)n;
     return -1;
 }
@@ -326,6 +350,7 @@ static u8 blk_status;
 static const char blk_text[] = "written by the qomu test guest";
 static u64 write_sector = 1;
 static int have_blk;
+static u64 blk_sectors;
 
 /* One request: header, 512 bytes of data (device-written for reads), status. */
 static int blk_request(struct queue *q, u32 type, u64 sector, int data_len, int device_writes) {
@@ -381,6 +406,7 @@ static int use_blk(struct vdev *d) {
     }
     if (blk_request(q, 0, capacity, 512, 1) != 1) return 29;
     have_blk = 1;
+    blk_sectors = capacity;
     puts("virtio-blk: ok\n");
     return 0;
 }
@@ -424,6 +450,133 @@ static int run_counter(u64 n, u64 spin) {
     putu(n);
     puts("\n");
     return 0;
+}
+
+/* ---- bench=MIB: throughput and latency of virtio-blk ---- */
+
+#define BENCH_BUFFERS 0x2000000UL /* 32 MiB: request buffers, clear of the image and stack */
+#define BENCH_DEPTH_MAX 5         /* chains of 3 descriptors in a queue of 16 */
+static struct blk_header bench_hdr[BENCH_DEPTH_MAX];
+static u8 bench_status[BENCH_DEPTH_MAX];
+
+/* Moves `total` bytes between the disk (from sector 0, wrapping at its end) and guest
+ * buffers in requests of `req` bytes, `depth` in flight. 0 on success. */
+static int bench_pass(u32 type, u64 total, u64 req, u32 depth) {
+    struct queue *q = &queues[1];
+    u64 sectors = req / 512, requests = total / req, issued = 0, done = 0;
+    u32 free_slots = (1u << depth) - 1;
+    while (done < requests) {
+        while (issued < requests && free_slots) {
+            u32 slot = (u32)__builtin_ctz(free_slots);
+            free_slots &= ~(1u << slot);
+            u16 head = (u16)(slot * 3);
+            bench_hdr[slot] = (struct blk_header){type, 0, (issued * sectors) % (blk_sectors - sectors)};
+            bench_status[slot] = 0xff;
+            q->desc[head] = (struct desc){(u64)&bench_hdr[slot], sizeof bench_hdr[slot], 1, (u16)(head + 1)};
+            q->desc[head + 1] = (struct desc){BENCH_BUFFERS + slot * req, (u32)req,
+                                              (u16)(1 | (type == 0 ? 2 : 0)), (u16)(head + 2)};
+            q->desc[head + 2] = (struct desc){(u64)&bench_status[slot], 1, 2, 0};
+            offer(q, 0, head);
+            issued++;
+        }
+        u32 id, len;
+        for (u64 start = rdtsc(); !take_used(q, &id, &len);)
+            if (rdtsc() - start > REQUEST_TIMEOUT_TSC) return 61;
+        u32 slot = id / 3;
+        if (slot >= depth || bench_status[slot] != 0) return 62;
+        free_slots |= 1u << slot;
+        done++;
+    }
+    return 0;
+}
+
+/* `n` 4 KiB reads one at a time: the median of the time stamp counter from the notify
+ * write to the used element seen. */
+static u64 latencies[1024];
+
+static int bench_latency(u64 n, u64 *median) {
+    struct queue *q = &queues[1];
+    if (n > 1024) n = 1024;
+    for (u64 i = 0; i < n; i++) {
+        bench_hdr[0] = (struct blk_header){0, 0, i % blk_sectors};
+        bench_status[0] = 0xff;
+        q->desc[0] = (struct desc){(u64)&bench_hdr[0], sizeof bench_hdr[0], 1, 1};
+        q->desc[1] = (struct desc){BENCH_BUFFERS, 4096, 3, 2};
+        q->desc[2] = (struct desc){(u64)&bench_status[0], 1, 2, 0};
+        u64 kicked = offer(q, 0, 0);
+        u32 id, len;
+        for (u64 start = rdtsc(); !take_used(q, &id, &len);)
+            if (rdtsc() - start > REQUEST_TIMEOUT_TSC) return 63;
+        u64 seen = rdtsc();
+        if (!kicked || bench_status[0] != 0) return 64;
+        latencies[i] = seen - kicked;
+    }
+    for (u64 i = 1; i < n; i++) /* insertion sort: n is small */
+        for (u64 j = i; j > 0 && latencies[j - 1] > latencies[j]; j--) {
+            u64 t = latencies[j];
+            latencies[j] = latencies[j - 1];
+            latencies[j - 1] = t;
+        }
+    *median = latencies[n / 2];
+    return 0;
+}
+
+static int run_bench(const u8 *zero_page, u64 mib) {
+    if (!have_blk) return 60;
+    u64 req = cmdline_u64(zero_page, "breq", 1024) * 1024;
+    u32 depth = (u32)cmdline_u64(zero_page, "depth", 4);
+    if (depth < 1 || depth > BENCH_DEPTH_MAX || req < 512 || req % 512 || req / 512 >= blk_sectors) return 65;
+    if (e820_ram(zero_page) < BENCH_BUFFERS + depth * req) return 66;
+    u64 total = mib << 20;
+    int failed;
+    puts("bench: read start\n");
+    if ((failed = bench_pass(0, total, req, depth))) return failed;
+    puts("bench: read done\n");
+    puts("bench: write start\n");
+    if ((failed = bench_pass(1, total, req, depth))) return failed;
+    puts("bench: write done\n");
+    u64 median;
+    if ((failed = bench_latency(cmdline_u64(zero_page, "lat", 500), &median))) return failed;
+    puts("bench: notify-to-used ");
+    putu(median);
+    puts(" tsc\n");
+    return 0;
+}
+
+/* ---- slow=1: a vCPU does not wait for a slow request ---- */
+
+static volatile u64 ap_steps;
+static volatile int ap_up;
+static u8 ap_stack_area[8192] __attribute__((aligned(16)));
+
+static void ap_main(void) {
+    ap_up = 1;
+    for (;;) ap_steps++;
+}
+
+/* Starts vCPU 1 counting, then, on a byte of serial input (the test makes the disk slow
+ * first), reads a sector while the other vCPU counts. 0 if it was read and the count went
+ * on meanwhile. */
+static int run_slow(void) {
+    struct queue *q = &queues[1];
+    if (!have_blk) return 50;
+    start_ap(1, ap_main, ap_stack_area + sizeof ap_stack_area);
+    for (u64 start = rdtsc(); !ap_up;)
+        if (rdtsc() - start > REQUEST_TIMEOUT_TSC) return 51;
+    puts("slow: vcpu 1 counts at ");
+    putx((u64)&ap_steps);
+    puts("\n");
+    while (!serial_has_input()) {
+    }
+    (void)serial_getc();
+    puts("slow: request sent\n");
+    u64 before = ap_steps;
+    if (blk_request(q, 0, 0, 512, 1) != 0) return 52;
+    u64 counted = ap_steps - before;
+    puts("slow: served; vcpu 1 counted ");
+    putu(counted);
+    puts(" meanwhile\n");
+    return counted ? 0 : 53;
 }
 
 /* Finds and uses the device in `slot`: 0 if there is none, 1 if it is a virtio device that
@@ -515,6 +668,15 @@ void guest_main(const u8 *zero_page) {
             puts("\n");
             debug_exit((u8)failed);
         }
+    }
+    u64 bench = cmdline_u64(zero_page, "bench", 0);
+    int failed = bench ? run_bench(zero_page, bench) : 0;
+    if (!failed && cmdline_u64(zero_page, "slow", 0)) failed = run_slow();
+    if (failed) {
+        puts("virtio: failed at step ");
+        putu(failed);
+        puts("\n");
+        debug_exit((u8)failed);
     }
     u64 ejects = cmdline_u64(zero_page, "hotplug", 0);
     if (ejects) serve_hotplug(ejects);
