@@ -308,7 +308,10 @@ fn a_host_io_error_is_answered_ioerr_and_the_vmm_goes_on() {
         "{e}"
     );
     assert!(
-        e["error"].as_str().unwrap().contains("fill whole buffer"),
+        e["error"]
+            .as_str()
+            .unwrap()
+            .contains("the image file ends before the request does"),
         "{e}"
     );
     // The guest saw IOERR on its sector 0 read (step 23) and says so.
@@ -586,7 +589,42 @@ fn hot_plug_and_unplug_of_a_running_guest_over_dbus() {
     assert_eq!(features >> 32 & 1, 1, "VERSION_1");
     assert_eq!(features >> 29 & 1, 0, "no EVENT_IDX");
 
+    // Refusals carry qomu's D-Bus names and the layer's own words, not QMP's.
+    let again: HashMap<&str, Variant<'_>> = HashMap::from([("id", Variant::from("disk0"))]);
+    let e = c.err(
+        MACHINE,
+        MACHINE_IFACE,
+        "DeviceAdd",
+        &("virtio-rng-pci", again),
+    );
+    assert_eq!(e.name, "org.qomu.Error.DuplicateId", "{e:?}");
+    assert_eq!(e.message, "a device with id 'disk0' exists already");
+    let elsewhere: HashMap<&str, Variant<'_>> = HashMap::from([("bus", Variant::from("isa.0"))]);
+    let e = c.err(
+        MACHINE,
+        MACHINE_IFACE,
+        "DeviceAdd",
+        &("virtio-rng-pci", elsewhere),
+    );
+    assert_eq!(e.name, "org.qomu.Error.NoSuchBus", "{e:?}");
+    let e = c.err(
+        MACHINE,
+        MACHINE_IFACE,
+        "DeviceAdd",
+        &("virtio-device", HashMap::<&str, Variant<'_>>::new()),
+    );
+    assert_eq!(e.name, "org.qomu.Error.NotPluggable", "{e:?}");
+    let e = c.err(
+        MACHINE,
+        MACHINE_IFACE,
+        "DeviceDel",
+        &("/machine/unattached/serial0",),
+    );
+    assert_eq!(e.name, "org.qomu.Error.NotUnpluggable", "{e:?}");
+
     c.ok(MACHINE, MACHINE_IFACE, "DeviceDel", &("disk0",));
+    let e = c.err(MACHINE, MACHINE_IFACE, "DeviceDel", &("disk0",));
+    assert_eq!(e.name, "org.qomu.Error.Busy", "an unplug under way: {e:?}");
     let m = unplugged.wait_for("Unplugged", |m| member(m) == "Unplugged");
     let (source,): (OwnedObjectPath,) = m.body().deserialize().unwrap();
     assert_eq!(source.as_str(), device);
