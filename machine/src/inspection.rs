@@ -51,6 +51,16 @@ impl Machine {
             .map_or(-1, |v| v.thread_id)
     }
 
+    /// vCPU `index`'s TSC rate in Hz as KVM runs it, 0 before launch (QEMU's
+    /// `tsc-frequency`).
+    pub fn vcpu_tsc_hz(&self, index: u32) -> u64 {
+        self.published
+            .vcpus()
+            .iter()
+            .find(|v| v.index == index)
+            .map_or(0, |v| u64::from(v.tsc_khz) * 1000)
+    }
+
     /// kvmclock now, in ns, as KVM_GET_CLOCK reads it: it stands still while the guest is
     /// stopped (docs/machine.md, "Run states").
     ///

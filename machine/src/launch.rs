@@ -102,8 +102,10 @@ impl Machine {
         });
         let mut vcpus = Vec::new();
         let mut lapics = Vec::new();
+        let mut tsc_khz = Vec::new();
         for index in 0..cpus {
             let (fd, lapic) = vm.create_vcpu(index, cpus)?;
+            tsc_khz.push(fd.get_tsc_khz().unwrap_or(0));
             vm.reset_vcpu(&fd, index, &lapic, entry)?;
             vcpus.push(
                 Vcpu::spawn(index, fd, ctx.clone()).map_err(|source| Error::Host {
@@ -123,9 +125,11 @@ impl Machine {
         self.published.set_launched(
             vcpus
                 .iter()
-                .map(|v| VcpuThread {
+                .zip(tsc_khz)
+                .map(|(v, tsc_khz)| VcpuThread {
                     index: v.index(),
                     thread_id: v.thread_id(),
+                    tsc_khz,
                 })
                 .collect(),
         );

@@ -1,4 +1,5 @@
-//! `machine`: the KVM virtual machine, boot, ACPI, run states, and the `qomu` binary.
+//! `machine`: the KVM virtual machine, boot, ACPI, run states and snapshots. The `qomu`
+//! command is the `qomu` crate, which adds the QMP and D-Bus front ends.
 //!
 //! [`Machine::new`] builds the object tree (`/machine` of type `qomu-x86-machine` with the
 //! board devices under `/machine/unattached`) in `prelaunch`; [`Machine::cont`] creates the

@@ -273,7 +273,19 @@ pub(crate) fn register(builder: &TreeBuilder, weak: &Weak<Machine>) -> Result<()
                     let index = o.get("cpu-index")?.as_u64().unwrap_or(0) as u32;
                     Ok(Value::Int(upgrade(&w)?.vcpu_thread_id(index)))
                 }),
-        );
+        )
+        .property({
+            let w = weak.clone();
+            Property::new("tsc-frequency", Kind::int64())
+                .description(
+                    "The guest's TSC rate in Hz as KVM runs this vCPU (0 before the guest \
+                     first runs), as QEMU's x86 CPU property of the name",
+                )
+                .getter(move |o: &ObjectRef| {
+                    let index = o.get("cpu-index")?.as_u64().unwrap_or(0) as u32;
+                    Ok(Value::Int(upgrade(&w)?.vcpu_tsc_hz(index) as i64))
+                })
+        });
     builder.register(cpu)?;
     builder.register(crate::dbus_vmstate::register())?;
     Ok(())

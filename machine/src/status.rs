@@ -21,6 +21,8 @@ use crate::runstate::RunState;
 pub(crate) struct VcpuThread {
     pub(crate) index: u32,
     pub(crate) thread_id: i64,
+    /// The guest's TSC rate, as KVM set it for this vCPU (0 where KVM does not say).
+    pub(crate) tsc_khz: u32,
 }
 
 /// What `exit_status` holds until the VMM is ending (no `i32` is).
@@ -119,6 +121,7 @@ mod tests {
         let v = VcpuThread {
             index: 0,
             thread_id: 42,
+            tsc_khz: 2_000_000,
         };
         p.set_launched(vec![v]);
         assert!(p.launched());

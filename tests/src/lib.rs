@@ -327,7 +327,7 @@ impl TestVm {
 /// sources. `cargo test` builds a package's binary only for that package's own
 /// integration tests, and qomu's are in this crate: so `cargo test --workspace` may not
 /// build it at all, and `cargo test -p qomu-tests` would run a stale one. Once per test
-/// process, this runs the cargo that built the tests (`cargo build -p machine --bin
+/// process, this runs the cargo that built the tests (`cargo build -p qomu --bin
 /// qomu`, a no-op when it is up to date). Where no cargo is at hand (the Linux check's
 /// emulated host) an existing binary is used as it is.
 pub fn qomu_binary() -> std::path::PathBuf {
@@ -351,7 +351,7 @@ fn build_qomu() -> std::path::PathBuf {
             "build",
             "--quiet",
             "-p",
-            "machine",
+            "qomu",
             "--bin",
             "qomu",
             "--target-dir",

@@ -23,6 +23,13 @@
  * the end it checks a 64 KiB RAM pattern set at the start and prints `counter: done N`.
  * A snapshot taken on the way and restored elsewhere must continue the count (the test of
  * snapshot/restore): any lost RAM or disk state fails a check.
+ * With `bench=MIB` (scripts/bench blk), it reads then writes MIB MiB of the disk in
+ * requests of `breq=KIB` KiB (default 1024), `depth=N` in flight (default 4, at most 5),
+ * `rounds=N` times, printing `bench: read start` / `read done` / `write start` / `write done`
+ * around each pass, then makes `lat=N` 4 KiB reads one at a time and prints the median time
+ * stamp counter ticks from its notify write to seeing the used element.
+ * With `slow=1`, it starts vCPU 1 counting in RAM (printing the counter's address), waits
+ * for a byte of serial input, reads a sector, and checks vCPU 1 counted on meanwhile.
  * With `hotplug=N`, it then serves hotplug as the DSDT's GED _EVT and PCNT methods would,
  * polling the GED: brings up each slot the host adds, ejects each slot the host asks for,
  * and ends after N ejects.
@@ -527,14 +534,16 @@ static int run_bench(const u8 *zero_page, u64 mib) {
     u32 depth = (u32)cmdline_u64(zero_page, "depth", 4);
     if (depth < 1 || depth > BENCH_DEPTH_MAX || req < 512 || req % 512 || req / 512 >= blk_sectors) return 65;
     if (e820_ram(zero_page) < BENCH_BUFFERS + depth * req) return 66;
-    u64 total = mib << 20;
+    u64 total = mib << 20, rounds = cmdline_u64(zero_page, "rounds", 1);
     int failed;
-    puts("bench: read start\n");
-    if ((failed = bench_pass(0, total, req, depth))) return failed;
-    puts("bench: read done\n");
-    puts("bench: write start\n");
-    if ((failed = bench_pass(1, total, req, depth))) return failed;
-    puts("bench: write done\n");
+    for (u64 r = 0; r < rounds; r++) {
+        puts("bench: read start\n");
+        if ((failed = bench_pass(0, total, req, depth))) return failed;
+        puts("bench: read done\n");
+        puts("bench: write start\n");
+        if ((failed = bench_pass(1, total, req, depth))) return failed;
+        puts("bench: write done\n");
+    }
     u64 median;
     if ((failed = bench_latency(cmdline_u64(zero_page, "lat", 500), &median))) return failed;
     puts("bench: notify-to-used ");

@@ -16,7 +16,7 @@
 //! one the next 30.
 
 mod common;
-use common::{Client, QOMU, percentile, start};
+use common::{Client, percentile, start, start_qomu};
 
 use std::io::Write;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -53,23 +53,18 @@ fn main() {
     let sock = dir.join("qmp.sock");
     let console = dir.join("console");
     let guest = qomu_guests::path("virtio").display().to_string();
-    let args: Vec<String> = [
-        "-S",
-        "--kernel",
-        &guest,
-        "--append",
-        &format!("min=0 hotplug={}", CYCLES + 1),
-        "--serial",
-        &format!("file:{}", console.display()),
-        "--dbus",
-        "none",
-        "--qmp",
-        &format!("unix:{}", sock.display()),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let server = start(QOMU, &args, sock);
+    let server = start_qomu(
+        &[
+            "-S",
+            "--kernel",
+            &guest,
+            "--append",
+            &format!("min=0 hotplug={}", CYCLES + 1),
+            "--serial",
+            &format!("file:{}", console.display()),
+        ],
+        sock,
+    );
     let mut c = Client::handshake(&server.sock);
     c.cmd(r#"{"execute": "__org.qomu_subscribe", "arguments": {"type": "virtio-device", "notifier": "plugged"}}"#);
     c.cmd(r#"{"execute": "__org.qomu_subscribe", "arguments": {"path": "/machine/unattached/pci-hotplug", "notifier": "eject"}}"#);

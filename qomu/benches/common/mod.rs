@@ -125,6 +125,14 @@ pub fn start(program: &str, args: &[String], sock: PathBuf) -> Server {
     Server { child, sock }
 }
 
+/// Starts `qomu ARGS --dbus none --qmp unix:SOCK` and waits for its socket.
+pub fn start_qomu(args: &[&str], sock: PathBuf) -> Server {
+    let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    args.extend(["--dbus".into(), "none".into(), "--qmp".into()]);
+    args.push(format!("unix:{}", sock.display()));
+    start(QOMU, &args, sock)
+}
+
 pub fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e6
 }
