@@ -13,6 +13,19 @@ use crate::error::{Error, Result};
 use crate::machine::Machine;
 
 impl Machine {
+    /// The registered type `driver`, if it is a device type.
+    fn device_class(&self, driver: &str) -> Result<std::sync::Arc<qom::Class>> {
+        let not_a_device = || Error::NotADeviceType {
+            driver: driver.to_owned(),
+        };
+        let class = self.tree.types().get(driver).map_err(|_| not_a_device())?;
+        if class.implements(DEVICE) {
+            Ok(class)
+        } else {
+            Err(not_a_device())
+        }
+    }
+
     /// Adds a device (`--device`, `device_add`): `/machine/peripheral/<id>`, or
     /// `/machine/peripheral-anon/device[N]` without an id. A PCI device added to a machine
     /// that has started is hot-plugged: the guest is told through the hotplug controller.
@@ -26,18 +39,7 @@ impl Machine {
         id: Option<&str>,
         props: Vec<(String, Value)>,
     ) -> Result<ObjectRef> {
-        let class = self
-            .tree
-            .types()
-            .get(driver)
-            .map_err(|_| Error::NotADeviceType {
-                driver: driver.to_owned(),
-            })?;
-        if !class.implements(DEVICE) {
-            return Err(Error::NotADeviceType {
-                driver: driver.to_owned(),
-            });
-        }
+        let class = self.device_class(driver)?;
         if class.is_abstract() {
             return Err(Error::AbstractDeviceType {
                 driver: driver.to_owned(),
@@ -91,13 +93,7 @@ impl Machine {
         bus: Option<&str>,
         props: &Value,
     ) -> Result<ObjectRef> {
-        let class = self
-            .tree
-            .types()
-            .get(driver)
-            .map_err(|_| Error::NotADeviceType {
-                driver: driver.to_owned(),
-            })?;
+        let class = self.device_class(driver)?;
         match bus {
             None => {}
             Some(devices::pci::ROOT_BUS) if class.implements(devices::pci::PCI_DEVICE) => {}
