@@ -56,12 +56,26 @@ fn linux_check_on_an_emulated_host_with_svm() {
     require_tools!("qemu-system-x86_64" from "qemu-system-x86");
     let kit = guest_kit();
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/linux-check-nested");
-    let out = Command::new(&script)
-        .arg(&kit)
-        .arg(std::env::current_exe().expect("this test binary"))
-        .stdin(Stdio::null())
-        .output()
-        .expect("run scripts/linux-check-nested");
+    let run = || {
+        Command::new(&script)
+            .arg(&kit)
+            .arg(std::env::current_exe().expect("this test binary"))
+            .stdin(Stdio::null())
+            .output()
+            .expect("run scripts/linux-check-nested")
+    };
+    let mut out = run();
+    // Status 3: the emulated host itself went away mid-test, without the test's result (QEMU's
+    // TCG with nested SVM did, once in about five runs here, docs/testing.md). That is the
+    // emulator's, not a verdict on qomu: one more run, said so. A test that failed is not
+    // run again.
+    if out.status.code() == Some(3) {
+        eprintln!(
+            "linux-check-nested: the emulated host ended before the test did; running it once more:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out = run();
+    }
     let console = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     // What the guests reported, shown with --nocapture (the whole console on a failure).
