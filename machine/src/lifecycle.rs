@@ -76,6 +76,7 @@ impl Machine {
     /// The machine needs a reset first, or the VM cannot be created or the kernel loaded
     /// (the machine then stays in prelaunch, nothing changed).
     pub fn cont(&self) -> Result<()> {
+        self.give_the_demo_its_exit_port()?;
         let newly_launched = {
             let mut st = self.state.lock();
             match st.run {

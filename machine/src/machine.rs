@@ -85,6 +85,8 @@ pub struct Machine {
     pub(crate) memory: OnceLock<GuestMemoryMmap>,
     /// KVM's ioeventfds once launched, for devices registering from vCPU threads.
     pub(crate) ioevents: OnceLock<IoEvents>,
+    /// Held while deciding whether the demo guest gets its exit port (at its first start).
+    pub(crate) demo_exit: Mutex<()>,
     pub(crate) stats: Arc<Stats>,
     pub(crate) irq_lines: Mutex<Vec<Arc<IrqLine>>>,
     pub(crate) state: Mutex<State>,
@@ -148,6 +150,7 @@ impl Machine {
                 pci,
                 memory: OnceLock::new(),
                 ioevents: OnceLock::new(),
+                demo_exit: Mutex::new(()),
                 stats: Arc::new(Stats::default()),
                 irq_lines: Mutex::new(Vec::new()),
                 state: Mutex::new(State {
@@ -246,14 +249,6 @@ impl Machine {
                 spec.id.as_deref(),
                 spec_properties(&class, spec)?,
             )?;
-        }
-        // The demo guest documents `exit N`, so give it the port it needs.
-        let has_debug_exit = config
-            .devices
-            .iter()
-            .any(|d| d.driver == devices::debug_exit::TYPE);
-        if config.kernel.is_none() && !has_debug_exit {
-            self.add_device(devices::debug_exit::TYPE, None, vec![])?;
         }
         Ok(())
     }

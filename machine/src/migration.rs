@@ -348,6 +348,7 @@ impl Machine {
     /// the guest has not run (the machine stops in internal-error, with the reason).
     pub fn incoming(&self, uri: &str, start: bool) -> Result<()> {
         let path = file_uri(uri)?;
+        self.give_the_demo_its_exit_port()?;
         let mut r = Reader::open(&path)?;
         let (name, payload) = r.next("header")?;
         if name != "config" {

@@ -13,6 +13,30 @@ use crate::error::{Error, Result};
 use crate::machine::Machine;
 
 impl Machine {
+    /// The bundled demo guest (no kernel configured) documents `exit N`: at its first start
+    /// it gets the `isa-debug-exit` port that needs, unless the machine has one. Added then,
+    /// not when the machine is built, so that a machine configured later (a kernel set over
+    /// QMP or D-Bus in prelaunch, examples/configure.py) has only the devices it was given.
+    ///
+    /// # Errors
+    /// The port cannot be added (another device holds 0x501).
+    pub(crate) fn give_the_demo_its_exit_port(&self) -> Result<()> {
+        let _deciding = self.demo_exit.lock();
+        let kernel = self.object.get("kernel")?;
+        if self.published.launched() || kernel.as_str().is_some_and(|k| !k.is_empty()) {
+            return Ok(());
+        }
+        let has_one = ["/machine/peripheral", "/machine/peripheral-anon"]
+            .iter()
+            .filter_map(|p| self.tree.lookup(p).ok())
+            .flat_map(|p| p.children())
+            .any(|d| d.type_name() == devices::debug_exit::TYPE);
+        if !has_one {
+            self.add_device(devices::debug_exit::TYPE, None, vec![])?;
+        }
+        Ok(())
+    }
+
     /// The registered type `driver`, if it is a device type.
     fn device_class(&self, driver: &str) -> Result<std::sync::Arc<qom::Class>> {
         let not_a_device = || Error::NotADeviceType {

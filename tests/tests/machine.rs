@@ -370,6 +370,58 @@ fn the_demo_guest_answers_input_and_the_power_button() {
     assert_eq!(vm.wait_exit(), 0);
 }
 
+/// The isa-debug-exit devices in the tree.
+fn debug_exits(vm: &TestVm) -> usize {
+    ["/machine/peripheral", "/machine/peripheral-anon"]
+        .iter()
+        .filter_map(|p| vm.machine.tree().lookup(p).ok())
+        .flat_map(|p| p.children())
+        .filter(|d| d.type_name() == "isa-debug-exit")
+        .count()
+}
+
+#[test]
+fn the_demo_guest_gets_its_exit_port_at_its_start_and_only_the_demo() {
+    require_kvm!();
+    // The demo: no port in prelaunch, one from its first start, and `exit 3` ends qomu as
+    // the demo's help says.
+    let mut vm = TestVm::with_config(MachineConfig::default());
+    assert_eq!(debug_exits(&vm), 0, "nothing the user did not ask for yet");
+    vm.start();
+    assert_eq!(debug_exits(&vm), 1);
+    vm.wait_line("exit N");
+    vm.machine
+        .tree()
+        .call(
+            "serial0",
+            "write-input",
+            [("data".to_owned(), Value::Str("exit 3\r".into()))].into(),
+        )
+        .unwrap();
+    assert_eq!(vm.wait_exit(), 3 << 1 | 1);
+
+    // A machine built without a kernel and given one before it starts (configure.py's
+    // way) gets no port it was not given: the guest's write to 0x501 goes nowhere.
+    let mut vm = TestVm::with_config(MachineConfig::default());
+    vm.machine
+        .tree()
+        .set(
+            "/machine",
+            "kernel",
+            Value::Str(qomu_guests::path("hello").display().to_string()),
+        )
+        .unwrap();
+    vm.start();
+    vm.wait_line("exiting with code 0");
+    assert_eq!(debug_exits(&vm), 0);
+    assert_eq!(
+        vm.machine.run_state(),
+        RunState::Running,
+        "no port ended it"
+    );
+    vm.machine.quit();
+}
+
 #[test]
 fn no_shutdown_keeps_the_machine_until_reset() {
     require_kvm!();
