@@ -17,12 +17,14 @@ pub fn run(session: &mut Session, line: &str) -> String {
             let (major, minor, micro) = QEMU_VERSION;
             format!("{major}.{minor}.{micro} ({})\n", package())
         }
+        ["info", "registers", rest @ ..] => info_registers(session, rest),
         ["info", "name"] => match session.tree.get("/machine", "name") {
             Ok(Value::Str(n)) if !n.is_empty() => format!("{n}\n"),
             _ => String::new(),
         },
         ["info"] | ["help" | "?"] | ["info", "help"] => {
-            "info name -- show the current VM name\ninfo qtree -- show device tree\ninfo status -- show the current VM status \
+            "info name -- show the current VM name\ninfo qtree -- show device tree\ninfo registers [-a|vcpu] -- show the cpu \
+             registers (-a: all vCPUs)\ninfo status -- show the current VM status \
              (running|paused)\ninfo version -- show the version of QEMU\nstop, cont, system_reset, system_powerdown, quit\n"
                 .to_owned()
         }
@@ -44,6 +46,87 @@ pub fn run(session: &mut Session, line: &str) -> String {
         [cmd, ..] => format!("unknown command: '{cmd}'\n"),
     };
     text.replace('\n', "\r\n")
+}
+
+/// `info registers [-a|N]`: vCPU 0's registers (all with `-a`, vCPU N with a number), in
+/// QEMU's 64-bit layout for the registers `/machine`'s `query-cpus` reads (general purpose,
+/// RIP and RFLAGS with its flag letters, CR0-CR4, EFER). The guest pauses for the moment of
+/// reading, as `query-cpus` does.
+fn info_registers(session: &Session, args: &[&str]) -> String {
+    let which = match args {
+        [] => Some(0),
+        ["-a"] => None,
+        [n] => match n.parse::<u64>() {
+            Ok(n) => Some(n),
+            Err(_) => return format!("Error: invalid vcpu '{n}'\n"),
+        },
+        _ => return "Error: info registers takes -a or a vcpu index\n".into(),
+    };
+    let cpus = match session
+        .tree
+        .call("/machine", "query-cpus", Default::default())
+    {
+        Ok(Some(Value::List(cpus))) => cpus,
+        Ok(_) => return String::new(),
+        Err(e) => return format!("Error: {e}\n"),
+    };
+    if cpus.is_empty() {
+        return "Error: no vCPU exists until the guest first runs\n".into();
+    }
+    let mut out = String::new();
+    for cpu in &cpus {
+        let index = cpu.field("cpu-index").and_then(Value::as_u64).unwrap_or(0);
+        if which.is_some_and(|w| w != index) {
+            continue;
+        }
+        let reg = |name: &str| {
+            cpu.field("registers")
+                .and_then(|r| r.field(name))
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
+        };
+        let _ = writeln!(out, "\nCPU#{index}");
+        for row in [
+            ["rax", "rbx", "rcx", "rdx"],
+            ["rsi", "rdi", "rbp", "rsp"],
+            ["r8", "r9", "r10", "r11"],
+            ["r12", "r13", "r14", "r15"],
+        ] {
+            let cells: Vec<String> = row
+                .iter()
+                .map(|r| format!("{:<3}={:016x}", r.to_uppercase(), reg(r)))
+                .collect();
+            let _ = writeln!(out, "{}", cells.join(" "));
+        }
+        let rflags = reg("rflags");
+        // QEMU's letters: D O S Z A P C, '-' where the flag is clear.
+        let flags: String = [
+            (10, 'D'),
+            (11, 'O'),
+            (7, 'S'),
+            (6, 'Z'),
+            (4, 'A'),
+            (2, 'P'),
+            (0, 'C'),
+        ]
+        .iter()
+        .map(|&(bit, c)| if rflags >> bit & 1 == 1 { c } else { '-' })
+        .collect();
+        let _ = writeln!(out, "RIP={:016x} RFL={rflags:08x} [{flags}]", reg("rip"));
+        let _ = writeln!(
+            out,
+            "CR0={:08x} CR2={:016x} CR3={:016x} CR4={:08x}",
+            reg("cr0"),
+            reg("cr2"),
+            reg("cr3"),
+            reg("cr4")
+        );
+        let _ = writeln!(out, "EFER={:016x}", reg("efer"));
+    }
+    match which {
+        Some(n) if out.is_empty() => format!("Error: invalid vcpu '{n}'\n"),
+        _ => out,
+    }
 }
 
 fn info_status(session: &Session) -> String {
