@@ -1,4 +1,5 @@
-/* hello: prints a greeting and its command line, then exits with the code given by
+/* hello: prints a greeting, its command line, its RAM (the e820 map) and CPUs (the ACPI
+ * MADT), then exits with the code given by
  * `exit=N` on the command line (default 0): the VMM's exit status is (N << 1) | 1.
  * `port=0x2f8` prints on another UART than COM1. */
 #include "rt.h"
@@ -10,7 +11,9 @@ void guest_main(const u8 *zero_page) {
     puts(cmdline(zero_page));
     puts("\nram: ");
     putu(e820_ram(zero_page) >> 20);
-    puts(" MiB\n");
+    puts(" MiB\ncpus: ");
+    putu((u64)acpi_cpus());
+    puts("\n");
     u64 code = cmdline_u64(zero_page, "exit", 0);
     puts("exiting with code ");
     putu(code);

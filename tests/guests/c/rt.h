@@ -123,6 +123,35 @@ static inline u64 e820_ram(const u8 *zero_page) {
     return total;
 }
 
+/* The number of enabled processors the ACPI MADT lists (as Linux finds its CPUs), found
+ * through the RSDP in the BIOS area and the XSDT; 0 if there is none. */
+static inline int acpi_cpus(void) {
+    const u8 *rsdp = 0;
+    for (u64 a = 0xe0000; a < 0x100000; a += 16) {
+        const u8 *p = (const u8 *)a;
+        if (p[0] == 'R' && p[1] == 'S' && p[2] == 'D' && p[3] == ' ' && p[4] == 'P' &&
+            p[5] == 'T' && p[6] == 'R' && p[7] == ' ') {
+            rsdp = p;
+            break;
+        }
+    }
+    if (!rsdp || rsdp[15] < 2) return 0;
+    const u8 *xsdt = (const u8 *)*(const u64 *)(rsdp + 24);
+    u32 xsdt_len = *(const u32 *)(xsdt + 4);
+    for (u32 off = 36; off + 8 <= xsdt_len; off += 8) {
+        const u8 *t = (const u8 *)*(const u64 *)(xsdt + off);
+        if (t[0] != 'A' || t[1] != 'P' || t[2] != 'I' || t[3] != 'C') continue;
+        u32 len = *(const u32 *)(t + 4);
+        int cpus = 0;
+        /* Entries after the 44-byte header: type, length; type 0 is a local APIC, whose
+         * flags (bit 0: enabled) are at offset 4. */
+        for (u32 e = 44; e + 2 <= len && t[e + 1] >= 2; e += t[e + 1])
+            if (t[e] == 0 && (*(const u32 *)(t + e + 4) & 1)) cpus++;
+        return cpus;
+    }
+    return 0;
+}
+
 /* ---- CMOS (register 0x0e..0x7f are NVRAM, kept across a reset) ---- */
 
 static inline u8 cmos_read(u8 reg) { outb(CMOS_INDEX, reg); return inb(CMOS_DATA); }

@@ -1,0 +1,406 @@
+//! The scripts the original proposals promised, run unchanged against a real qomu:
+//! examples/configure.py (a VM configured from an INI file over D-Bus) and
+//! examples/dump-on-line.py and .sh (registers and RAM saved when the console says so).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use qomu_tests::dbus::SessionBus;
+use qomu_tests::{
+    QmpRaw, Qomu, TempDir, python_modules_present, qomu_binary, require_dbus, require_kvm,
+};
+use serde_json::{Value as Json, json};
+
+fn example(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(name)
+}
+
+fn guest(name: &str) -> String {
+    qomu_guests::path(name).display().to_string()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn get(c: &mut QmpRaw, path: &str, property: &str) -> Json {
+    c.cmd(
+        &json!({"execute": "qom-get", "arguments": {"path": path, "property": property}})
+            .to_string(),
+    )["return"]
+        .clone()
+}
+
+fn peripherals(c: &mut QmpRaw) -> Vec<String> {
+    let r = c.cmd(r#"{"execute": "qom-list", "arguments": {"path": "/machine/peripheral"}}"#);
+    r["return"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["type"].as_str().is_some_and(|t| t.starts_with("child<")))
+        .map(|p| p["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// An INI file for configure.py: the hello guest with 96 MiB, 3 vCPUs and a command line,
+/// a virtio-rng and a virtio-blk; `extra` goes at the end of [machine].
+fn ini(dir: &TempDir, name: &str, extra: &str) -> PathBuf {
+    let disk = dir.path("disk.img");
+    std::fs::write(&disk, vec![0u8; 64 * 512]).unwrap();
+    let path = dir.path(name);
+    std::fs::write(
+        &path,
+        format!(
+            "# a test VM\n\
+             [machine]\n\
+             memory-size = 96M\n\
+             cpus = 3\n\
+             kernel = {}\n\
+             append = exit=0 greeting=configured\n\
+             name = configured-vm\n\
+             {extra}\n\
+             \n\
+             [device rng0]\n\
+             driver = virtio-rng-pci\n\
+             \n\
+             [device disk0]\n\
+             driver = virtio-blk-pci\n\
+             file = {}\n\
+             serial = INI-0001\n",
+            guest("hello"),
+            disk.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn configure(bus: &SessionBus, file: &Path, extra: &[&str]) -> Output {
+    Command::new("python3")
+        .arg(example("configure.py"))
+        .arg(file)
+        .args(["--bus", &bus.address, "--timeout", "20"])
+        .args(extra)
+        .output()
+        .expect("run configure.py")
+}
+
+fn dbus_modules() -> bool {
+    python_modules_present(&[("dbus_next", "dbus-next")])
+}
+
+#[test]
+fn configure_py_boots_the_guest_the_ini_file_describes() {
+    require_kvm!();
+    require_dbus!();
+    if !dbus_modules() {
+        return;
+    }
+    let dir = TempDir::new("configure");
+    let console = dir.path("console");
+    let bus = SessionBus::start();
+    // No configuration at all: everything comes from the file. Without isa-debug-exit the
+    // guest halts after its report, and the machine (and its tree) stays.
+    let mut q = bus.qomu(&["-S", "--serial", &format!("file:{}", console.display())]);
+    let mut c = q.connect();
+    c.negotiate();
+    let file = ini(&dir, "vm.ini", "");
+    let out = configure(&bus, &file, &[]);
+    let said = text(&out);
+    assert!(out.status.success(), "configure.py failed:\n{said}");
+    for line in [
+        "machine memory-size = 100663296",
+        "machine cpus = 3",
+        "machine append = 'exit=0 greeting=configured'",
+        "device rng0: virtio-rng-pci at /org/qomu/VM1/machine/peripheral/rng0",
+        "device disk0: virtio-blk-pci at /org/qomu/VM1/machine/peripheral/disk0",
+        "started",
+    ] {
+        assert!(said.contains(line), "no '{line}' in:\n{said}");
+    }
+    // The guest's own report: what it found is what the file said.
+    wait_for("the guest's report", || {
+        std::fs::read_to_string(&console)
+            .unwrap_or_default()
+            .contains("exiting with code 0")
+    });
+    let guest_said = std::fs::read_to_string(&console).unwrap();
+    for line in [
+        "cmdline: exit=0 greeting=configured",
+        "ram: 95 MiB",
+        "cpus: 3",
+    ] {
+        assert!(guest_said.contains(line), "no '{line}' in:\n{guest_said}");
+    }
+    assert_eq!(get(&mut c, "/machine", "name"), json!("configured-vm"));
+    assert_eq!(peripherals(&mut c), ["disk0", "rng0"]);
+    assert_eq!(
+        get(&mut c, "/machine/peripheral/disk0", "serial"),
+        json!("INI-0001")
+    );
+    c.cmd(r#"{"execute": "quit"}"#);
+    q.wait_exit(Duration::from_secs(10));
+}
+
+#[test]
+fn configure_py_reports_a_broken_file_by_line_and_changes_nothing() {
+    require_kvm!();
+    require_dbus!();
+    if !dbus_modules() {
+        return;
+    }
+    let dir = TempDir::new("configure-bad");
+    let bus = SessionBus::start();
+    let q = bus.qomu(&["-S", "--serial", "none"]);
+    let mut c = q.connect();
+    c.negotiate();
+    let before = c.tree();
+    // Each broken line is line 8 of [machine] (after name), or the device section.
+    for (extra, line, error) in [
+        (
+            "colour = blue",
+            8,
+            "colour = blue: org.freedesktop.DBus.Error.UnknownProperty: property 'qomu-x86-machine.colour' not found",
+        ),
+        (
+            "cpus = two",
+            8,
+            "cpus = two: org.freedesktop.DBus.Error.InvalidArgs: Property 'cpus' takes D-Bus type 'y', got 's'",
+        ),
+        (
+            "cpus = 0",
+            8,
+            "cpus = 0: org.freedesktop.DBus.Error.InvalidArgs: 'cpus' must be between 1 and 255, got 0 (D-Bus type 'y')",
+        ),
+        (
+            "[device rng1]\ndriver = virtio-rng-pci\nbus = isa.0",
+            8,
+            "[device rng1] driver = virtio-rng-pci: org.qomu.Error.",
+        ),
+        (
+            "[device late]\ndriver = isa-serial\niobase = 0x2f8\nirq = 99",
+            8,
+            "[device late] driver = isa-serial: org.freedesktop.DBus.Error.InvalidArgs: ",
+        ),
+    ] {
+        let file = ini(&dir, "bad.ini", extra);
+        let out = configure(&bus, &file, &[]);
+        let said = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{extra}:\n{said}");
+        let want = format!("{}:{line}: {error}", file.display());
+        assert!(said.contains(&want), "{extra}: no '{want}' in:\n{said}");
+        assert!(
+            said.contains("nothing changed; the VM stays in prelaunch"),
+            "{said}"
+        );
+        // Everything set before the bad line was undone, and the guest never ran.
+        assert_eq!(
+            c.cmd(r#"{"execute": "query-status"}"#)["return"]["status"],
+            "prelaunch"
+        );
+        assert_eq!(get(&mut c, "/machine", "memory-size"), json!(256 << 20));
+        assert_eq!(get(&mut c, "/machine", "cpus"), json!(1));
+        assert_eq!(get(&mut c, "/machine", "append"), json!(""));
+        assert!(peripherals(&mut c).is_empty(), "{extra}");
+        assert_eq!(c.tree(), before, "{extra}");
+    }
+}
+
+#[test]
+fn configure_py_can_start_qomu_itself() {
+    require_kvm!();
+    require_dbus!();
+    if !dbus_modules() {
+        return;
+    }
+    let dir = TempDir::new("configure-start");
+    let console = dir.path("console");
+    let bus = SessionBus::start();
+    let file = ini(&dir, "vm.ini", "");
+    let command = format!(
+        "{} --device isa-debug-exit --serial file:{}",
+        qomu_binary().display(),
+        console.display()
+    );
+    let out = configure(&bus, &file, &["--start", &command]);
+    assert!(out.status.success(), "{}", text(&out));
+    wait_for("the guest's report", || {
+        std::fs::read_to_string(&console)
+            .unwrap_or_default()
+            .contains("cpus: 3")
+    });
+}
+
+/// A qomu running the spin guest with its RAM pattern, paused until the script is ready.
+fn pattern_vm() -> Qomu {
+    Qomu::spawn(&[
+        "-S",
+        "--kernel",
+        &guest("spin"),
+        "--append",
+        "pattern=1 iters=100000000 step=10000000",
+        "--device",
+        "isa-debug-exit",
+    ])
+}
+
+/// Reads the script's first line, `watching ...`: it has subscribed, the guest may run.
+fn watching(script: &mut std::process::Child) -> String {
+    use std::io::Read;
+    let stdout = script.stdout.as_mut().expect("piped stdout");
+    let mut line = Vec::new();
+    let mut byte = [0u8];
+    while stdout.read(&mut byte).unwrap_or(0) == 1 {
+        line.push(byte[0]);
+        if byte[0] == b'\n' {
+            break;
+        }
+    }
+    let line = String::from_utf8_lossy(&line).into_owned();
+    assert!(line.starts_with("watching "), "the script said: {line:?}");
+    line
+}
+
+fn holds_the_pattern(file: &Path) {
+    let ram = std::fs::read(file).expect("the RAM dump");
+    assert_eq!(ram.len(), 4096);
+    for (i, b) in ram.iter().enumerate() {
+        assert_eq!(*b, (i * 13 + 7) as u8, "byte {i} of the dump");
+    }
+}
+
+#[test]
+fn dump_on_line_py_stops_the_guest_at_the_line_and_saves_registers_and_ram() {
+    require_kvm!();
+    if !python_modules_present(&[("qemu.qmp", "qemu.qmp")]) {
+        return;
+    }
+    let dir = TempDir::new("dump-py");
+    let mut q = pattern_vm();
+    let mut c = q.connect();
+    c.negotiate();
+    let out_prefix = dir.path("dump");
+    let script = Command::new("python3")
+        .arg(example("dump-on-line.py"))
+        .arg(&q.qmp)
+        .arg("pattern at 0x[0-9a-f]+")
+        .args(["--addr", "0x300000", "--size", "4096", "--timeout", "60"])
+        .arg("--out")
+        .arg(&out_prefix)
+        .args(["--then", "stay"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run dump-on-line.py");
+    // Run the guest once the script has subscribed.
+    let mut script = script;
+    let first = watching(&mut script);
+    c.cmd(r#"{"execute": "cont"}"#);
+    let out = script.wait_with_output().unwrap();
+    let said = first + &text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("line: spin guest: pattern at 0x300000"),
+        "{said}"
+    );
+    let ms: f64 = said
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("stopped ")?
+                .strip_suffix(" ms after the line")
+        })
+        .unwrap_or_else(|| panic!("no stop time in:\n{said}"))
+        .parse()
+        .unwrap();
+    eprintln!("dump-on-line.py stopped the guest {ms:.2} ms after the line");
+    assert!(ms < 10.0, "stopped {ms} ms after the line");
+    holds_the_pattern(&dir.path("dump.ram"));
+    let regs = std::fs::read_to_string(dir.path("dump.regs")).unwrap();
+    assert!(
+        regs.contains("CPU#0") && regs.contains("RIP=0000000000"),
+        "{regs}"
+    );
+    let cpus: Json =
+        serde_json::from_str(&std::fs::read_to_string(dir.path("dump.cpus")).unwrap()).unwrap();
+    assert_eq!(cpus[0]["qom-path"], "/machine/unattached/cpu[0]");
+    let r = c.cmd(r#"{"execute": "human-monitor-command", "arguments": {"command-line": "info registers 7"}}"#);
+    assert_eq!(r, json!({"return": "Error: invalid vcpu '7'\r\n"}));
+    // `stay`: the guest is still stopped where it was caught.
+    assert_eq!(
+        c.cmd(r#"{"execute": "query-status"}"#)["return"]["status"],
+        "paused"
+    );
+    c.cmd(r#"{"execute": "quit"}"#);
+    q.wait_exit(Duration::from_secs(10));
+}
+
+#[test]
+fn dump_on_line_sh_does_the_same_over_dbus() {
+    require_kvm!();
+    require_dbus!();
+    let dir = TempDir::new("dump-sh");
+    let bus = SessionBus::start();
+    let mut q = bus.qomu(&[
+        "-S",
+        "--kernel",
+        &guest("spin"),
+        "--append",
+        "pattern=1 iters=100000000 step=10000000",
+        "--device",
+        "isa-debug-exit",
+    ]);
+    let mut c = q.connect();
+    c.negotiate();
+    let out_prefix = dir.path("dump");
+    let script = Command::new("bash")
+        .arg(example("dump-on-line.sh"))
+        .args(["pattern at 0x[0-9a-f]+", "0x300000", "4096"])
+        .arg(&out_prefix)
+        .arg("quit")
+        .env("DBUS_SESSION_BUS_ADDRESS", &bus.address)
+        .env("QOMU_TIMEOUT", "60")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run dump-on-line.sh");
+    let mut script = script;
+    let first = watching(&mut script);
+    c.cmd(r#"{"execute": "cont"}"#);
+    let out = script.wait_with_output().unwrap();
+    let said = first + &text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("line: spin guest: pattern at 0x300000"),
+        "{said}"
+    );
+    let line = said
+        .lines()
+        .find(|l| l.starts_with("stopped "))
+        .unwrap_or_default();
+    eprintln!("dump-on-line.sh: {line}");
+    holds_the_pattern(&dir.path("dump.ram"));
+    let regs: Json =
+        serde_json::from_str(&std::fs::read_to_string(dir.path("dump.regs")).unwrap()).unwrap();
+    let registers = &regs["data"][0][0]["data"]["registers"]["data"];
+    assert!(
+        registers["rip"]["data"].as_u64().unwrap() > 0x100000,
+        "{regs}"
+    );
+    // `quit`: qomu ended.
+    assert!(q.wait_exit(Duration::from_secs(10)).is_some(), "{said}");
+}
