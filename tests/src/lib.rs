@@ -200,7 +200,7 @@ impl TestVm {
                 "line",
                 SubscribeOptions {
                     queue_limit: Some(100_000),
-                    coalesce: false,
+                    ..SubscribeOptions::default()
                 },
             )
             .expect("line");
@@ -522,7 +522,12 @@ impl QmpRaw {
                 return String::from_utf8(line).expect("QMP output is ASCII");
             }
             let mut chunk = [0u8; 65536];
-            let n = self.stream.read(&mut chunk).expect("read from QMP");
+            // A signal to this process (a child exiting, say) can cut a read short with
+            // EINTR; that is not the connection's doing, so it is read again.
+            let n = match self.stream.read(&mut chunk) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => r.expect("read from QMP"),
+            };
             assert!(n > 0, "qomu closed the connection");
             self.buf.extend_from_slice(&chunk[..n]);
         }
@@ -566,7 +571,10 @@ impl QmpRaw {
                 return Some(m);
             }
             let mut chunk = [0u8; 65536];
-            let n = self.stream.read(&mut chunk).ok().filter(|&n| n > 0)?;
+            let n = match self.stream.read(&mut chunk) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => r.ok().filter(|&n| n > 0)?,
+            };
             self.buf.extend_from_slice(&chunk[..n]);
         }
     }
@@ -588,6 +596,13 @@ impl QmpRaw {
             e["event"] == "__org.qomu_NOTIFY"
                 && e["data"]["notifier"] == notifier
                 && e["data"]["path"] == path
+        })
+    }
+
+    /// The next `__org.qomu_NOTIFY` event of subscription `sub`, whole (others stay queued).
+    pub fn wait_notify_of(&mut self, sub: &str) -> serde_json::Value {
+        self.wait_for(&format!("an event of {sub}"), |e| {
+            e["event"] == "__org.qomu_NOTIFY" && e["data"]["subscription"] == sub
         })
     }
 
