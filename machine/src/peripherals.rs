@@ -137,7 +137,7 @@ impl Machine {
                 .as_map()
                 .into_iter()
                 .flatten()
-                .map(|(k, v)| (k.clone(), v.clone())),
+                .map(|(k, v)| (k.to_owned(), v.clone())),
         )?;
         self.add_device(driver, id, values)
     }

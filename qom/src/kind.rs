@@ -318,7 +318,7 @@ impl Kind {
                 .collect::<Result<Vec<_>>>()
                 .map(Value::List),
             (Kind::Struct(s), Value::Map(mut fields)) => {
-                let mut out = std::collections::BTreeMap::new();
+                let mut out = crate::Fields::with_capacity(s.fields.len());
                 for f in &s.fields {
                     match fields.remove(&f.name) {
                         Some(v) => {

@@ -79,4 +79,4 @@ pub use types::{
     Class, Constructor, Declared, LoadState, RealizeHook, SaveState, StateHooks, TypeInfo,
     TypeRegistry, TypeSummary, UnrealizeHook,
 };
-pub use value::Value;
+pub use value::{Fields, Name, Value};

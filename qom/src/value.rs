@@ -6,6 +6,7 @@
 //! [`Kind::check`](crate::Kind::check) then turns it into what a property or argument
 //! declares ([`Value::Enum`], [`Value::Path`], [`Value::UInt`], ...).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -25,13 +26,149 @@ pub enum Value {
     /// A qom object path (empty for an unset link).
     Path(String),
     List(Vec<Value>),
-    Map(BTreeMap<String, Value>),
+    Map(Fields),
+}
+
+/// A field name: borrowed when the program spells it (`"child"`), owned when it came in
+/// from a client.
+pub type Name = Cow<'static, str>;
+
+/// The fields of a [`Value::Map`], kept sorted by name.
+///
+/// A payload has a handful of fields and is built for every event someone listens to:
+/// one vector and names the program spells need one allocation, where a `BTreeMap` of
+/// `String`s needed a node and a string per field (docs/benchmarks.md, `emit_*`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Fields(Vec<(Name, Value)>);
+
+impl Fields {
+    pub fn new() -> Self {
+        Fields(Vec::new())
+    }
+
+    pub fn with_capacity(n: usize) -> Self {
+        Fields(Vec::with_capacity(n))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn position(&self, name: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|(k, _)| (**k).cmp(name))
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Value> {
+        self.position(name).ok().map(|i| &self.0[i].1)
+    }
+
+    pub fn contains_key(&self, name: &str) -> bool {
+        self.position(name).is_ok()
+    }
+
+    /// Sets a field; returns the value it replaced.
+    pub fn insert(&mut self, name: impl Into<Name>, value: Value) -> Option<Value> {
+        let name = name.into();
+        match self.position(&name) {
+            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, value)),
+            Err(i) => {
+                self.0.insert(i, (name, value));
+                None
+            }
+        }
+    }
+
+    pub fn remove(&mut self, name: &str) -> Option<Value> {
+        self.position(name).ok().map(|i| self.0.remove(i).1)
+    }
+
+    /// The fields in name order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&str, &Value)> {
+        self.0.iter().map(|(k, v)| (&**k, v))
+    }
+
+    pub fn keys(&self) -> impl ExactSizeIterator<Item = &str> {
+        self.0.iter().map(|(k, _)| &**k)
+    }
+
+    pub fn values(&self) -> impl ExactSizeIterator<Item = &Value> {
+        self.0.iter().map(|(_, v)| v)
+    }
+
+    pub fn into_keys(self) -> impl Iterator<Item = String> {
+        self.0.into_iter().map(|(k, _)| k.into_owned())
+    }
+}
+
+impl IntoIterator for Fields {
+    type Item = (String, Value);
+    type IntoIter =
+        std::iter::Map<std::vec::IntoIter<(Name, Value)>, fn((Name, Value)) -> (String, Value)>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter().map(|(k, v)| (k.into_owned(), v))
+    }
+}
+
+impl<'a> IntoIterator for &'a Fields {
+    type Item = (&'a str, &'a Value);
+    type IntoIter = std::iter::Map<
+        std::slice::Iter<'a, (Name, Value)>,
+        fn(&'a (Name, Value)) -> (&'a str, &'a Value),
+    >;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(k, v)| (&**k, v))
+    }
+}
+
+impl<K: Into<Name>> FromIterator<(K, Value)> for Fields {
+    #[inline]
+    fn from_iter<I: IntoIterator<Item = (K, Value)>>(items: I) -> Self {
+        // One allocation of the right size; payloads mostly come with their fields in
+        // order already, and the sort and dedup below are then a scan each.
+        let mut v: Vec<(Name, Value)> = items.into_iter().map(|(k, v)| (k.into(), v)).collect();
+        if !v.is_sorted_by(|a, b| a.0 < b.0) {
+            // Stable, so that of fields named twice the last one given stays last...
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            // ...and wins, as a later insert would.
+            let mut out: Vec<(Name, Value)> = Vec::with_capacity(v.len());
+            for item in v {
+                match out.last_mut() {
+                    Some(last) if last.0 == item.0 => *last = item,
+                    _ => out.push(item),
+                }
+            }
+            v = out;
+        }
+        Fields(v)
+    }
+}
+
+impl<K: Into<Name>> Extend<(K, Value)> for Fields {
+    fn extend<I: IntoIterator<Item = (K, Value)>>(&mut self, items: I) {
+        let items = items.into_iter();
+        self.0.reserve(items.size_hint().0);
+        for (k, v) in items {
+            self.insert(k, v);
+        }
+    }
+}
+
+impl From<BTreeMap<String, Value>> for Fields {
+    fn from(map: BTreeMap<String, Value>) -> Self {
+        // Already sorted.
+        Fields(map.into_iter().map(|(k, v)| (Name::Owned(k), v)).collect())
+    }
 }
 
 impl Value {
     /// Builds a [`Value::Map`] from name/value pairs.
-    pub fn map<K: Into<String>>(fields: impl IntoIterator<Item = (K, Value)>) -> Value {
-        Value::Map(fields.into_iter().map(|(k, v)| (k.into(), v)).collect())
+    #[inline]
+    pub fn map<K: Into<Name>>(fields: impl IntoIterator<Item = (K, Value)>) -> Value {
+        Value::Map(fields.into_iter().collect())
     }
 
     /// A short name of the variant, as used in error messages.
@@ -87,7 +224,7 @@ impl Value {
         }
     }
 
-    pub fn as_map(&self) -> Option<&BTreeMap<String, Value>> {
+    pub fn as_map(&self) -> Option<&Fields> {
         match self {
             Value::Map(m) => Some(m),
             _ => None,
@@ -253,7 +390,7 @@ impl<'de> Visitor<'de> for ValueVisitor {
         Ok(Value::List(out))
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-        let mut out = BTreeMap::new();
+        let mut out = Fields::with_capacity(map.size_hint().unwrap_or(0).min(64));
         while let Some((k, v)) = map.next_entry::<String, Value>()? {
             out.insert(k, v);
         }
@@ -284,6 +421,29 @@ mod tests {
         assert_eq!(back.field("e"), Some(&Value::Str("/machine".into())));
         assert_eq!(back.field("c"), Some(&Value::UInt(u64::MAX)));
         assert_eq!(back.field("b"), Some(&Value::Int(-3)));
+    }
+
+    #[test]
+    fn fields_stay_sorted_and_the_last_of_a_name_wins() {
+        let v = Value::map([
+            ("b", Value::UInt(1)),
+            ("a", Value::UInt(2)),
+            ("b", Value::UInt(3)),
+        ]);
+        let m = v.as_map().unwrap();
+        assert_eq!(m.keys().collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(m.get("b"), Some(&Value::UInt(3)));
+        let mut f: Fields = [("z", Value::Bool(true))].into_iter().collect();
+        assert_eq!(f.insert("m", Value::Int(1)), None);
+        assert_eq!(f.insert("z", Value::Bool(false)), Some(Value::Bool(true)));
+        assert_eq!(f.keys().collect::<Vec<_>>(), ["m", "z"]);
+        assert_eq!(f.remove("m"), Some(Value::Int(1)));
+        assert_eq!(f.len(), 1);
+        // Equal maps compare equal whatever order they were built in.
+        assert_eq!(
+            Value::map([("x", Value::Int(1)), ("y", Value::Int(2))]),
+            Value::map([("y", Value::Int(2)), ("x", Value::Int(1))])
+        );
     }
 
     #[test]

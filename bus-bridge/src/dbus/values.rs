@@ -16,8 +16,6 @@
 //! integer kind (the kind's range is then checked by the tree, as for QMP), and a qom path
 //! string `s` where an object path `o` is declared.
 
-use std::collections::BTreeMap;
-
 use qom::{Kind, Value};
 use zbus::wire::{Array, Dict, Signature, Str};
 use zbus::{ObjectPath, Variant};
@@ -244,7 +242,7 @@ impl Codec {
             },
             Kind::Struct(s) => match v {
                 Variant::Dict(d) => {
-                    let mut out = BTreeMap::new();
+                    let mut out = qom::Fields::new();
                     for (key, value) in d.iter() {
                         let Variant::Str(key) = key else {
                             return Err(mismatch());
@@ -290,7 +288,7 @@ impl Codec {
                     .collect::<Option<_>>()?,
             ),
             Variant::Dict(d) => {
-                let mut out = BTreeMap::new();
+                let mut out = qom::Fields::new();
                 for (key, value) in d.iter() {
                     let Variant::Str(key) = key else {
                         return None;
