@@ -548,7 +548,7 @@ fn lifecycle_events_and_subscriptions() {
     assert_eq!(events[0]["event"], "__org.qomu_NOTIFY");
     assert_eq!(
         events[0]["data"],
-        json!({"subscription": sub_path, "path": "/objects/w1", "notifier": "ping", "data": {"n": 7}})
+        json!({"subscription": sub_path, "sequence": 1, "path": "/objects/w1", "notifier": "ping", "data": {"n": 7}})
     );
     assert_eq!(
         events[2]["data"]["path"], "/objects/w2",

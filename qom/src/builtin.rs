@@ -115,27 +115,66 @@ fn subscription_type() -> TypeInfo {
         .description("A subscription to a notifier; delete it to unsubscribe")
         .property(text(
             "target",
-            "Path of the object, or name of the type, subscribed to",
+            "Path of the object (or of the subtree's root), or name of the type, subscribed to",
             Subscription::target,
         ))
         .property(
             Property::new(
                 "scope",
-                Kind::enumeration("SubscriptionScope", &["object", "type"]),
+                Kind::enumeration("SubscriptionScope", &["object", "type", "subtree"]),
             )
-            .description("Whether the target is one object or every object of a type")
+            .description("One object, every object of a type, or an object and everything below it")
             .getter(|o| Ok(Value::Enum(sub(o)?.scope().name().to_owned()))),
         )
         .property(text(
             "notifier",
-            "The notifier subscribed to",
+            "The notifier subscribed to, or * for every notifier",
             Subscription::notifier,
         ))
-        .property(text(
-            "owner",
-            "The client that owns the subscription",
-            Subscription::owner,
-        ))
+        .property(
+            Property::new("owner", Kind::Str)
+                .description(
+                    "The client that owns the subscription (the last one, while it lingers)",
+                )
+                .getter(|o| Ok(Value::Str(sub(o)?.owner().to_string()))),
+        )
+        .property(
+            Property::new("filter", Kind::Any)
+                .description("Payload fields an event must have, with their values")
+                .getter(|o| {
+                    Ok(Value::Map(
+                        sub(o)?
+                            .filter()
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), v.clone()))
+                            .collect(),
+                    ))
+                }),
+        )
+        .property(
+            Property::new("min-interval-ms", Kind::uint64())
+                .description(
+                    "Rate limit: at most one event per source this often, the newest waiting \
+                     out the interval (0: none)",
+                )
+                .getter(|o| {
+                    let ms = sub(o)?.min_interval().map_or(0, |d| d.as_millis() as u64);
+                    Ok(Value::UInt(ms))
+                }),
+        )
+        .property(
+            Property::new("linger", Kind::uint64())
+                .description(
+                    "Seconds the subscription outlives its owner's connection, to be adopted \
+                     (0: it ends with it)",
+                )
+                .getter(|o| Ok(Value::UInt(sub(o)?.linger().map_or(0, |d| d.as_secs())))),
+        )
+        .property(
+            Property::new("lingering", Kind::Bool)
+                .description("Its owner is gone and it waits to be adopted")
+                .getter(|o| Ok(Value::Bool(sub(o)?.is_lingering()))),
+        )
         .property(counter("matched", "Events that matched so far", |c| {
             c.matched
         }))
@@ -144,12 +183,18 @@ fn subscription_type() -> TypeInfo {
         }))
         .property(counter(
             "dropped",
-            "Events dropped: queue full, or superseded when coalescing",
+            "Events lost: the queue was full, or the subscription or its subscriber ended",
             |c| c.dropped,
         ))
         .property(counter("pending", "Events waiting for delivery", |c| {
             c.pending
         }))
+        .property(counter(
+            "coalesced",
+            "Events that gave way to a newer one from the same source (coalesce, or the \
+             rate limit)",
+            |c| c.coalesced,
+        ))
         .property(
             Property::new("queue-limit", Kind::uint_range(1, MAX_QUEUE_LIMIT.into()))
                 .description("Most events waiting for delivery; more are dropped")

@@ -214,6 +214,21 @@ pub enum Error {
     /// The object is not a subscription.
     #[error("'{path}' is not a subscription")]
     NotASubscription { path: String },
+    /// A subscription filter names a field no payload it could match has (or, for `*` and
+    /// subtree subscriptions, none of the notifiers it could match has).
+    #[error(
+        "notifier '{notifier}' has no payload field '{field}' to filter on (its fields: {fields})"
+    )]
+    NoFilterField {
+        notifier: String,
+        field: String,
+        fields: String,
+    },
+    /// A subscription is not waiting for adoption, or the token given is not its own.
+    #[error(
+        "subscription '{path}' cannot be adopted: it is not waiting for a new owner, or the token does not match"
+    )]
+    NotAdoptable { path: String },
     /// An operation of the machine or of a device failed: see [`Operation`].
     #[error("{}", .0.source)]
     Operation(Operation),

@@ -70,8 +70,9 @@ pub use notifier::{Event, Notifier, NotifierDecl};
 pub use object::{Instance, ObjectRef, PropertyList, WeakObjectRef};
 pub use property::{Getter, PhasePolicy, Property, PropertyInfo, PropertyRole, Setter, Validator};
 pub use subscription::{
-    Counters, DEFAULT_QUEUE_LIMIT, Delivery, MAX_QUEUE_LIMIT, Ready, Scope, SubscribeOptions,
-    Subscriber, Subscription, Target, subscription_of,
+    ALL, Counters, DEFAULT_QUEUE_LIMIT, Delivery, MAX_LINGER_S, MAX_MIN_INTERVAL_MS,
+    MAX_QUEUE_LIMIT, Ready, Scope, SubscribeOptions, Subscribed, Subscriber, Subscription, Target,
+    subscription_of,
 };
 pub use tree::{ObjectKey, Tree, TreeBuilder};
 pub use typed::{TypedInfo, instance_of};

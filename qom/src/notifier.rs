@@ -65,7 +65,10 @@ pub struct Event {
 
 static EVENT_SEQ: AtomicU64 = AtomicU64::new(1);
 
-/// A subscription attached to one object, for one of its notifiers.
+/// The attachment index of a subscription to every notifier of an object (`*`).
+pub(crate) const ALL_NOTIFIERS: u16 = u16::MAX;
+
+/// A subscription attached to one object, for one of its notifiers (or all of them).
 pub(crate) struct Attachment {
     pub(crate) index: u16,
     pub(crate) sub: Arc<Subscription>,
@@ -84,7 +87,11 @@ pub(crate) struct EventSlot {
 }
 
 fn mask_bit(index: u16) -> u64 {
-    1u64 << index.min(63)
+    if index == ALL_NOTIFIERS {
+        u64::MAX
+    } else {
+        1u64 << index.min(63)
+    }
 }
 
 impl EventSlot {
@@ -124,8 +131,24 @@ impl EventSlot {
     fn emit_slow(&self, index: u16, name: &Arc<str>, data: impl FnOnce() -> Value) {
         let subs = self.subs.read();
         let mut data = Some(data);
+        // The payload is built for the first subscription that listens, and the event (a
+        // clock read and an allocation) only once a filter lets the payload through.
+        let mut payload: Option<Value> = None;
         let mut event: Option<Arc<Event>> = None;
-        for a in subs.iter().filter(|a| a.index == index) {
+        for a in subs
+            .iter()
+            .filter(|a| a.index == index || a.index == ALL_NOTIFIERS)
+        {
+            let passes =
+                match &event {
+                    Some(e) => a.sub.passes(&e.data),
+                    None => a.sub.passes(payload.get_or_insert_with(|| {
+                        data.take().map(|f| f()).unwrap_or(Value::Bool(false))
+                    })),
+                };
+            if !passes {
+                continue;
+            }
             let event = event.get_or_insert_with(|| {
                 Arc::new(Event {
                     seq: EVENT_SEQ.fetch_add(1, Ordering::Relaxed),
@@ -133,7 +156,7 @@ impl EventSlot {
                     source: self.path.clone(),
                     source_type: self.type_name.clone(),
                     notifier: name.clone(),
-                    data: data.take().map(|f| f()).unwrap_or(Value::Bool(false)),
+                    data: payload.take().unwrap_or(Value::Bool(false)),
                 })
             });
             a.sub.deliver(event);
@@ -183,7 +206,12 @@ impl Notifier {
     /// True while at least one subscription listens to this notifier.
     pub fn has_subscribers(&self) -> bool {
         self.slot.mask.load(Ordering::Acquire) & mask_bit(self.index) != 0
-            && self.slot.subs.read().iter().any(|a| a.index == self.index)
+            && self
+                .slot
+                .subs
+                .read()
+                .iter()
+                .any(|a| a.index == self.index || a.index == ALL_NOTIFIERS)
     }
 
     pub fn name(&self) -> &str {

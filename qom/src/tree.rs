@@ -58,6 +58,8 @@ pub(crate) struct TreeState {
     attached: usize,
     /// Type subscriptions by the type they target.
     pub(crate) type_subs: HashMap<Arc<str>, Vec<Arc<Subscription>>>,
+    /// Subtree subscriptions (few; each new object is checked against every one).
+    pub(crate) subtree_subs: Vec<Arc<Subscription>>,
     /// Every live subscription by id.
     pub(crate) subs: HashMap<u64, Arc<Subscription>>,
     pub(crate) next_sub_id: u64,
@@ -169,6 +171,7 @@ impl TreeBuilder {
                     link_holders: HashMap::new(),
                     attached: 1,
                     type_subs: HashMap::new(),
+                    subtree_subs: Vec::new(),
                     subs: HashMap::new(),
                     next_sub_id: 0,
                 }),
@@ -891,16 +894,19 @@ impl TreeState {
         }
     }
 
-    /// Attaches the type subscriptions that match a new object's type or ancestors.
+    /// Attaches the type subscriptions that match a new object's type or ancestors, and the
+    /// subtree subscriptions it is in.
     fn attach_type_subscriptions(&self, core: &ObjectCore) {
-        if self.type_subs.is_empty() {
-            return;
-        }
         for typename in core.class.ancestry() {
             for sub in self.type_subs.get(typename).into_iter().flatten() {
-                if let Some((index, _)) = core.class.notifier(sub.notifier()) {
+                if let Some(index) = sub.index_on(&core.class) {
                     sub.attach_to(&core.events, index);
                 }
+            }
+        }
+        for sub in self.subtree_subs.iter().filter(|s| s.covers(core.path())) {
+            if let Some(index) = sub.index_on(&core.class) {
+                sub.attach_to(&core.events, index);
             }
         }
     }

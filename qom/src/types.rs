@@ -669,6 +669,11 @@ impl TypeRegistry {
         Ok(class)
     }
 
+    /// Every registered class, in registration order.
+    pub fn classes(&self) -> Vec<Arc<Class>> {
+        self.classes.read().order.clone()
+    }
+
     /// The class of a type.
     ///
     /// # Errors

@@ -1,6 +1,8 @@
 //! Many threads at once: emitters, and threads creating and destroying subscriptions and
-//! objects. No deadlock, no panic, and `matched == delivered + dropped + pending` for every
-//! subscription at every moment, with exact totals for subscriptions that live throughout.
+//! objects, over every scope (object, type, subtree, `*`), with coalescing, rate limits and
+//! filters. No deadlock, no panic, and `matched == delivered + dropped + pending + coalesced`
+//! for every subscription at every moment, with exact totals for subscriptions that live
+//! throughout.
 
 mod common;
 
@@ -10,7 +12,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::test_tree;
-use qom::{SubscribeOptions, Target, Tree, Value, subscription_of};
+use qom::{ALL, SubscribeOptions, Target, Tree, Value, subscription_of};
 
 const RUN_FOR: Duration = Duration::from_secs(3);
 const EMITTERS: usize = 4;
@@ -28,7 +30,7 @@ fn check_identity(tree: &Tree) -> usize {
         let c = sub.counters();
         assert_eq!(
             c.matched,
-            c.delivered + c.dropped + c.pending,
+            c.delivered + c.dropped + c.pending + c.coalesced,
             "{path}: {c:?}"
         );
         checked += 1;
@@ -45,7 +47,8 @@ fn emitters_and_churn_in_parallel() {
             .unwrap();
     }
     // Subscriptions that live through the whole run, with a small queue so that drops
-    // happen, drained by their own thread.
+    // happen, drained by their own thread: plain, coalescing, rate-limited, and a rate
+    // limit with coalescing.
     let watcher = Arc::new(tree.subscriber("watcher"));
     let stable_subs: Vec<String> = (0..4)
         .map(|i| {
@@ -56,6 +59,8 @@ fn emitters_and_churn_in_parallel() {
                     SubscribeOptions {
                         queue_limit: Some(64),
                         coalesce: i % 2 == 1,
+                        min_interval_ms: (i >= 2).then_some(1),
+                        ..SubscribeOptions::default()
                     },
                 )
                 .unwrap()
@@ -68,6 +73,40 @@ fn emitters_and_churn_in_parallel() {
             SubscribeOptions::default(),
         )
         .unwrap();
+    // Wide scopes that see the churned objects come and go as well as the stable ones.
+    let wide = [
+        watcher
+            .subscribe(
+                Target::Subtree("/objects".into()),
+                ALL,
+                SubscribeOptions {
+                    queue_limit: Some(256),
+                    ..SubscribeOptions::default()
+                },
+            )
+            .unwrap(),
+        watcher
+            .subscribe(
+                Target::Type("lamp".into()),
+                ALL,
+                SubscribeOptions {
+                    min_interval_ms: Some(2),
+                    coalesce: true,
+                    ..SubscribeOptions::default()
+                },
+            )
+            .unwrap(),
+        watcher
+            .subscribe(
+                Target::Subtree("/objects".into()),
+                "property-changed",
+                SubscribeOptions {
+                    filter: vec![("property".into(), Value::Str("power".into()))],
+                    ..SubscribeOptions::default()
+                },
+            )
+            .unwrap(),
+    ];
 
     let stop = Arc::new(AtomicBool::new(false));
     let emitted_stable = Arc::new(AtomicU64::new(0));
@@ -131,9 +170,28 @@ fn emitters_and_churn_in_parallel() {
                 let opts = SubscribeOptions {
                     queue_limit: Some(8),
                     coalesce: round.is_multiple_of(2),
+                    ..SubscribeOptions::default()
                 };
-                let s1 = client.subscribe(Target::Object(path.clone()), "tick", opts);
-                let _ = client.subscribe(Target::Type("lamp".into()), "property-changed", opts);
+                let wide = if round.is_multiple_of(2) {
+                    Target::Subtree("/objects".into())
+                } else {
+                    Target::Type("lamp".into())
+                };
+                let _ = client.subscribe(wide, ALL, opts.clone());
+                let _ = client.subscribe(
+                    Target::Subtree(path.clone()),
+                    "tick",
+                    SubscribeOptions {
+                        min_interval_ms: Some(1),
+                        ..opts.clone()
+                    },
+                );
+                let s1 = client.subscribe(Target::Object(path.clone()), "tick", opts.clone());
+                let _ = client.subscribe(
+                    Target::Type("lamp".into()),
+                    "property-changed",
+                    opts.clone(),
+                );
                 let _ = client.subscribe(Target::Object("/objects/stable0".into()), "tick", opts);
                 let _ = tree.call(&path, "bump", [("by".to_owned(), Value::UInt(1))].into());
                 let _ = client.drain();
@@ -206,7 +264,9 @@ fn emitters_and_churn_in_parallel() {
         h.join().expect("a thread panicked");
     }
 
-    // Final accounting for the subscriptions that lived throughout.
+    // Final accounting for the subscriptions that lived throughout, once the rate limits'
+    // held events have gone on.
+    thread::sleep(Duration::from_millis(50));
     check_identity(&tree);
     let late = watcher
         .drain()
@@ -223,20 +283,42 @@ fn emitters_and_churn_in_parallel() {
         total.matched += c.matched;
         total.delivered += c.delivered;
         total.dropped += c.dropped;
+        total.coalesced += c.coalesced;
     }
     let emitted = emitted_stable.load(Ordering::Relaxed);
     assert!(emitted > 1000, "the emitters ran ({emitted})");
     // Every emission on a stable object matched exactly its one stable subscription.
     assert_eq!(total.matched, emitted);
     assert_eq!(total.delivered, delivered);
-    assert_eq!(total.delivered + total.dropped, emitted);
+    assert_eq!(total.delivered + total.dropped + total.coalesced, emitted);
+    assert!(
+        total.coalesced > 0,
+        "coalescing and the rate limits held some back"
+    );
     let c = subscription_of(&tree.lookup(&by_type).unwrap())
         .unwrap()
         .counters();
-    assert_eq!(c.matched, c.delivered + c.dropped + c.pending);
+    assert_eq!(c.matched, c.delivered + c.dropped + c.pending + c.coalesced);
     assert!(
         c.matched >= emitted,
         "the type subscription saw the stable objects' events too"
+    );
+    let wide: Vec<_> = wide
+        .iter()
+        .map(|s| {
+            subscription_of(&tree.lookup(s).unwrap())
+                .unwrap()
+                .counters()
+        })
+        .collect();
+    assert!(
+        wide[0].matched >= emitted,
+        "the subtree `*` subscription saw every tick: {wide:?}"
+    );
+    assert!(wide[1].coalesced > 0, "the rate-limited `*` held some back");
+    assert!(
+        wide[2].matched > 0,
+        "the filter let `power` changes through"
     );
 
     // Everything churned is gone again.

@@ -645,13 +645,17 @@ fn notifiers_and_implicit_events() {
     let client = tree.subscriber("t");
     let opts = qom::SubscribeOptions::default();
     client
-        .subscribe(qom::Target::Object("/objects".into()), "child-added", opts)
+        .subscribe(
+            qom::Target::Object("/objects".into()),
+            "child-added",
+            opts.clone(),
+        )
         .unwrap();
     client
         .subscribe(
             qom::Target::Object("/objects".into()),
             "child-removed",
-            opts,
+            opts.clone(),
         )
         .unwrap();
     let lamp = tree.create("/objects", "lamp", "lamp", vec![]).unwrap();

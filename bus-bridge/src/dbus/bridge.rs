@@ -25,7 +25,8 @@ use super::error::{self, DbusError, from_qom};
 use super::lanes::{Lanes, Work};
 use super::names;
 use super::schema::{
-    self, INTROSPECTABLE, OBJECT_MANAGER, OBJECT1, PEER, PROPERTIES, ROOT1, Schema, TypeIface,
+    self, INTROSPECTABLE, OBJECT_MANAGER, OBJECT1, PEER, PROPERTIES, ROOT1, SUBSCRIPTION1, Schema,
+    TypeIface,
 };
 use super::values::{Codec, TypeMismatch, signature};
 
@@ -73,6 +74,9 @@ pub struct Bridge {
     pub signals_in_flight: AtomicBool,
     /// The interfaces announced for each live subscription object (see events.rs).
     pub signal_ifaces: Mutex<HashMap<String, Vec<String>>>,
+    /// Subscriptions whose events go out as `org.qomu.Subscription1.Event` (the `envelope`
+    /// option), by qom path.
+    pub envelopes: Mutex<std::collections::HashSet<String>>,
     machine_id: String,
 }
 
@@ -159,10 +163,10 @@ impl Bridge {
         // signal a client never sees.
         let opts = SubscribeOptions {
             queue_limit: Some(qom::MAX_QUEUE_LIMIT.into()),
-            coalesce: false,
+            ..SubscribeOptions::default()
         };
         for notifier in [qom::CHILD_ADDED, qom::CHILD_REMOVED, qom::PROPERTY_CHANGED] {
-            events.subscribe(Target::Type(qom::OBJECT.into()), notifier, opts)?;
+            events.subscribe(Target::Type(qom::OBJECT.into()), notifier, opts.clone())?;
         }
         let machine_id = std::fs::read_to_string("/etc/machine-id")
             .or_else(|_| std::fs::read_to_string("/var/lib/dbus/machine-id"))
@@ -179,6 +183,7 @@ impl Bridge {
             lanes: Lanes::default(),
             signals_in_flight: AtomicBool::new(false),
             signal_ifaces: Mutex::new(HashMap::new()),
+            envelopes: Mutex::new(std::collections::HashSet::new()),
             machine_id,
         }))
     }
@@ -244,14 +249,11 @@ impl Bridge {
                 self.in_flight.fetch_add(1, Ordering::AcqRel);
                 zruntime::spawn(async move {
                     let hdr = msg.header();
+                    let full = request.full;
                     let reply = bridge
                         .delegated_subscribe(&conn, &caller, request)
                         .await
-                        .and_then(|path| {
-                            Message::method_return(&hdr)
-                                .build(&bridge.object_path(&path))
-                                .map_err(build_failed)
-                        });
+                        .and_then(|made| bridge.subscribed_reply(&hdr, &made, full));
                     if wants_reply {
                         send_reply(&conn, &hdr, reply).await;
                     }
@@ -365,10 +367,12 @@ impl Bridge {
             (OBJECT_MANAGER, "GetManagedObjects") if obj.path() == "/" => ret
                 .build(&ManagedObjects { bridge: self })
                 .map_err(build_failed),
-            (OBJECT1, "Subscribe" | "SubscribeWithOptions") => {
+            (OBJECT1, "Subscribe" | "SubscribeWithOptions" | "SubscribeFull") => {
                 return self.subscribe(peer, hdr, Some(obj), msg);
             }
-            (ROOT1, "SubscribeType" | "SubscribeTypeWithOptions") if obj.path() == "/" => {
+            (ROOT1, "SubscribeType" | "SubscribeTypeWithOptions" | "SubscribeTypeFull")
+                if obj.path() == "/" =>
+            {
                 return self.subscribe(peer, hdr, None, msg);
             }
             (OBJECT1, _) => self.object1(peer, hdr, obj, member, msg),
@@ -454,8 +458,15 @@ impl Bridge {
             | "SetProperty"
             | "Subscribe"
             | "SubscribeWithOptions"
+            | "SubscribeFull"
             | "Delete" => Some(OBJECT1),
-            "SubscribeType" | "SubscribeTypeWithOptions" | "ListTypes" | "AddObject" => Some(ROOT1),
+            "SubscribeType"
+            | "SubscribeTypeWithOptions"
+            | "SubscribeTypeFull"
+            | "ListTypes"
+            | "AddObject"
+            | "Adopt"
+            | "Unsubscribe" => Some(ROOT1),
             _ => None,
         };
         if let Some(s) = standard {
@@ -502,6 +513,9 @@ impl Bridge {
                 if let Some(t) = self.subscription_signal_iface(obj) {
                     xml.push_str(&t.signals_xml);
                 }
+                if obj.class().implements(SUBSCRIPTION) {
+                    xml.push_str(schema::SUBSCRIPTION1_XML);
+                }
                 for child in obj.children() {
                     let mut segment = String::new();
                     names::escape_segment(child.name(), &mut segment);
@@ -536,6 +550,8 @@ impl Bridge {
         let class = match sub.scope() {
             qom::Scope::Object => self.tree.lookup(sub.target()).ok()?.class().clone(),
             qom::Scope::Type => self.tree.types().get(sub.target()).ok()?,
+            // Events of any type below the root: no one interface declares them all.
+            qom::Scope::Subtree => return None,
         };
         let declared_by = class
             .notifiers()
@@ -556,6 +572,9 @@ impl Bridge {
                     .iter()
                     .map(|t| t.name.clone()),
             );
+            if class.implements(SUBSCRIPTION) {
+                out.push(SUBSCRIPTION1.to_owned());
+            }
         }
         out
     }
@@ -624,6 +643,7 @@ impl Bridge {
             ROOT1 if obj.path() == "/" => Ok(owned(root1_props())),
             PEER | INTROSPECTABLE | PROPERTIES => Ok(BTreeMap::new()),
             OBJECT_MANAGER if obj.path() == "/" => Ok(BTreeMap::new()),
+            SUBSCRIPTION1 if obj.class().implements(SUBSCRIPTION) => Ok(BTreeMap::new()),
             _ => match self.object_iface(obj, iface) {
                 Some(t) => Ok(self.type_props(obj, &t)),
                 None if self
@@ -763,7 +783,7 @@ impl Bridge {
         object: Option<&ObjectRef>,
         msg: &Message,
     ) -> Outcome {
-        match subscribe_args(object, hdr, msg) {
+        match subscribe_args(&self.codec, object, hdr, msg) {
             Ok(request) => self.subscribe_request(peer, hdr, request),
             Err(e) => e.into(),
         }
@@ -787,14 +807,16 @@ impl Bridge {
             }
             return Outcome::Delegated { caller, request };
         }
+        let (full, envelope) = (request.full, request.envelope);
         let result = self
             .events
             .subscribe_for(&caller, request.target, &request.notifier, request.opts)
             .map_err(|e| from_qom(&e, None))
-            .and_then(|path| {
-                Message::method_return(hdr)
-                    .build(&self.object_path(&path))
-                    .map_err(build_failed)
+            .and_then(|made| {
+                if envelope {
+                    self.envelopes.lock().insert(made.path.clone());
+                }
+                self.subscribed_reply(hdr, &made, full)
             });
         match result {
             Ok(m) => Outcome::Reply(m),
@@ -810,7 +832,8 @@ impl Bridge {
         conn: &Connection,
         caller: &str,
         request: SubscribeRequest,
-    ) -> Result<String, DbusError> {
+    ) -> Result<qom::Subscribed, DbusError> {
+        let envelope = request.envelope;
         let name = request.owner.unwrap_or_default();
         let gone = || {
             DbusError::new(
@@ -862,7 +885,32 @@ impl Bridge {
             self.enqueue(owner, Work::Left);
             return Err(gone());
         }
+        if envelope {
+            self.envelopes.lock().insert(path.path.clone());
+        }
         Ok(path)
+    }
+
+    /// The reply to a subscribe call: the subscription's path, and for the `...Full`
+    /// methods its details (the adoption token, with `linger`).
+    fn subscribed_reply(
+        &self,
+        hdr: &Header<'_>,
+        made: &qom::Subscribed,
+        full: bool,
+    ) -> Result<Message, DbusError> {
+        let path = self.object_path(&made.path);
+        let ret = Message::method_return(hdr);
+        if full {
+            let mut details: BTreeMap<&str, Variant<'_>> = BTreeMap::new();
+            if let Some(token) = &made.token {
+                details.insert("token", Variant::from(token.as_str()));
+            }
+            ret.build(&(path, details))
+        } else {
+            ret.build(&path)
+        }
+        .map_err(build_failed)
     }
 
     // ---- org.qomu.Root1 ----
@@ -877,6 +925,15 @@ impl Bridge {
         let args = CallArgs::of(msg, member);
         let ret = Message::method_return(hdr);
         match member {
+            "Adopt" => {
+                let (path, token): (ObjectPath<'_>, &str) = args.get("os")?;
+                let qom_path = names::qom_path(self.root(), path.as_str())
+                    .ok_or_else(|| DbusError::unknown_object(path.as_str()))?;
+                self.events
+                    .adopt_for(&Self::caller(peer, hdr), &qom_path, token)
+                    .map_err(|e| from_qom(&e, None))?;
+                ret.build(&()).map_err(build_failed)
+            }
             "Unsubscribe" => {
                 let (path,): (ObjectPath<'_>,) = args.get("o")?;
                 let qom_path = names::qom_path(self.root(), path.as_str())
@@ -1089,18 +1146,24 @@ pub struct SubscribeRequest {
     opts: SubscribeOptions,
     /// Another connection to own it (the `owner` option).
     owner: Option<String>,
+    /// Its events as `org.qomu.Subscription1.Event`, with their sequence numbers.
+    envelope: bool,
+    /// Asked with a `...Full` method: the reply carries the details too.
+    full: bool,
 }
 
 /// The arguments of a subscribe call: `(s notifier[, a{sv} options])` on `object`, or
 /// `(s type, s notifier[, a{sv} options])` without one.
 fn subscribe_args(
+    codec: &Codec,
     object: Option<&ObjectRef>,
     hdr: &Header<'_>,
     msg: &Message,
 ) -> Result<SubscribeRequest, DbusError> {
     let member = hdr.member().map_or("", |m| m.as_str());
     let args = CallArgs::of(msg, member);
-    let with_options = member.ends_with("WithOptions");
+    let full = member.ends_with("Full");
+    let with_options = full || member.ends_with("WithOptions");
     let (target, notifier, options) = match (object, with_options) {
         (Some(o), false) => {
             let (n,): (&str,) = args.get("s")?;
@@ -1119,56 +1182,101 @@ fn subscribe_args(
             (Target::Type(t.to_owned()), n, Some(opts))
         }
     };
-    let (opts, owner) = match options {
-        Some(o) => subscribe_options(&o)?,
-        None => (SubscribeOptions::default(), None),
-    };
-    Ok(SubscribeRequest {
+    let mut request = SubscribeRequest {
         target,
         notifier: notifier.to_owned(),
-        opts,
-        owner,
+        opts: SubscribeOptions::default(),
+        owner: None,
+        envelope: false,
+        full,
+    };
+    if let Some(o) = options {
+        subscribe_options(codec, &o, &mut request)?;
+    }
+    if request.opts.linger_s.is_some() && !full {
+        // Its token is what adopts it, and only the ...Full methods return it.
+        return Err(DbusError::invalid_args(format!(
+            "option 'linger' needs {}, which returns the subscription's adoption token",
+            if matches!(request.target, Target::Type(_)) {
+                "SubscribeTypeFull"
+            } else {
+                "SubscribeFull"
+            }
+        )));
+    }
+    Ok(request)
+}
+
+/// An unsigned integer option, of any D-Bus integer type.
+fn unsigned_option(key: &str, v: &Variant<'_>) -> Result<u64, DbusError> {
+    Ok(match v {
+        Variant::U8(n) => (*n).into(),
+        Variant::U16(n) => (*n).into(),
+        Variant::U32(n) => (*n).into(),
+        Variant::U64(n) => *n,
+        Variant::I32(n) if *n >= 0 => (*n).unsigned_abs().into(),
+        Variant::I64(n) if *n >= 0 => n.unsigned_abs(),
+        _ => {
+            return Err(DbusError::invalid_args(format!(
+                "option '{key}' takes an unsigned integer"
+            )));
+        }
     })
 }
 
-/// `queue-limit` (any unsigned integer type), `coalesce` (`b`) and `owner` (`s`, a bus
-/// name).
+/// `queue-limit`, `min-interval-ms`, `linger` (any unsigned integer type), `coalesce`,
+/// `subtree`, `envelope` (`b`), `filter` (`a{sv}`) and `owner` (`s`, a bus name).
 fn subscribe_options(
+    codec: &Codec,
     options: &Options<'_>,
-) -> Result<(SubscribeOptions, Option<String>), DbusError> {
-    let mut out = SubscribeOptions::default();
-    let mut owner = None;
+    request: &mut SubscribeRequest,
+) -> Result<(), DbusError> {
     for (&key, value) in options {
         let value = match value {
             Variant::Variant(inner) => inner.as_ref(),
             v => v,
         };
         match (key, value) {
-            ("coalesce", Variant::Bool(b)) => out.coalesce = *b,
-            ("owner", Variant::Str(name)) => owner = Some(name.as_str().to_owned()),
-            ("queue-limit", v) => {
-                out.queue_limit = Some(match v {
-                    Variant::U8(n) => (*n).into(),
-                    Variant::U16(n) => (*n).into(),
-                    Variant::U32(n) => (*n).into(),
-                    Variant::U64(n) => *n,
-                    Variant::I32(n) if *n >= 0 => (*n).unsigned_abs().into(),
-                    Variant::I64(n) if *n >= 0 => n.unsigned_abs(),
-                    _ => {
-                        return Err(DbusError::invalid_args(
-                            "option 'queue-limit' takes an unsigned integer",
-                        ));
-                    }
-                });
+            ("coalesce", Variant::Bool(b)) => request.opts.coalesce = *b,
+            ("envelope", Variant::Bool(b)) => request.envelope = *b,
+            ("subtree", Variant::Bool(b)) => {
+                if *b {
+                    request.target = match std::mem::replace(
+                        &mut request.target,
+                        Target::Object(String::new()),
+                    ) {
+                        Target::Object(p) | Target::Subtree(p) => Target::Subtree(p),
+                        Target::Type(_) => {
+                            return Err(DbusError::invalid_args(
+                                "option 'subtree' goes with an object's Subscribe, not SubscribeType",
+                            ));
+                        }
+                    };
+                }
+            }
+            ("owner", Variant::Str(name)) => request.owner = Some(name.as_str().to_owned()),
+            ("queue-limit", v) => request.opts.queue_limit = Some(unsigned_option(key, v)?),
+            ("min-interval-ms", v) => {
+                request.opts.min_interval_ms = Some(unsigned_option(key, v)?);
+            }
+            ("linger", v) => request.opts.linger_s = Some(unsigned_option(key, v)?),
+            ("filter", v @ Variant::Dict(_)) => {
+                let Some(Value::Map(fields)) = codec.any_from_variant(v) else {
+                    return Err(DbusError::invalid_args(
+                        "option 'filter' takes a{sv} with values qomu can compare",
+                    ));
+                };
+                request.opts.filter.extend(fields);
             }
             (k, _) => {
                 return Err(DbusError::invalid_args(format!(
-                    "unknown or mistyped subscription option '{k}'; options are queue-limit (u), coalesce (b) and owner (s)"
+                    "unknown or mistyped subscription option '{k}'; options are queue-limit (u), coalesce (b), \
+                     subtree (b), filter (a{{sv}}), min-interval-ms (u), linger (u), envelope (b) and owner (s)"
                 )));
             }
         }
     }
-    Ok((out, owner))
+    Ok(())
 }
 
 /// Sends a method's reply or error reply.

@@ -9,7 +9,7 @@ use zbus::wire::{DynamicType, Signature};
 use zbus::{ObjectPath, Variant};
 
 use super::bridge::Bridge;
-use super::schema::{OBJECT1, ROOT1, TypeIface};
+use super::schema::{OBJECT1, ROOT1, SUBSCRIPTION1, TypeIface};
 
 /// `a{sv}`, `a{sa{sv}}`, `a{oa{sa{sv}}}`.
 fn props_signature() -> Signature {
@@ -57,6 +57,9 @@ impl<'a> ObjectInterfaces<'a> {
         }
         for t in self.types.iter() {
             f(&t.name, &mut self.type_props(t));
+        }
+        if self.obj.class().implements(qom::SUBSCRIPTION) {
+            f(SUBSCRIPTION1, &mut std::iter::empty());
         }
         if let Some(t) = &self.signals_only {
             f(&t.name, &mut std::iter::empty());

@@ -115,11 +115,12 @@ pub fn from_qom(err: &Error, expected: Option<&str>) -> DbusError {
         | Error::DuplicateName { .. }
         | Error::InvalidName { .. }
         | Error::NotASubscription { .. }
+        | Error::NoFilterField { .. }
         | Error::NotANotifier { .. } => DbusError::invalid_args(text),
         Error::NotDeletable { .. } | Error::HasChildren { .. } => {
             DbusError::new(NOT_DELETABLE, text)
         }
-        Error::NotOwner { .. } => DbusError::new(ACCESS_DENIED, text),
+        Error::NotOwner { .. } | Error::NotAdoptable { .. } => DbusError::new(ACCESS_DENIED, text),
         Error::InvalidState(_) | Error::SubscriberClosed | Error::NeedsSubscriber { .. } => {
             DbusError::new(INVALID_STATE, text)
         }

@@ -1,7 +1,8 @@
 //! Events to signals: the bridge's own subscriptions become ObjectManager's
 //! InterfacesAdded/InterfacesRemoved and Properties' PropertiesChanged, for every
 //! connection; a client's subscription becomes the notifier's typed signal, sent from the
-//! subscription's object path to that client only.
+//! subscription's object path to that client only, or, for a subscription made with
+//! `envelope`, `org.qomu.Subscription1.Event` with the event's sequence number.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use zbus::{Message, Variant};
 use super::bridge::{BRIDGE_OWNER, Bridge, Peer, PeerKind};
 use super::encode::{InterfacesAdded, ObjectInterfaces};
 use super::lanes::Work;
-use super::schema::{OBJECT_MANAGER, PROPERTIES, SignalArgs};
+use super::schema::{OBJECT_MANAGER, PROPERTIES, SUBSCRIPTION1, SignalArgs};
 
 /// How long a connection may take to accept a signal.
 pub const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -73,7 +74,12 @@ impl Bridge {
         if &*d.owner != BRIDGE_OWNER {
             // On the bus, a subscriber's signal is addressed to it.
             let destination = d.owner.starts_with(':').then_some(&*d.owner);
-            let Some(msg) = self.owner_signal(d, destination) else {
+            let msg = if self.envelopes.lock().contains(&*d.subscription) {
+                self.envelope_signal(d, destination)
+            } else {
+                self.owner_signal(d, destination)
+            };
+            let Some(msg) = msg else {
                 tracing::debug!(
                     "D-Bus: event {} of {} does not fit its declared payload; not sent",
                     event.notifier,
@@ -122,6 +128,7 @@ impl Bridge {
     fn interfaces_removed(&self, data: &Value) -> Option<Message> {
         let child = data.field("child")?.as_str()?;
         let typename = data.field("type")?.as_str()?;
+        self.envelopes.lock().remove(child);
         let names = match self.signal_ifaces.lock().remove(child) {
             Some(names) => names,
             None => self.interface_names(typename),
@@ -209,6 +216,41 @@ impl Bridge {
             Ok(m) => Some(m),
             Err(e) => {
                 tracing::warn!("D-Bus: cannot build signal {}.{}: {e}", t.name, s.dbus);
+                None
+            }
+        }
+    }
+
+    /// An `envelope` subscription's event: `Event(o source, s notifier, t sequence, a{sv}
+    /// data)` from the subscription's path; a payload that is not a structure is the
+    /// `value` member of `data`.
+    fn envelope_signal(&self, d: &Delivery, destination: Option<&str>) -> Option<Message> {
+        let event = &d.event;
+        let wrapped;
+        let fields = match &event.data {
+            map @ Value::Map(_) => map,
+            other => {
+                wrapped = Value::map([("value", other.clone())]);
+                &wrapped
+            }
+        };
+        // A structure's fields go in as their own types: the map as `a{sv}`.
+        let body = Structure::builder()
+            .append_field(Variant::ObjectPath(self.object_path(&event.source)))
+            .append_field(Variant::from(&*event.notifier))
+            .append_field(Variant::U64(d.sequence))
+            .append_field(self.codec.any_to_variant(fields))
+            .build()
+            .ok()?;
+        let path = self.object_path(&d.subscription);
+        let mut builder = Message::signal(path.as_str(), SUBSCRIPTION1, "Event");
+        if let Some(destination) = destination {
+            builder = builder.destination(destination);
+        }
+        match builder.build(&body) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::warn!("D-Bus: cannot build signal {SUBSCRIPTION1}.Event: {e}");
                 None
             }
         }

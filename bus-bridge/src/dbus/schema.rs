@@ -19,6 +19,8 @@ pub const PROPERTIES: &str = "org.freedesktop.DBus.Properties";
 pub const OBJECT_MANAGER: &str = "org.freedesktop.DBus.ObjectManager";
 pub const OBJECT1: &str = "org.qomu.Object1";
 pub const ROOT1: &str = "org.qomu.Root1";
+/// Every subscription object's interface: the envelope signal of `envelope` subscriptions.
+pub const SUBSCRIPTION1: &str = "org.qomu.Subscription1";
 /// Prefix of the per-type interfaces.
 pub const TYPE_PREFIX: &str = "org.qomu.Type.";
 /// Annotation carrying the qom name of a member.
@@ -465,7 +467,23 @@ pub const OBJECT1_XML: &str = r#"  <interface name="org.qomu.Object1">
       <arg name="options" type="a{sv}" direction="in"/>
       <arg name="subscription" type="o" direction="out"/>
     </method>
+    <method name="SubscribeFull">
+      <arg name="notifier" type="s" direction="in"/>
+      <arg name="options" type="a{sv}" direction="in"/>
+      <arg name="subscription" type="o" direction="out"/>
+      <arg name="details" type="a{sv}" direction="out"/>
+    </method>
     <method name="Delete"/>
+  </interface>
+"#;
+
+pub const SUBSCRIPTION1_XML: &str = r#"  <interface name="org.qomu.Subscription1">
+    <signal name="Event">
+      <arg name="source" type="o"/>
+      <arg name="notifier" type="s"/>
+      <arg name="sequence" type="t"/>
+      <arg name="data" type="a{sv}"/>
+    </signal>
   </interface>
 "#;
 
@@ -484,8 +502,19 @@ pub const ROOT1_XML: &str = r#"  <interface name="org.qomu.Root1">
       <arg name="options" type="a{sv}" direction="in"/>
       <arg name="subscription" type="o" direction="out"/>
     </method>
+    <method name="SubscribeTypeFull">
+      <arg name="type" type="s" direction="in"/>
+      <arg name="notifier" type="s" direction="in"/>
+      <arg name="options" type="a{sv}" direction="in"/>
+      <arg name="subscription" type="o" direction="out"/>
+      <arg name="details" type="a{sv}" direction="out"/>
+    </method>
     <method name="Unsubscribe">
       <arg name="subscription" type="o" direction="in"/>
+    </method>
+    <method name="Adopt">
+      <arg name="subscription" type="o" direction="in"/>
+      <arg name="token" type="s" direction="in"/>
     </method>
     <method name="ListTypes">
       <arg name="implements" type="s" direction="in"/>

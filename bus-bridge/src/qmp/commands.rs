@@ -193,13 +193,23 @@ pub const BUILTINS: &[Builtin] = &[
             vec![
                 opt("path", ArgType::Str),
                 opt("type", ArgType::Str),
+                opt("subtree", ArgType::Bool),
                 s("notifier"),
                 opt("queue-limit", ArgType::Int),
                 opt("coalesce", ArgType::Bool),
+                opt("filter", ArgType::Object),
+                opt("min-interval-ms", ArgType::Int),
+                opt("linger", ArgType::Int),
             ]
         },
         extra: false,
         run: Run::Value(subscribe),
+    },
+    Builtin {
+        name: "__org.qomu_adopt",
+        args: || vec![s("subscription"), s("token")],
+        extra: false,
+        run: Run::Value(adopt),
     },
     Builtin {
         name: "__org.qomu_unsubscribe",
@@ -541,11 +551,16 @@ fn human_monitor_command(session: &mut Session, args: &Args) -> Result<Json, Qmp
 }
 
 fn subscribe(session: &mut Session, args: &Args) -> Result<Json, QmpError> {
+    let subtree = args.get("subtree").and_then(Json::as_bool).unwrap_or(false);
     let target = match (
         args.get("path").and_then(Json::as_str),
         args.get("type").and_then(Json::as_str),
     ) {
+        (Some(p), None) if subtree => Target::Subtree(p.to_owned()),
         (Some(p), None) => Target::Object(p.to_owned()),
+        (None, Some(_)) if subtree => {
+            return Err(QmpError::generic("'subtree' goes with 'path', not 'type'"));
+        }
         (None, Some(t)) => Target::Type(t.to_owned()),
         _ => {
             return Err(QmpError::generic(
@@ -553,32 +568,65 @@ fn subscribe(session: &mut Session, args: &Args) -> Result<Json, QmpError> {
             ));
         }
     };
-    let queue_limit = match args.get("queue-limit") {
-        None => None,
-        Some(v) => Some(v.as_u64().ok_or_else(|| {
-            QmpError::generic(format!(
-                "Parameter 'queue-limit' expects an integer between 1 and {}",
-                qom::MAX_QUEUE_LIMIT
-            ))
-        })?),
+    let number = |name: &str, max: u64| -> Result<Option<u64>, QmpError> {
+        match args.get(name) {
+            None => Ok(None),
+            Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+                QmpError::generic(format!(
+                    "Parameter '{name}' expects an integer between 1 and {max}"
+                ))
+            }),
+        }
+    };
+    let filter = match args.get("filter") {
+        None => Vec::new(),
+        Some(Json::Object(fields)) => fields
+            .iter()
+            .map(|(k, v)| {
+                Ok((
+                    k.clone(),
+                    args::to_value_of(&format!("filter.{k}"), None, v)?,
+                ))
+            })
+            .collect::<Result<_, QmpError>>()?,
+        Some(_) => {
+            return Err(QmpError::generic(
+                "Invalid parameter type for 'filter', expected: object",
+            ));
+        }
     };
     let opts = SubscribeOptions {
-        queue_limit,
+        queue_limit: number("queue-limit", qom::MAX_QUEUE_LIMIT.into())?,
         coalesce: args
             .get("coalesce")
             .and_then(Json::as_bool)
             .unwrap_or(false),
+        filter,
+        min_interval_ms: number("min-interval-ms", qom::MAX_MIN_INTERVAL_MS)?,
+        linger_s: number("linger", qom::MAX_LINGER_S)?,
     };
     let ctx = if matches!(target, Target::Type(_)) {
         Context::ClassQuery
     } else {
         Context::Lookup
     };
+    let made = session
+        .events
+        .subscriber()
+        .subscribe_full(target, str_arg(args, "notifier"), opts)
+        .map_err(|e| from_qom(&e, ctx))?;
+    Ok(match made.token {
+        Some(token) => json!({"subscription": made.path, "token": token}),
+        None => json!({"subscription": made.path}),
+    })
+}
+
+fn adopt(session: &mut Session, args: &Args) -> Result<Json, QmpError> {
     let path = session
         .events
         .subscriber()
-        .subscribe(target, str_arg(args, "notifier"), opts)
-        .map_err(|e| from_qom(&e, ctx))?;
+        .adopt(str_arg(args, "subscription"), str_arg(args, "token"))
+        .map_err(|e| from_qom(&e, Context::Lookup))?;
     Ok(json!({"subscription": path}))
 }
 

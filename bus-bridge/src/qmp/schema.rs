@@ -102,6 +102,7 @@ pub fn build(tree: &Tree) -> Json {
     }
     let notify = [
         ArgSpec::required("subscription", ArgType::Str),
+        ArgSpec::required("sequence", ArgType::Int),
         ArgSpec::required("path", ArgType::Str),
         ArgSpec::required("notifier", ArgType::Str),
         ArgSpec::required("data", ArgType::Any),

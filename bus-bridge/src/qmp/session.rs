@@ -92,7 +92,7 @@ impl EventSink {
             event.insert("event".into(), Json::String(NOTIFY_EVENT.into()));
             event.insert(
                 "data".into(),
-                json!({"subscription": &*d.subscription, "path": &*e.source, "notifier": &*e.notifier, "data": data}),
+                json!({"subscription": &*d.subscription, "sequence": d.sequence, "path": &*e.source, "notifier": &*e.notifier, "data": data}),
             );
         }
         json::write(&Json::Object(event))
