@@ -3,36 +3,41 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
-use std::sync::atomic::{AtomicIsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
 
 use qom::{
-    Field, Kind, NotifierDecl, PhasePolicy, Property, SubscribeOptions, Target, Tree, TypeInfo,
-    Value,
+    ALL, Field, Kind, NotifierDecl, PhasePolicy, Property, SubscribeOptions, Subscriber, Target,
+    Tree, TypeInfo, Value,
 };
 
-/// Counts live heap bytes, to measure the tree's memory per object.
+/// Counts live heap bytes, to measure the tree's memory per object; only while
+/// `COUNTING` is on, so that the atomic updates do not weigh on the other figures.
 struct Counting;
 static LIVE_BYTES: AtomicIsize = AtomicIsize::new(0);
+static COUNTING: AtomicBool = AtomicBool::new(false);
+
+fn count(delta: isize) {
+    if COUNTING.load(Ordering::Relaxed) {
+        LIVE_BYTES.fetch_add(delta, Ordering::Relaxed);
+    }
+}
 
 // SAFETY: every call is forwarded unchanged to the system allocator; the counter is a
 // plain atomic.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE_BYTES.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        count(layout.size() as isize);
         // SAFETY: the caller upholds `GlobalAlloc::alloc`'s contract, which we forward.
         unsafe { System.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE_BYTES.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        count(-(layout.size() as isize));
         // SAFETY: `ptr` was allocated by `System` with `layout`, as the caller guarantees.
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE_BYTES.fetch_add(
-            new_size as isize - layout.size() as isize,
-            Ordering::Relaxed,
-        );
+        count(new_size as isize - layout.size() as isize);
         // SAFETY: forwarded unchanged; the caller upholds `GlobalAlloc::realloc`'s contract.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -65,6 +70,9 @@ fn bench_tree() -> Tree {
             )),
     )
     .expect("bench type");
+    // Another type, for wide subscriptions that must not reach bench-device objects.
+    b.register(TypeInfo::new("bench-other", "bench-device").implements("user-creatable"))
+        .expect("other type");
     b.build().expect("bench tree")
 }
 
@@ -102,22 +110,30 @@ fn time_lookups(tree: &Tree, paths: &[String], total: usize) -> f64 {
     best
 }
 
-fn emit_no_subscriber() {
-    let tree = bench_tree();
-    let obj = tree
-        .create("/objects", "d", "bench-device", vec![])
-        .expect("device");
-    let tick = obj.notifier("tick").expect("tick");
-    // A subscription elsewhere on the object, so the check is the real one, not a cold path.
-    let client = tree.subscriber("bench");
-    client
-        .subscribe(
-            Target::Object("/objects/d".into()),
-            "property-changed",
-            SubscribeOptions::default(),
-        )
-        .expect("sub");
-    let n = 20_000_000u64;
+/// Wide subscriptions on objects other than `/objects/d`: a `*` subtree, a `*` object and
+/// a `*` type subscription, none of which covers it.
+fn wide_elsewhere(tree: &Tree, client: &Subscriber) {
+    tree.create("/objects", "group", "bench-device", vec![])
+        .expect("group");
+    for i in 0..10 {
+        tree.create("/objects/group", &format!("dev{i}"), "bench-device", vec![])
+            .expect("device");
+    }
+    tree.create("/objects", "other", "bench-other", vec![])
+        .expect("other");
+    for target in [
+        Target::Subtree("/objects/group".into()),
+        Target::Object("/objects/group/dev3".into()),
+        Target::Type("bench-other".into()),
+    ] {
+        client
+            .subscribe(target, ALL, SubscribeOptions::default())
+            .expect("wide sub");
+    }
+}
+
+/// Nanoseconds per `tick` emission of `/objects/d`, best of five rounds.
+fn time_emits(tick: &qom::Notifier, n: u64) -> f64 {
     let mut best = f64::MAX;
     for _ in 0..5 {
         let start = Instant::now();
@@ -126,10 +142,75 @@ fn emit_no_subscriber() {
         }
         best = best.min(start.elapsed().as_nanos() as f64 / n as f64);
     }
-    bench("emit_no_subscriber", best, "ns");
+    best
 }
 
-fn emit_with_subscribers(count: usize, name: &str) {
+fn emit_no_subscriber() {
+    let tree = bench_tree();
+    let obj = tree
+        .create("/objects", "d", "bench-device", vec![])
+        .expect("device");
+    let tick = obj.notifier("tick").expect("tick");
+    // A subscription elsewhere on the object, so the check is the real one, not a cold path,
+    // and wide-scope subscriptions on other objects of the tree.
+    let client = tree.subscriber("bench");
+    client
+        .subscribe(
+            Target::Object("/objects/d".into()),
+            "property-changed",
+            SubscribeOptions::default(),
+        )
+        .expect("sub");
+    wide_elsewhere(&tree, &client);
+    bench("emit_no_subscriber", time_emits(&tick, 20_000_000), "ns");
+}
+
+/// An event its subscription's scope matches but its filter does not: the payload is built
+/// and compared, nothing else.
+fn emit_filtered_out() {
+    let tree = bench_tree();
+    let obj = tree
+        .create("/objects", "d", "bench-device", vec![])
+        .expect("device");
+    let tick = obj.notifier("tick").expect("tick");
+    let client = tree.subscriber("bench");
+    let sub = client
+        .subscribe(
+            Target::Object("/objects/d".into()),
+            "tick",
+            SubscribeOptions {
+                filter: vec![("n".into(), Value::UInt(u64::MAX))],
+                ..SubscribeOptions::default()
+            },
+        )
+        .expect("filtered sub");
+    let filtered_out = time_emits(&tick, 5_000_000);
+    bench("emit_filtered_out", filtered_out, "ns");
+    // Of which the payload itself (the emitter's closure, one allocation), built and
+    // dropped alone: what any listener costs the emitter before qomu does anything.
+    let n = 5_000_000u64;
+    let mut payload = f64::MAX;
+    for _ in 0..5 {
+        let start = Instant::now();
+        for i in 0..n {
+            black_box(Value::map([("n", Value::UInt(black_box(i)))]));
+        }
+        payload = payload.min(start.elapsed().as_nanos() as f64 / n as f64);
+    }
+    bench("emit_payload_build", payload, "ns");
+    ratio(
+        "emit_filtered_out/emit_payload_build",
+        filtered_out / payload,
+    );
+    // It was in scope, and it let nothing through.
+    assert_eq!(tree.get(&sub, "matched").expect("matched"), Value::UInt(0));
+    assert!(client.drain().is_empty());
+}
+
+/// `count` subscriptions on `/objects/d`'s tick; with `wide`, half of them are subtree or
+/// `*` subscriptions that cover it (a `*` on it, a subtree of `/objects`, a `*` type
+/// subscription, a `*` subtree of it, in turn).
+fn emit_with_subscribers(count: usize, wide: bool, name: &str) {
     let tree = bench_tree();
     let obj = tree
         .create("/objects", "d", "bench-device", vec![])
@@ -139,13 +220,16 @@ fn emit_with_subscribers(count: usize, name: &str) {
     let clients: Vec<_> = (0..count)
         .map(|i| tree.subscriber(&format!("client{i}")))
         .collect();
-    for c in &clients {
-        c.subscribe(
-            Target::Object("/objects/d".into()),
-            "tick",
-            SubscribeOptions::default(),
-        )
-        .expect("sub");
+    for (i, c) in clients.iter().enumerate() {
+        let (target, notifier) = match (wide && i % 2 == 1, i / 2 % 4) {
+            (false, _) => (Target::Object("/objects/d".into()), "tick"),
+            (true, 0) => (Target::Object("/objects/d".into()), ALL),
+            (true, 1) => (Target::Subtree("/objects".into()), "tick"),
+            (true, 2) => (Target::Type("bench-device".into()), ALL),
+            (true, _) => (Target::Subtree("/objects/d".into()), ALL),
+        };
+        c.subscribe(target, notifier, SubscribeOptions::default())
+            .expect("sub");
     }
     let mut samples = Vec::new();
     let mut delivered = 0;
@@ -225,12 +309,14 @@ fn memory_per_object() {
     let n = 100_000;
     tree.create("/objects", "group", "bench-device", vec![])
         .expect("group");
+    COUNTING.store(true, Ordering::Relaxed);
     let before = LIVE_BYTES.load(Ordering::Relaxed);
     for i in 0..n {
         tree.create("/objects/group", &format!("dev{i}"), "bench-device", vec![])
             .expect("device");
     }
     let after = LIVE_BYTES.load(Ordering::Relaxed);
+    COUNTING.store(false, Ordering::Relaxed);
     bench(
         "tree_memory_per_object",
         (after - before) as f64 / n as f64,
@@ -268,8 +354,10 @@ fn main() {
     let started = Instant::now();
     if run("emit") {
         emit_no_subscriber();
-        emit_with_subscribers(1, "emit_1_subscriber");
-        emit_with_subscribers(1000, "emit_1000_subscribers");
+        emit_filtered_out();
+        emit_with_subscribers(1, false, "emit_1_subscriber");
+        emit_with_subscribers(1000, true, "emit_1000_subscribers");
+        emit_with_subscribers(1000, false, "emit_1000_subscribers_narrow");
     }
     if run("resolve") {
         resolve();
