@@ -1,6 +1,8 @@
 //! The scripts the original proposals promised, run unchanged against a real qomu:
 //! examples/configure.py (a VM configured from an INI file over D-Bus) and
-//! examples/dump-on-line.py and .sh (registers and RAM saved when the console says so).
+//! examples/dump-on-line.py and .sh (registers and RAM saved when the console says so),
+//! and examples/watch-peripherals.py (everything under /machine/peripheral, across a
+//! restart of the script).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -265,7 +267,13 @@ fn watching(script: &mut std::process::Child) -> String {
     let stdout = script.stdout.as_mut().expect("piped stdout");
     let mut line = Vec::new();
     let mut byte = [0u8];
-    while stdout.read(&mut byte).unwrap_or(0) == 1 {
+    loop {
+        match stdout.read(&mut byte) {
+            Ok(1) => {}
+            // A child of this process exiting can interrupt the read; it is not the end.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            _ => break,
+        }
         line.push(byte[0]);
         if byte[0] == b'\n' {
             break;
@@ -403,4 +411,112 @@ fn dump_on_line_sh_does_the_same_over_dbus() {
     );
     // `quit`: qomu ended.
     assert!(q.wait_exit(Duration::from_secs(10)).is_some(), "{said}");
+}
+
+/// Runs watch-peripherals.py until it has printed `count` events; returns what it said.
+fn watch_peripherals(q: &Qomu, state: &Path, count: u32) -> std::process::Child {
+    Command::new("python3")
+        .arg(example("watch-peripherals.py"))
+        .arg(&q.qmp)
+        .arg("--state")
+        .arg(state)
+        .args(["--linger", "60", "--timeout", "60"])
+        .args(["--count", &count.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run watch-peripherals.py")
+}
+
+/// The first line the script prints (it has subscribed or adopted).
+fn first_line(script: &mut std::process::Child) -> String {
+    use std::io::Read;
+    let stdout = script.stdout.as_mut().expect("piped stdout");
+    let mut line = Vec::new();
+    let mut byte = [0u8];
+    loop {
+        match stdout.read(&mut byte) {
+            Ok(1) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            _ => break,
+        }
+        line.push(byte[0]);
+        if byte[0] == b'\n' {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&line).into_owned()
+}
+
+fn plug(c: &mut QmpRaw, id: &str, iobase: u16, irq: u8) {
+    let r = c.cmd(
+        &json!({"execute": "device_add",
+                "arguments": {"driver": "isa-serial", "id": id, "iobase": iobase, "irq": irq}})
+        .to_string(),
+    );
+    assert_eq!(r, json!({"return": {}}), "device_add {id}");
+}
+
+#[test]
+fn watch_peripherals_py_follows_a_hotplug_and_loses_nothing_across_its_restart() {
+    if !python_modules_present(&[("qemu.qmp", "qemu.qmp")]) {
+        return;
+    }
+    let dir = TempDir::new("watch-py");
+    let state = dir.path("watch.state");
+    // No guest is needed: ISA UARTs plug and unplug at once while the VM is stopped.
+    let q = Qomu::spawn(&["-S"]);
+    let mut c = q.connect();
+    c.negotiate();
+
+    // First run: it subscribes, sees two plugs, and ends, leaving the subscription.
+    let mut script = watch_peripherals(&q, &state, 2);
+    let first = first_line(&mut script);
+    assert!(
+        first.starts_with("watching everything under /machine/peripheral"),
+        "{first}"
+    );
+    plug(&mut c, "com2", 0x2f8, 3);
+    plug(&mut c, "com3", 0x3e8, 5);
+    let out = script.wait_with_output().unwrap();
+    let said = text(&out);
+    assert!(out.status.success(), "{first}{said}");
+    assert!(
+        said.contains(r#"seq 1 /machine/peripheral child-added {"child": "/machine/peripheral/com2", "type": "isa-serial"}"#),
+        "{said}"
+    );
+    assert!(
+        said.contains("seq 2 /machine/peripheral child-added"),
+        "{said}"
+    );
+    let saved: Json = serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    let sub = saved["subscription"].as_str().unwrap().to_owned();
+    assert_eq!(get(&mut c, &sub, "lingering"), json!(true));
+
+    // Meanwhile, with nobody watching: an unplug and a plug.
+    let r = c.cmd(r#"{"execute": "device_del", "arguments": {"id": "com2"}}"#);
+    assert_eq!(r, json!({"return": {}}));
+    c.wait_event("DEVICE_DELETED");
+    plug(&mut c, "com4", 0x2e8, 6);
+
+    // Second run: it adopts the subscription and gets both, numbered on, with no gap.
+    let mut script = watch_peripherals(&q, &state, 2);
+    let first = first_line(&mut script);
+    assert_eq!(first, format!("adopted {sub}: what it queued follows\n"));
+    let out = script.wait_with_output().unwrap();
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    let lines: Vec<&str> = said.lines().collect();
+    assert!(
+        lines[0].starts_with("seq 3 /machine/peripheral child-removed")
+            && lines[0].contains("/machine/peripheral/com2"),
+        "{said}"
+    );
+    assert!(
+        lines[1].starts_with("seq 4 /machine/peripheral child-added")
+            && lines[1].contains("/machine/peripheral/com4"),
+        "{said}"
+    );
+    assert!(!said.contains("gap"), "{said}");
+    assert_eq!(get(&mut c, &sub, "dropped"), json!(0));
 }
