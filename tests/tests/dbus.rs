@@ -927,7 +927,7 @@ fn a_subscription_made_for_another_connection_is_that_connections() {
         (
             Variant::from(7u32),
             "org.freedesktop.DBus.Error.InvalidArgs",
-            "unknown or mistyped subscription option 'owner'; options are queue-limit (u), coalesce (b) and owner (s)",
+            "unknown or mistyped subscription option 'owner'; options are queue-limit (u), coalesce (b), subtree (b), filter (a{sv}), min-interval-ms (u), linger (u), envelope (b) and owner (s)",
         ),
     ] {
         let opts: HashMap<&str, Variant<'_>> = HashMap::from([("owner", value)]);
