@@ -333,8 +333,16 @@ static int use_rng(struct vdev *d) {
             }
             continue;
         }
-        if (!(mmio_read8(d->isr) & 1)) return 13; /* the ISR says "queue" once */
-        if (mmio_read8(d->isr) != 0) return 14;   /* and reading cleared it */
+        /* The ISR says "queue" once. The device publishes the used entry first and then
+         * sets the ISR and raises INTx, as the spec orders it; a driver reads the ISR in
+         * its interrupt handler, after both. Polling the used ring instead, this guest can
+         * get there between the two, so it waits for the bit (bounded) as it would wait
+         * for the interrupt. */
+        u8 isr = 0;
+        for (long spin = 0; spin < 10000000 && !(isr = mmio_read8(d->isr)); spin++) {
+        }
+        if (!(isr & 1)) return 13;
+        if (mmio_read8(d->isr) != 0) return 14; /* and reading cleared it */
     }
     if (use_msix) puts("virtio-rng: msi-x ok\n");
     int nonzero = 0, differ = 0;
