@@ -263,6 +263,13 @@ fn pattern_vm() -> Qomu {
 
 /// Reads the script's first line, `watching ...`: it has subscribed, the guest may run.
 fn watching(script: &mut std::process::Child) -> String {
+    let line = first_line(script);
+    assert!(line.starts_with("watching "), "the script said: {line:?}");
+    line
+}
+
+/// The first line a script prints, read byte by byte so that the rest stays in the pipe.
+fn first_line(script: &mut std::process::Child) -> String {
     use std::io::Read;
     let stdout = script.stdout.as_mut().expect("piped stdout");
     let mut line = Vec::new();
@@ -279,9 +286,7 @@ fn watching(script: &mut std::process::Child) -> String {
             break;
         }
     }
-    let line = String::from_utf8_lossy(&line).into_owned();
-    assert!(line.starts_with("watching "), "the script said: {line:?}");
-    line
+    String::from_utf8_lossy(&line).into_owned()
 }
 
 fn holds_the_pattern(file: &Path) {
@@ -426,26 +431,6 @@ fn watch_peripherals(q: &Qomu, state: &Path, count: u32) -> std::process::Child 
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("run watch-peripherals.py")
-}
-
-/// The first line the script prints (it has subscribed or adopted).
-fn first_line(script: &mut std::process::Child) -> String {
-    use std::io::Read;
-    let stdout = script.stdout.as_mut().expect("piped stdout");
-    let mut line = Vec::new();
-    let mut byte = [0u8];
-    loop {
-        match stdout.read(&mut byte) {
-            Ok(1) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            _ => break,
-        }
-        line.push(byte[0]);
-        if byte[0] == b'\n' {
-            break;
-        }
-    }
-    String::from_utf8_lossy(&line).into_owned()
 }
 
 fn plug(c: &mut QmpRaw, id: &str, iobase: u16, irq: u8) {
