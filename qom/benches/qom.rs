@@ -152,12 +152,18 @@ fn time_emits(tick: &qom::Notifier, n: u64) -> f64 {
     })
 }
 
-fn emit_no_subscriber() {
+/// A bench tree with one device, `/objects/d`, and its `tick` notifier.
+fn tree_with_d() -> (Tree, qom::Notifier) {
     let tree = bench_tree();
     let obj = tree
         .create("/objects", "d", "bench-device", vec![])
         .expect("device");
     let tick = obj.notifier("tick").expect("tick");
+    (tree, tick)
+}
+
+fn emit_no_subscriber() {
+    let (tree, tick) = tree_with_d();
     // A subscription elsewhere on the object, so the check is the real one, not a cold path,
     // and wide-scope subscriptions on other objects of the tree.
     let client = tree.subscriber("bench");
@@ -175,11 +181,7 @@ fn emit_no_subscriber() {
 /// An event its subscription's scope matches but its filter does not: the payload is built
 /// and compared, nothing else.
 fn emit_filtered_out() {
-    let tree = bench_tree();
-    let obj = tree
-        .create("/objects", "d", "bench-device", vec![])
-        .expect("device");
-    let tick = obj.notifier("tick").expect("tick");
+    let (tree, tick) = tree_with_d();
     let client = tree.subscriber("bench");
     let sub = client
         .subscribe(
@@ -212,11 +214,7 @@ fn emit_filtered_out() {
 /// `*` subscriptions that cover it (a `*` on it, a subtree of `/objects`, a `*` type
 /// subscription, a `*` subtree of it, in turn).
 fn emit_with_subscribers(count: usize, wide: bool, name: &str) {
-    let tree = bench_tree();
-    let obj = tree
-        .create("/objects", "d", "bench-device", vec![])
-        .expect("device");
-    let tick = obj.notifier("tick").expect("tick");
+    let (tree, tick) = tree_with_d();
     // One subscriber (connection) per subscription: the most mailboxes to fill.
     let clients: Vec<_> = (0..count)
         .map(|i| tree.subscriber(&format!("client{i}")))
