@@ -29,11 +29,11 @@ impl BusDevice for DebugExit {
         bytes[..n].copy_from_slice(&data[..n]);
         let value = u64::from_le_bytes(bytes);
         let status = exit_status(value);
-        self.notifier.emit(|| {
-            Value::map([
+        self.notifier.emit_fields(|| {
+            [
                 ("value", Value::UInt(value)),
                 ("status", Value::Int(status.into())),
-            ])
+            ]
         });
         if let Some(p) = self.platform.upgrade() {
             p.request(MachineRequest::Exit(status));

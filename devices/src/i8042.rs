@@ -27,7 +27,7 @@ impl vm_superio::Trigger for ResetLine {
     type E = std::convert::Infallible;
     fn trigger(&self) -> Result<(), Self::E> {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        self.notifier.emit(|| Value::map::<&str>([]));
+        self.notifier.emit_fields(|| []);
         if let Some(p) = self.platform.upgrade() {
             p.request(MachineRequest::Reset(ShutdownCause::GuestReset));
         }

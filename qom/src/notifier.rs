@@ -2,6 +2,8 @@
 //!
 //! A [`Notifier`] handle is what emitting code (a vCPU thread, a device) keeps. With no
 //! subscriber, [`Notifier::emit`] costs one atomic load and never builds the payload.
+//! [`Notifier::emit_fields`] takes the payload as an array of fields: filters read them
+//! where they are, and the payload map is only allocated for an event that is delivered.
 
 use std::fmt;
 use std::sync::Arc;
@@ -124,28 +126,38 @@ impl EventSlot {
         if self.mask.load(Ordering::Acquire) & mask_bit(index) == 0 {
             return;
         }
-        self.emit_slow(index, name, data);
+        self.emit_slow(index, name, Built(Some(data), None));
+    }
+
+    /// As [`EventSlot::emit`], with the payload as fields (see [`Notifier::emit_fields`]).
+    #[inline]
+    pub(crate) fn emit_fields<const N: usize>(
+        &self,
+        index: u16,
+        name: &Arc<str>,
+        fields: impl FnOnce() -> [(&'static str, Value); N],
+        check: impl Fn(&Value),
+    ) {
+        if self.mask.load(Ordering::Acquire) & mask_bit(index) == 0 {
+            return;
+        }
+        self.emit_slow(index, name, Listed::<_, _, N>(Some(fields), None, check));
     }
 
     #[cold]
-    fn emit_slow(&self, index: u16, name: &Arc<str>, data: impl FnOnce() -> Value) {
+    fn emit_slow(&self, index: u16, name: &Arc<str>, mut payload: impl Payload) {
         let subs = self.subs.read();
-        let mut data = Some(data);
-        // The payload is built for the first subscription that listens, and the event (a
+        // The payload is made for the first subscription that listens, and the event (a
         // clock read and an allocation) only once a filter lets the payload through.
-        let mut payload: Option<Value> = None;
         let mut event: Option<Arc<Event>> = None;
         for a in subs
             .iter()
             .filter(|a| a.index == index || a.index == ALL_NOTIFIERS)
         {
-            let passes =
-                match &event {
-                    Some(e) => a.sub.passes(&e.data),
-                    None => a.sub.passes(payload.get_or_insert_with(|| {
-                        data.take().map(|f| f()).unwrap_or(Value::Bool(false))
-                    })),
-                };
+            let passes = match &event {
+                Some(e) => a.sub.passes(&e.data),
+                None => a.sub.passes(payload.view()),
+            };
             if !passes {
                 continue;
             }
@@ -156,11 +168,75 @@ impl EventSlot {
                     source: self.path.clone(),
                     source_type: self.type_name.clone(),
                     notifier: name.clone(),
-                    data: payload.take().unwrap_or(Value::Bool(false)),
+                    data: payload.take(),
                 })
             });
             a.sub.deliver(event);
         }
+    }
+}
+
+/// What a filter reads of a payload: its fields by name.
+pub(crate) trait PayloadView {
+    fn field(&self, name: &str) -> Option<&Value>;
+}
+
+impl PayloadView for Value {
+    fn field(&self, name: &str) -> Option<&Value> {
+        Value::field(self, name)
+    }
+}
+
+impl<const N: usize> PayloadView for [(&'static str, Value); N] {
+    fn field(&self, name: &str) -> Option<&Value> {
+        self.iter().find(|(k, _)| *k == name).map(|(_, v)| v)
+    }
+}
+
+/// A payload not made yet: made on first look, taken into the event.
+trait Payload {
+    fn view(&mut self) -> &dyn PayloadView;
+    fn take(&mut self) -> Value;
+}
+
+/// A payload a closure builds.
+struct Built<F>(Option<F>, Option<Value>);
+
+impl<F: FnOnce() -> Value> Payload for Built<F> {
+    fn view(&mut self) -> &dyn PayloadView {
+        let f = &mut self.0;
+        self.1
+            .get_or_insert_with(|| f.take().map_or(Value::Bool(false), |f| f()))
+    }
+    fn take(&mut self) -> Value {
+        self.view();
+        self.1.take().unwrap_or(Value::Bool(false))
+    }
+}
+
+/// A payload a closure lists as fields; the map is allocated only by `take`, which hands it
+/// to the check (the schema's, in debug builds).
+struct Listed<F, C, const N: usize>(Option<F>, Option<[(&'static str, Value); N]>, C);
+
+impl<F, C, const N: usize> Payload for Listed<F, C, N>
+where
+    F: FnOnce() -> [(&'static str, Value); N],
+    C: Fn(&Value),
+{
+    fn view(&mut self) -> &dyn PayloadView {
+        let f = &mut self.0;
+        self.1.get_or_insert_with(|| {
+            f.take().map_or_else(
+                || std::array::from_fn(|_| ("", Value::Bool(false))),
+                |f| f(),
+            )
+        })
+    }
+    fn take(&mut self) -> Value {
+        self.view();
+        let value = self.1.take().map_or(Value::Bool(false), Value::map);
+        (self.2)(&value);
+        value
     }
 }
 
@@ -201,6 +277,24 @@ impl Notifier {
             );
             value
         });
+    }
+
+    /// Emits an event whose payload is a map of `fields`, which runs only if someone listens.
+    /// Filters read the fields where they are: an event every filter refuses allocates
+    /// nothing, where [`Notifier::emit`] builds the map first. For payloads of a few
+    /// fields, numbers, booleans and the like: `tick.emit_fields(|| [("n", Value::UInt(n))])`.
+    #[inline]
+    pub fn emit_fields<const N: usize>(&self, fields: impl FnOnce() -> [(&'static str, Value); N]) {
+        self.slot
+            .emit_fields(self.index, &self.decl.name, fields, |value| {
+                debug_assert!(
+                    self.decl.payload.accepts(value),
+                    "payload of {}.{} does not match {}: {value}",
+                    self.slot.path,
+                    self.decl.name,
+                    self.decl.payload.type_name()
+                );
+            });
     }
 
     /// True while at least one subscription listens to this notifier.

@@ -32,7 +32,7 @@ use parking_lot::{Condvar, Mutex, RwLock};
 use crate::builtin;
 use crate::error::{Error, Result};
 use crate::kind::Kind;
-use crate::notifier::{ALL_NOTIFIERS, Event, EventSlot, NotifierDecl};
+use crate::notifier::{ALL_NOTIFIERS, Event, EventSlot, NotifierDecl, PayloadView};
 use crate::object::{Life, ObjectRef};
 use crate::tree::{Tree, TreeInner};
 use crate::types::Class;
@@ -330,7 +330,7 @@ impl Subscription {
     /// Whether an event's payload passes the filter (checked by the emitter, before it
     /// builds the event).
     #[inline]
-    pub(crate) fn passes(&self, data: &Value) -> bool {
+    pub(crate) fn passes<P: PayloadView + ?Sized>(&self, data: &P) -> bool {
         self.filter.as_ref().is_none_or(|f| {
             f.iter()
                 .all(|(field, want)| data.field(field) == Some(want))

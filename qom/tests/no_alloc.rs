@@ -79,3 +79,53 @@ fn emitting_without_listeners_does_not_allocate() {
         .unwrap();
     assert!(allocations_during(|| tick.emit(|| Value::map([("n", Value::UInt(1))]))) > 0);
 }
+
+#[test]
+fn an_event_every_filter_refuses_allocates_nothing_with_emit_fields() {
+    let tree = test_tree();
+    let lamp = tree.create("/objects", "lamp", "lamp", vec![]).unwrap();
+    let tick = lamp.notifier("tick").unwrap();
+    let client = tree.subscriber("c");
+    // Wide scopes elsewhere, and two filtered subscriptions covering the lamp.
+    tree.create("/objects", "other", "lamp", vec![]).unwrap();
+    client
+        .subscribe(
+            Target::Object("/objects/other".into()),
+            qom::ALL,
+            SubscribeOptions::default(),
+        )
+        .unwrap();
+    for (target, n) in [
+        (Target::Object("/objects/lamp".into()), 1_000_000u64),
+        (Target::Subtree("/objects".into()), 2_000_000),
+    ] {
+        client
+            .subscribe(
+                target,
+                "tick",
+                SubscribeOptions {
+                    filter: vec![("n".into(), Value::UInt(n))],
+                    ..SubscribeOptions::default()
+                },
+            )
+            .unwrap();
+    }
+    let emit_many = || {
+        for i in 0..10_000u64 {
+            tick.emit_fields(|| [("n", Value::UInt(i))]);
+        }
+    };
+    assert_eq!(
+        allocations_during(emit_many),
+        0,
+        "every filter refused them"
+    );
+    // The same event that one filter lets through is delivered, payload and all.
+    assert!(allocations_during(|| tick.emit_fields(|| [("n", Value::UInt(1_000_000))])) > 0);
+    let got = client.drain();
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        got[0].event.data,
+        Value::map([("n", Value::UInt(1_000_000))])
+    );
+}

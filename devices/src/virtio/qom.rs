@@ -54,8 +54,7 @@ struct DriverOk(Notifier);
 
 impl VirtioEvents for DriverOk {
     fn driver_ok(&self, features: u64) {
-        self.0
-            .emit(|| Value::map([("features", Value::UInt(features))]));
+        self.0.emit_fields(|| [("features", Value::UInt(features))]);
     }
 }
 

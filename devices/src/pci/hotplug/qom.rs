@@ -25,10 +25,6 @@ pub struct Hotplug {
     tree: OnceLock<Tree>,
 }
 
-fn empty() -> Value {
-    Value::map::<&str>([])
-}
-
 impl Hotplug {
     /// The PCI device `dev` is on the bus: `plugged {bus, slot}` goes out, then, when the
     /// guest is running (`hot`), its slot is marked added and the GED raised. `plugged`
@@ -81,7 +77,7 @@ impl Hotplug {
             });
         }
         if let Ok(n) = dev.notifier("unplug-requested") {
-            n.emit(empty);
+            n.emit_fields(|| []);
         }
         books.request_removal(slot);
         drop(books);
@@ -110,7 +106,7 @@ impl Hotplug {
             .find_map(|(s, path)| (s == slot).then_some(path))?;
         let dev = self.tree.get()?.lookup(&path).ok()?;
         if let Ok(n) = dev.notifier("unplugged") {
-            n.emit(empty);
+            n.emit_fields(|| []);
         }
         Some(dev)
     }
