@@ -29,6 +29,7 @@ pub mod error;
 pub mod ged;
 pub mod i8042;
 pub mod interrupt;
+pub mod net;
 pub mod pci;
 pub mod platform;
 pub mod port80;

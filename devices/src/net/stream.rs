@@ -1,0 +1,229 @@
+//! QEMU's `-netdev stream` framing: on a stream socket, each Ethernet frame is preceded by
+//! its length as a 4-byte big-endian number, and nothing else (no vnet header). passt
+//! speaks it (Debian's `passt -s SOCKET`), which makes it the backend that needs no root.
+//!
+//! The reader and writer work on nonblocking sockets: a frame may arrive or leave in any
+//! number of pieces.
+
+use std::io::{self, Read, Write};
+
+/// Longest frame accepted: QEMU's `NET_BUFSIZE` (4096 + 65536). A longer length is a
+/// broken peer: the connection is given up.
+pub const MAX_FRAME: usize = 4096 + 65536;
+
+/// Most bytes waiting to be written before new frames are dropped (counted by the caller):
+/// a peer that stops reading never makes qomu buffer without bound.
+pub const MAX_BACKLOG: usize = 1 << 20;
+
+/// Whether the peer is still there after a read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    Open,
+    /// It closed its end (what was complete before is delivered).
+    Closed,
+}
+
+/// Frames out of a stream of bytes.
+#[derive(Debug, Default)]
+pub struct FrameReader {
+    buf: Vec<u8>,
+}
+
+impl FrameReader {
+    pub fn new() -> Self {
+        FrameReader::default()
+    }
+
+    /// Reads all the socket has now and hands each complete frame to `frame`, in order.
+    ///
+    /// # Errors
+    /// The socket's error, or `InvalidData` for a length past [`MAX_FRAME`] (or zero).
+    pub fn read_from(
+        &mut self,
+        socket: &mut impl Read,
+        mut frame: impl FnMut(&[u8]),
+    ) -> io::Result<Peer> {
+        let mut chunk = [0u8; 16384];
+        loop {
+            let n = match socket.read(&mut chunk) {
+                Ok(0) => {
+                    self.split(&mut frame)?;
+                    return Ok(Peer::Closed);
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.split(&mut frame)?;
+                    return Ok(Peer::Open);
+                }
+                Err(e) => return Err(e),
+            };
+            self.buf.extend_from_slice(&chunk[..n]);
+            self.split(&mut frame)?;
+        }
+    }
+
+    /// Hands out the complete frames at the front of the buffer.
+    fn split(&mut self, frame: &mut impl FnMut(&[u8])) -> io::Result<()> {
+        let mut at = 0;
+        while let Some(head) = self.buf.get(at..at + 4) {
+            let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+            if len == 0 || len > MAX_FRAME {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("the peer sent a frame length of {len} (at most {MAX_FRAME})"),
+                ));
+            }
+            let Some(body) = self.buf.get(at + 4..at + 4 + len) else {
+                break;
+            };
+            frame(body);
+            at += 4 + len;
+        }
+        self.buf.drain(..at);
+        Ok(())
+    }
+}
+
+/// Frames into a stream of bytes, keeping what the socket did not take yet.
+#[derive(Debug, Default)]
+pub struct FrameWriter {
+    pending: Vec<u8>,
+    written: usize,
+}
+
+impl FrameWriter {
+    pub fn new() -> Self {
+        FrameWriter::default()
+    }
+
+    /// Queues a frame made of `parts`. False (and nothing queued) when it is empty, longer
+    /// than [`MAX_FRAME`], or [`MAX_BACKLOG`] bytes already wait.
+    pub fn queue(&mut self, parts: &[&[u8]]) -> bool {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if len == 0 || len > MAX_FRAME || self.waiting() + 4 + len > MAX_BACKLOG {
+            return false;
+        }
+        self.pending.extend_from_slice(&(len as u32).to_be_bytes());
+        for p in parts {
+            self.pending.extend_from_slice(p);
+        }
+        true
+    }
+
+    /// Bytes queued and not written yet.
+    pub fn waiting(&self) -> usize {
+        self.pending.len() - self.written
+    }
+
+    /// Writes what waits, as far as the socket takes it; true once nothing waits.
+    ///
+    /// # Errors
+    /// The socket's error (not `WouldBlock`, which leaves the rest waiting).
+    pub fn flush(&mut self, socket: &mut impl Write) -> io::Result<bool> {
+        while self.written < self.pending.len() {
+            match socket.write(&self.pending[self.written..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.written += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+        self.pending.clear();
+        self.written = 0;
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+
+    fn pair() -> (UnixStream, UnixStream) {
+        let (a, b) = UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        b.set_nonblocking(true).unwrap();
+        (a, b)
+    }
+
+    #[test]
+    fn frames_arrive_whole_whatever_pieces_the_bytes_come_in() {
+        let (mut a, mut b) = pair();
+        let mut bytes = Vec::new();
+        for f in [&b"first frame"[..], &[7u8; 1500][..], b"x"] {
+            bytes.extend_from_slice(&(f.len() as u32).to_be_bytes());
+            bytes.extend_from_slice(f);
+        }
+        let mut reader = FrameReader::new();
+        let mut got: Vec<Vec<u8>> = Vec::new();
+        // One byte at a time: every split point of the length and the body.
+        for byte in &bytes {
+            a.write_all(std::slice::from_ref(byte)).unwrap();
+            let peer = reader.read_from(&mut b, |f| got.push(f.to_vec())).unwrap();
+            assert_eq!(peer, Peer::Open);
+        }
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[0], b"first frame");
+        assert_eq!(got[1], vec![7u8; 1500]);
+        assert_eq!(got[2], b"x");
+        drop(a);
+        assert_eq!(
+            reader.read_from(&mut b, |_| panic!()).unwrap(),
+            Peer::Closed
+        );
+    }
+
+    #[test]
+    fn a_length_past_the_limit_or_zero_gives_the_connection_up() {
+        for len in [0u32, (MAX_FRAME + 1) as u32, u32::MAX] {
+            let (mut a, mut b) = pair();
+            a.write_all(&len.to_be_bytes()).unwrap();
+            let e = FrameReader::new().read_from(&mut b, |_| {}).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{len}");
+        }
+    }
+
+    #[test]
+    fn written_frames_read_back_and_a_peer_that_stops_reading_costs_bounded_memory() {
+        let (mut a, mut b) = pair();
+        let mut writer = FrameWriter::new();
+        assert!(writer.queue(&[b"head", b"+body"]));
+        assert!(!writer.queue(&[]), "an empty frame");
+        assert!(!writer.queue(&[&vec![0u8; MAX_FRAME + 1]]), "too long");
+        assert!(writer.flush(&mut a).unwrap());
+        let mut got = Vec::new();
+        FrameReader::new()
+            .read_from(&mut b, |f| got.push(f.to_vec()))
+            .unwrap();
+        assert_eq!(got, [b"head+body".to_vec()]);
+        // Nobody reads b: the socket fills, the rest waits, then new frames are refused.
+        let frame = vec![1u8; 60000];
+        let mut queued = 0;
+        while writer.queue(&[&frame]) {
+            queued += 1;
+            let _ = writer.flush(&mut a).unwrap();
+            assert!(queued < 1000, "the backlog is bounded");
+        }
+        assert!(writer.waiting() <= MAX_BACKLOG);
+        assert!(!writer.flush(&mut a).unwrap(), "the socket is full");
+        // Reading on the other side lets everything through, in order and whole.
+        let mut reader = FrameReader::new();
+        let mut count = 0;
+        for _ in 0..10_000 {
+            reader
+                .read_from(&mut b, |f| {
+                    assert_eq!(f.len(), 60000);
+                    count += 1;
+                })
+                .unwrap();
+            if writer.flush(&mut a).unwrap() && count == queued {
+                break;
+            }
+        }
+        reader.read_from(&mut b, |_| count += 1).unwrap();
+        assert_eq!(count, queued);
+    }
+}
