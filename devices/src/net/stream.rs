@@ -176,6 +176,74 @@ mod tests {
         );
     }
 
+    /// The framing against a real peer: passt, run in a namespace this test made (a veth
+    /// pair inside it, 192.0.2.2/24 with a default route via 192.0.2.1, reaching nothing
+    /// outside). An ARP request for the gateway, sent as a guest would through `-netdev
+    /// stream`, gets passt's reply. Bounded waits; passt ends with the connection (`-1`).
+    #[test]
+    fn passt_answers_a_frame_sent_in_the_stream_framing() {
+        use std::time::{Duration, Instant};
+
+        use crate::net::test_netns::{Netns, arp_request, can_make_taps, have_program};
+        if !can_make_taps() || !have_program("passt", "passt") {
+            return;
+        }
+        let ns = Netns::new("passt-unit");
+        ns.routed_veth("192.0.2.2/24", "192.0.2.1");
+        let dir = std::env::temp_dir().join(format!("qomu-passt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // passt started as root runs as nobody: the socket's directory must let it write.
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .unwrap();
+        let socket = dir.join("passt.socket");
+        let mut passt = ns.spawn("passt", &["-f", "-q", "-1", "-s", socket.to_str().unwrap()]);
+        let end = Instant::now() + Duration::from_secs(10);
+        let mut stream = loop {
+            match UnixStream::connect(&socket) {
+                Ok(s) => break s,
+                Err(_) if Instant::now() < end => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => {
+                    let _ = passt.kill();
+                    let out = passt.wait_with_output().unwrap();
+                    panic!(
+                        "passt did not listen: {e}: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+            }
+        };
+        stream.set_nonblocking(true).unwrap();
+        let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+        let mut writer = FrameWriter::new();
+        assert!(writer.queue(&[&arp_request(mac, [192, 0, 2, 2], [192, 0, 2, 1])]));
+        let mut reader = FrameReader::new();
+        let mut reply = None;
+        while reply.is_none() && Instant::now() < end {
+            writer.flush(&mut stream).unwrap();
+            let peer = reader
+                .read_from(&mut stream, |f| {
+                    // An ARP reply (op 2) from 192.0.2.1 to the guest's MAC.
+                    if f.len() >= 42 && f[12..14] == [8, 6] && f[20..22] == [0, 2] {
+                        reply = Some(f.to_vec());
+                    }
+                })
+                .unwrap();
+            assert_eq!(peer, Peer::Open);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let reply = reply.expect("passt's ARP reply within 10 s");
+        assert_eq!(reply[0..6], mac);
+        assert_eq!(reply[28..32], [192, 0, 2, 1]);
+        drop(stream);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while passt.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = passt.kill();
+        let _ = passt.wait();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn a_length_past_the_limit_or_zero_gives_the_connection_up() {
         for len in [0u32, (MAX_FRAME + 1) as u32, u32::MAX] {

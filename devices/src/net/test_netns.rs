@@ -14,6 +14,19 @@ const PATIENCE: Duration = Duration::from_secs(5);
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
+/// Whether `program` can be run; where not, says why, and under CI that is a failure.
+pub fn have_program(program: &str, package: &str) -> bool {
+    if Command::new(program).arg("--version").output().is_ok() {
+        return true;
+    }
+    let why = format!("no `{program}` (Debian's {package}; scripts/test installs it)");
+    if std::env::var_os("CI").is_some() {
+        panic!("{why} (a failure under CI)");
+    }
+    eprintln!("skipped: {why}");
+    false
+}
+
 /// Whether this process may make taps and namespaces (root, /dev/net/tun, `ip`). Where it
 /// may not, says why; under CI (`CI` set) that is a failure, not a skip.
 pub fn can_make_taps() -> bool {
@@ -67,6 +80,31 @@ impl Netns {
     /// A tap name no other test of this process uses (at most 15 bytes).
     pub fn tap_name(&self) -> String {
         format!("qt{}x{}", std::process::id() % 100_000, self.n)
+    }
+
+    /// A veth pair with both ends inside the namespace: `va` with `addr` (CIDR) and a
+    /// default route via `gateway`, `vb` up. What leaves `va` arrives at `vb`: the
+    /// namespace has a routable interface (passt wants one) that reaches nothing outside.
+    pub fn routed_veth(&self, addr: &str, gateway: &str) {
+        ip(&[
+            "-n", &self.name, "link", "add", "va", "type", "veth", "peer", "name", "vb",
+        ]);
+        ip(&["-n", &self.name, "addr", "add", addr, "dev", "va"]);
+        ip(&["-n", &self.name, "link", "set", "va", "up"]);
+        ip(&["-n", &self.name, "link", "set", "vb", "up"]);
+        ip(&["-n", &self.name, "route", "add", "default", "via", gateway]);
+    }
+
+    /// Runs `program ARGS` inside the namespace.
+    pub fn spawn(&self, program: &str, args: &[&str]) -> std::process::Child {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name, program])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run in the namespace")
     }
 
     /// Moves the tap `ifname` into the namespace, gives it `addr` (CIDR) and brings it up.
