@@ -117,6 +117,9 @@ pub enum Error {
     /// The device is not realized, so it has nothing to do this with.
     #[error("{path} is not realized")]
     NotRealized { path: String },
+    /// A network backend cannot be opened or does not take an option.
+    #[error(transparent)]
+    Net(#[from] crate::net::NetError),
 }
 
 /// Result alias of the devices.

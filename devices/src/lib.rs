@@ -70,6 +70,9 @@ pub fn register_types(builder: &qom::TreeBuilder, platform: &PlatformRef) -> qom
         acpi_pm::register(platform),
         ged::register(platform),
         port80::register(platform),
+        net::netdev::register_base(),
+        net::netdev::register_tap(),
+        net::netdev::register_stream(),
     ] {
         builder.register(info)?;
     }

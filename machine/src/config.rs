@@ -23,6 +23,8 @@ pub struct MachineConfig {
     /// `--object TYPE,id=ID,...`: user objects, created before the devices (which may
     /// name them, as virtio-rng's `rng` does).
     pub objects: Vec<DeviceSpec>,
+    /// `--netdev TYPE,id=ID,...`: host network backends, created first.
+    pub netdevs: Vec<DeviceSpec>,
 }
 
 impl Default for MachineConfig {
@@ -39,6 +41,7 @@ impl Default for MachineConfig {
             rtc_base: "utc".into(),
             devices: Vec::new(),
             objects: Vec::new(),
+            netdevs: Vec::new(),
         }
     }
 }

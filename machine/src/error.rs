@@ -67,6 +67,12 @@ pub enum Error {
     MissingId,
     #[error("a device with id '{id}' exists already")]
     DuplicateId { id: String },
+    #[error("there is no netdev type '{typename}'; the types are tap and stream")]
+    NotANetdevType { typename: String },
+    #[error("a netdev with id '{id}' exists already")]
+    DuplicateNetdevId { id: String },
+    #[error("--netdev {option}: {why}")]
+    BadNetdevOption { option: String, why: &'static str },
     #[error("there is no bus '{bus}'; PCI devices go on pci.0")]
     BusNotFound { bus: String },
     #[error("{driver} is not a PCI device and cannot go on the PCI bus")]
@@ -139,6 +145,10 @@ impl Error {
             Error::InvalidId { id } => Fault::InvalidId { id: id.clone() },
             Error::MissingId => Fault::MissingId,
             Error::DuplicateId { id } => Fault::DuplicateId { id: id.clone() },
+            Error::NotANetdevType { typename } => Fault::NotANetdevType {
+                typename: typename.clone(),
+            },
+            Error::DuplicateNetdevId { id } => Fault::DuplicateNetdevId { id: id.clone() },
             Error::BusNotFound { bus } => Fault::BusNotFound { bus: bus.clone() },
             Error::NotOnPci { driver } => Fault::WrongBus {
                 driver: driver.clone(),

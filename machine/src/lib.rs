@@ -27,6 +27,7 @@ pub mod layout;
 mod lifecycle;
 mod machine;
 mod migration;
+mod netdevs;
 mod peripherals;
 mod platform;
 mod qom_types;

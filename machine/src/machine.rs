@@ -230,6 +230,9 @@ impl Machine {
         if let Some(h) = hotplug.instance::<Hotplug>() {
             let _ = self.hotplug.set(h);
         }
+        for spec in &config.netdevs {
+            self.netdev_from_spec(spec)?;
+        }
         for spec in &config.objects {
             let class = self.tree.types().get(&spec.driver)?;
             let id = spec.id.as_deref().ok_or(Error::MissingId)?;
@@ -373,6 +376,7 @@ fn build_tree(weak: &Weak<Machine>) -> Result<(Tree, ObjectRef, Notifiers)> {
     devices::register_types(&builder, &platform)?;
     qom_types::register(&builder, weak)?;
     let tree = builder.machine_type(MACHINE_TYPE).build()?;
+    tree.create("/", "netdev", qom::CONTAINER, Vec::new())?;
     let object = tree.lookup("/machine")?;
     let n = |name: &str| object.notifier(name);
     let notifiers = Notifiers {

@@ -158,6 +158,29 @@ pub(crate) fn register(builder: &TreeBuilder, weak: &Weak<Machine>) -> Result<()
         )
         .notifier(
             NotifierDecl::new(
+                "NETDEV_STREAM_CONNECTED",
+                Kind::structure(
+                    "NetdevStreamConnected",
+                    vec![
+                        Field::new("netdev-id", Kind::Str, "The stream netdev's id"),
+                        Field::new("addr", Kind::Any, "The peer's address: {type: unix, path}"),
+                    ],
+                ),
+            )
+            .description("A stream netdev's peer connected"),
+        )
+        .notifier(
+            NotifierDecl::new(
+                "NETDEV_STREAM_DISCONNECTED",
+                Kind::structure(
+                    "NetdevStreamDisconnected",
+                    vec![Field::new("netdev-id", Kind::Str, "The stream netdev's id")],
+                ),
+            )
+            .description("A stream netdev's peer went away"),
+        )
+        .notifier(
+            NotifierDecl::new(
                 "MIGRATION",
                 Kind::structure(
                     "Migration",
@@ -240,6 +263,22 @@ pub(crate) fn register(builder: &TreeBuilder, weak: &Weak<Machine>) -> Result<()
             .arg(Field::optional("id", Kind::Str, "The device's id"))
             .arg(Field::optional("bus", Kind::Str, "The bus to plug it into"))
             .arg(Field::optional("properties", Kind::Any, "The device's properties, by name")),
+        )
+        .action(
+            machine_action(weak, "netdev-add", |m, a| {
+                let props = a.get("properties").cloned().unwrap_or(Value::Map(Default::default()));
+                let id = a.get("id").and_then(Value::as_str);
+                m.netdev_add_coerced(str_arg(a, "type"), id, &props).map(|_| None)
+            })
+            .description("Add a host network backend at /netdev/<id>: tap or stream")
+            .arg(Field::new("type", Kind::Str, "The netdev type: tap or stream"))
+            .arg(Field::optional("id", Kind::Str, "The netdev's id"))
+            .arg(Field::optional("properties", Kind::Any, "The netdev's properties, by name")),
+        )
+        .action(
+            machine_action(weak, "netdev-del", |m, a| m.netdev_del(str_arg(a, "id")).map(|()| None))
+                .description("Remove a netdev, closing its backend")
+                .arg(Field::new("id", Kind::Str, "The netdev's id")),
         )
         .action(
             machine_action(weak, "device-del", |m, a| m.device_del(str_arg(a, "id")).map(|()| None))

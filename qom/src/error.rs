@@ -28,6 +28,10 @@ pub enum Fault {
     MissingId,
     /// A device with this id exists.
     DuplicateId { id: String },
+    /// `type` names no netdev type.
+    NotANetdevType { typename: String },
+    /// A netdev with this id exists.
+    DuplicateNetdevId { id: String },
     /// No bus of this name.
     BusNotFound { bus: String },
     /// The device cannot go on a bus of this kind (`PCI`).

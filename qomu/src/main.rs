@@ -51,6 +51,10 @@ struct Cli {
     /// dbus-vmstate,id=dv,addr=unix:path=/run/bus,id-list=helper1.
     #[arg(long = "object", value_name = "SPEC")]
     objects: Vec<DeviceSpec>,
+    /// Add a host network backend: tap,id=ID[,ifname=NAME] or
+    /// stream,id=ID,addr.type=unix,addr.path=PATH[,server=on] (repeatable), as QEMU's -netdev.
+    #[arg(long = "netdev", value_name = "SPEC")]
+    netdevs: Vec<DeviceSpec>,
     /// Restore a snapshot saved by `migrate file:PATH` into this machine (which must be
     /// configured as the saved one: same memory, vCPUs, devices and objects). The guest
     /// continues as it was saved, running or paused (-S keeps it paused).
@@ -304,6 +308,7 @@ fn main() -> ExitCode {
         rtc_base: cli.rtc_base,
         devices: cli.devices,
         objects: cli.objects,
+        netdevs: cli.netdevs,
     };
     let machine = match Machine::new(&config) {
         Ok(m) => m,

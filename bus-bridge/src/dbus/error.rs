@@ -135,7 +135,7 @@ fn fault_name(fault: &Fault) -> &'static str {
         Fault::NotADeviceType { .. }
         | Fault::AbstractDeviceType { .. }
         | Fault::NotPluggable { .. } => NOT_PLUGGABLE,
-        Fault::DuplicateId { .. } => DUPLICATE_ID,
+        Fault::DuplicateId { .. } | Fault::DuplicateNetdevId { .. } => DUPLICATE_ID,
         Fault::BusNotFound { .. } | Fault::WrongBus { .. } => NO_SUCH_BUS,
         Fault::SlotInUse { .. } | Fault::BusFull { .. } => SLOT_UNAVAILABLE,
         Fault::NotUnpluggable { .. } => NOT_UNPLUGGABLE,
@@ -143,6 +143,7 @@ fn fault_name(fault: &Fault) -> &'static str {
         Fault::OpenFailed { .. } | Fault::WriteFailed { .. } => IO_ERROR,
         Fault::InvalidId { .. }
         | Fault::MissingId
+        | Fault::NotANetdevType { .. }
         | Fault::BadValue { .. }
         | Fault::PropertyNotSet { .. }
         | Fault::TooLong { .. }

@@ -182,6 +182,18 @@ pub const BUILTINS: &[Builtin] = &[
         run: Run::Value(device_add),
     },
     Builtin {
+        name: "netdev_add",
+        args: || vec![s("type"), opt("id", ArgType::Str)],
+        extra: true,
+        run: Run::Value(netdev_add),
+    },
+    Builtin {
+        name: "netdev_del",
+        args: || vec![s("id")],
+        extra: false,
+        run: Run::Value(netdev_del),
+    },
+    Builtin {
         name: "human-monitor-command",
         args: || vec![s("command-line"), opt("cpu-index", ArgType::Int)],
         extra: false,
@@ -541,6 +553,91 @@ fn device_add(session: &mut Session, args: &Args) -> Result<Json, QmpError> {
         action_args.insert("properties".into(), Json::Object(properties));
     }
     call_action(session, "device-add", &action_args)
+}
+
+/// `netdev_add` with QEMU's flat arguments: `type`, `id`, the type's options, and for
+/// `stream` QEMU's `addr: {type: "unix", path}`, which becomes the netdev's `path`.
+fn netdev_add(session: &mut Session, args: &Args) -> Result<Json, QmpError> {
+    let typename = str_arg(args, "type");
+    let mut properties: Map<String, Json> = args
+        .iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "type" | "id" | "addr"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let netdev = session
+        .tree
+        .types()
+        .get(typename)
+        .ok()
+        .filter(|c| c.implements("netdev") && !c.is_abstract());
+    if let Some(class) = &netdev {
+        if typename == "stream" {
+            let addr = match args.get("addr") {
+                Some(Json::Object(addr)) => addr,
+                Some(_) => {
+                    return Err(QmpError::generic(
+                        "Invalid parameter type for 'addr', expected: object",
+                    ));
+                }
+                None if args.get("id").is_some() => {
+                    return Err(QmpError::generic("Parameter 'addr' is missing"));
+                }
+                None => &Map::new(),
+            };
+            match addr.get("type").and_then(Json::as_str) {
+                Some("unix") => {}
+                Some(other) => {
+                    return Err(QmpError::generic(format!(
+                        "stream netdev: addr.type '{other}' is not supported; qomu takes 'unix'"
+                    )));
+                }
+                None if args.get("id").is_some() => {
+                    return Err(QmpError::generic("Parameter 'addr.type' is missing"));
+                }
+                None => {}
+            }
+            match addr.get("path") {
+                Some(path) => {
+                    properties.insert("path".into(), path.clone());
+                }
+                None if args.get("id").is_some() => {
+                    return Err(QmpError::generic("Parameter 'addr.path' is missing"));
+                }
+                None => {}
+            }
+        } else if args.contains_key("addr") {
+            return Err(QmpError::generic("Parameter 'addr' is unexpected"));
+        }
+        if let Some(k) = properties.keys().find(|k| class.property(k).is_none()) {
+            return Err(QmpError::generic(format!("Parameter '{k}' is unexpected")));
+        }
+        // QEMU's netdev_add takes JSON booleans only (no keyval text, unlike device_add).
+        if let Some(k) = properties.iter().find_map(|(k, v)| {
+            let flag = class
+                .property(k)
+                .is_some_and(|p| matches!(p.kind(), qom::Kind::Bool));
+            (flag && !v.is_boolean()).then_some(k)
+        }) {
+            return Err(QmpError::generic(format!(
+                "Invalid parameter type for '{k}', expected: boolean"
+            )));
+        }
+    }
+    let mut action_args = Map::new();
+    action_args.insert("type".into(), Json::String(typename.to_owned()));
+    if let Some(id) = args.get("id") {
+        action_args.insert("id".into(), id.clone());
+    }
+    if !properties.is_empty() {
+        action_args.insert("properties".into(), Json::Object(properties));
+    }
+    call_action(session, "netdev-add", &action_args)
+}
+
+fn netdev_del(session: &mut Session, args: &Args) -> Result<Json, QmpError> {
+    let mut action_args = Map::new();
+    action_args.insert("id".into(), Json::String(str_arg(args, "id").to_owned()));
+    call_action(session, "netdev-del", &action_args)
 }
 
 fn human_monitor_command(session: &mut Session, args: &Args) -> Result<Json, QmpError> {

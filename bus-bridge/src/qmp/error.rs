@@ -155,6 +155,10 @@ fn qemu_text(fault: &Fault) -> Option<String> {
         Fault::InvalidId { .. } => "Parameter 'id' expects an identifier".into(),
         Fault::MissingId => "Parameter 'id' is missing".into(),
         Fault::DuplicateId { id } => format!("Duplicate device ID '{id}'"),
+        Fault::NotANetdevType { typename } => {
+            format!("Parameter 'type' does not accept value '{typename}'")
+        }
+        Fault::DuplicateNetdevId { id } => format!("Duplicate ID '{id}'"),
         Fault::BusNotFound { bus } => format!("Bus '{bus}' not found"),
         Fault::WrongBus { driver, bus_kind } => {
             format!("Device '{driver}' can't go on {bus_kind} bus")

@@ -8,6 +8,7 @@
 //! network namespace the test makes itself. The netdev objects, the NIC and the front ends
 //! come on top (docs/network.md says what exists so far).
 
+pub mod netdev;
 pub mod stream;
 pub mod tap;
 #[cfg(test)]
@@ -32,6 +33,23 @@ pub enum NetError {
     /// A descriptor handed over is not a tap with vnet headers.
     #[error("the file descriptor is not a usable tap: {}", reason(.0))]
     NotATap(#[source] io::Error),
+    /// A stream netdev cannot connect to its socket.
+    #[error("could not connect to '{path}': {}", reason(.source))]
+    Connect {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    /// A stream netdev cannot listen on its socket.
+    #[error("could not listen on '{path}': {}", reason(.source))]
+    Bind {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    /// An option qomu does not do, and why.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// The host's reason, as `strerror` words it (without Rust's "(os error N)").

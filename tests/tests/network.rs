@@ -1,0 +1,369 @@
+//! Netdevs end to end against a real `qomu` (`-S`, no guest): tap and stream backends
+//! added and removed over QMP, D-Bus and the command line, seen in the tree with their
+//! counters, QEMU's NETDEV_STREAM_* events, and bad requests refused with QEMU's texts.
+//!
+//! Traffic goes only to addresses inside network namespaces this test creates, every loop
+//! and wait bounded (docs/network.md).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use qomu_tests::dbus::*;
+use qomu_tests::{QmpRaw, Qomu, TempDir, require_dbus, skip};
+use serde_json::{Value as Json, json};
+use zbus::Variant;
+
+/// Root, /dev/net/tun and `ip`: what a tap in a test namespace needs.
+fn can_make_taps() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let why = if unsafe { libc::geteuid() } != 0 {
+        "not root"
+    } else if !std::path::Path::new("/dev/net/tun").exists() {
+        "no /dev/net/tun"
+    } else if Command::new("ip").arg("-V").output().is_err() {
+        "no `ip` (iproute2; scripts/test installs it)"
+    } else {
+        return true;
+    };
+    skip(&format!("cannot make taps in a test namespace: {why}"));
+    false
+}
+
+fn ip(args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(args)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// A namespace of this test's own, deleted when dropped.
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        let name = format!("qomu-{tag}-{}", std::process::id());
+        assert!(ip(&["netns", "add", &name]), "ip netns add {name}");
+        assert!(ip(&["-n", &name, "link", "set", "lo", "up"]));
+        Netns(name)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        ip(&["netns", "del", &self.0]);
+    }
+}
+
+fn session(q: &Qomu) -> QmpRaw {
+    let mut c = q.connect();
+    c.negotiate();
+    c
+}
+
+fn exec(c: &mut QmpRaw, command: &str, arguments: Json) -> Json {
+    c.cmd(&json!({"execute": command, "arguments": arguments}).to_string())
+}
+
+fn ok(c: &mut QmpRaw, command: &str, arguments: Json) -> Json {
+    let r = exec(c, command, arguments.clone());
+    assert!(r.get("return").is_some(), "{command} {arguments}: {r}");
+    r["return"].clone()
+}
+
+fn get(c: &mut QmpRaw, path: &str, property: &str) -> Json {
+    ok(c, "qom-get", json!({"path": path, "property": property}))
+}
+
+fn netdevs(c: &mut QmpRaw) -> Vec<String> {
+    ok(c, "qom-list", json!({"path": "/netdev"}))
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["type"].as_str().is_some_and(|t| t.starts_with("child<")))
+        .map(|p| p["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < end, "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One stream frame: its length, big-endian, then the bytes.
+fn frame(bytes: &[u8]) -> Vec<u8> {
+    let mut f = (bytes.len() as u32).to_be_bytes().to_vec();
+    f.extend_from_slice(bytes);
+    f
+}
+
+#[test]
+fn a_tap_netdev_moved_into_a_test_namespace_counts_what_arrives_and_goes_with_netdev_del() {
+    if !can_make_taps() {
+        return;
+    }
+    let q = Qomu::spawn(&["-S"]);
+    let mut c = session(&q);
+    let ifname = format!("qn{}", std::process::id() % 100_000);
+    ok(
+        &mut c,
+        "netdev_add",
+        json!({"type": "tap", "id": "net0", "ifname": ifname, "script": "no", "downscript": "no"}),
+    );
+    assert_eq!(get(&mut c, "/netdev/net0", "type"), "tap");
+    assert_eq!(get(&mut c, "/netdev/net0", "ifname"), ifname.as_str());
+    assert_eq!(get(&mut c, "/netdev/net0", "rx-dropped"), 0);
+    // The tap goes into a namespace of this test's, with 10.0.2.2/24; a datagram there to
+    // 10.0.2.15 makes the kernel ask for that address on the tap (ARP): the frames reach
+    // qomu, which has no NIC to give them to, and counts them.
+    let ns = Netns::new("tap-e2e");
+    assert!(ip(&["link", "set", &ifname, "netns", &ns.0]));
+    assert!(ip(&[
+        "-n",
+        &ns.0,
+        "addr",
+        "add",
+        "10.0.2.2/24",
+        "dev",
+        &ifname
+    ]));
+    assert!(ip(&["-n", &ns.0, "link", "set", &ifname, "up"]));
+    let sent = Command::new("ip")
+        .args(["netns", "exec", &ns.0, "python3", "-c"])
+        .arg(
+            "import socket\n\
+             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+             for _ in range(3): s.sendto(b'qomu', ('10.0.2.15', 5555))",
+        )
+        .output()
+        .unwrap();
+    assert!(sent.status.success(), "{sent:?}");
+    wait_for("the ARP request counted as dropped", || {
+        get(&mut c, "/netdev/net0", "rx-dropped").as_u64().unwrap() >= 1
+    });
+    assert_eq!(get(&mut c, "/netdev/net0", "rx-packets"), 0);
+    assert_eq!(get(&mut c, "/netdev/net0", "errors"), 0);
+    // netdev_del closes the tap: the kernel removes it from the namespace.
+    ok(&mut c, "netdev_del", json!({"id": "net0"}));
+    assert!(netdevs(&mut c).is_empty());
+    wait_for("the tap gone", || {
+        !ip(&["-n", &ns.0, "link", "show", &ifname])
+    });
+}
+
+#[test]
+fn a_stream_netdev_connects_counts_frames_and_tells_when_its_peer_goes() {
+    let dir = TempDir::new("net-stream");
+    let q = Qomu::spawn(&["-S"]);
+    let mut c = session(&q);
+    // As a client of a peer that listens (passt's way).
+    let path = dir.path("peer.socket");
+    let listener = UnixListener::bind(&path).unwrap();
+    ok(
+        &mut c,
+        "netdev_add",
+        json!({"type": "stream", "id": "s0", "server": false,
+               "addr": {"type": "unix", "path": path}}),
+    );
+    let (mut peer, _) = listener.accept().unwrap();
+    let e = c.wait_event("NETDEV_STREAM_CONNECTED");
+    assert_eq!(
+        e["data"],
+        json!({"netdev-id": "s0", "addr": {"type": "unix", "path": path}})
+    );
+    assert_eq!(get(&mut c, "/netdev/s0", "connected"), true);
+    assert_eq!(get(&mut c, "/netdev/s0", "path"), path.to_str().unwrap());
+    let mut bytes = frame(&[0xaa; 60]);
+    bytes.extend(frame(&[0xbb; 1514]));
+    peer.write_all(&bytes).unwrap();
+    wait_for("two frames counted", || {
+        get(&mut c, "/netdev/s0", "rx-dropped") == 2
+    });
+    drop(peer);
+    let e = c.wait_event("NETDEV_STREAM_DISCONNECTED");
+    assert_eq!(e["data"], json!({"netdev-id": "s0"}));
+    assert_eq!(get(&mut c, "/netdev/s0", "connected"), false);
+    ok(&mut c, "netdev_del", json!({"id": "s0"}));
+
+    // As a server: one peer at a time, and the socket goes with netdev_del.
+    let served = dir.path("served.socket");
+    ok(
+        &mut c,
+        "netdev_add",
+        json!({"type": "stream", "id": "s1", "server": true,
+               "addr": {"type": "unix", "path": served}}),
+    );
+    let mut sub = c.cmd(
+        r#"{"execute": "__org.qomu_subscribe", "arguments": {"path": "/netdev/s1", "notifier": "*"}}"#,
+    );
+    let sub = sub["return"]["subscription"].take();
+    for round in 0..2 {
+        let mut client = UnixStream::connect(&served).unwrap();
+        let n = c.wait_notify_of(sub.as_str().unwrap());
+        assert_eq!(n["data"]["notifier"], "peer-connected", "round {round}");
+        client.write_all(&frame(b"hello")).unwrap();
+        drop(client);
+        let n = c.wait_notify_of(sub.as_str().unwrap());
+        assert_eq!(n["data"]["notifier"], "peer-disconnected", "round {round}");
+    }
+    assert_eq!(get(&mut c, "/netdev/s1", "rx-dropped"), 2);
+    ok(&mut c, "netdev_del", json!({"id": "s1"}));
+    assert!(!served.exists(), "the listening socket is removed");
+}
+
+#[test]
+fn bad_netdev_requests_get_qemus_texts_and_change_nothing() {
+    let dir = TempDir::new("net-bad");
+    let q = Qomu::spawn(&["-S"]);
+    let mut c = session(&q);
+    let missing = dir.path("nobody.socket");
+    let before = netdevs(&mut c);
+    let mut cases = vec![
+        (
+            json!({"type": "bogus", "id": "n0"}),
+            "Parameter 'type' does not accept value 'bogus'",
+        ),
+        (json!({"type": "tap"}), "Parameter 'id' is missing"),
+        (
+            json!({"type": "tap", "id": "9bad"}),
+            "Parameter 'id' expects an identifier",
+        ),
+        (
+            json!({"type": "tap", "id": "t0", "fd": "nofd"}),
+            "File descriptor named 'nofd' has not been found",
+        ),
+        (
+            json!({"type": "tap", "id": "t0", "extra": 1}),
+            "Parameter 'extra' is unexpected",
+        ),
+        (
+            json!({"type": "stream", "id": "s0"}),
+            "Parameter 'addr' is missing",
+        ),
+        (
+            json!({"type": "stream", "id": "s0", "addr": {"type": "unix"}}),
+            "Parameter 'addr.path' is missing",
+        ),
+        (
+            json!({"type": "stream", "id": "s0", "server": "yes", "addr": {"type": "unix", "path": "/x"}}),
+            "Invalid parameter type for 'server', expected: boolean",
+        ),
+        // Where QEMU does something qomu does not, qomu says so.
+        (
+            json!({"type": "tap", "id": "t0", "script": "/etc/qemu-ifup"}),
+            "tap: script=/etc/qemu-ifup: qomu runs no interface scripts",
+        ),
+        (
+            json!({"type": "stream", "id": "s0", "addr": {"type": "inet", "host": "127.0.0.1"}}),
+            "stream netdev: addr.type 'inet' is not supported",
+        ),
+        // QEMU 7.2 accepts a stream to nothing and leaves it in "connection error".
+        (
+            json!({"type": "stream", "id": "s0", "addr": {"type": "unix", "path": missing}}),
+            "could not connect to",
+        ),
+    ];
+    if std::path::Path::new("/dev/net/tun").exists() {
+        cases.push((
+            json!({"type": "tap", "id": "t0", "ifname": "lo"}),
+            "could not configure /dev/net/tun (lo): Invalid argument",
+        ));
+    }
+    for (args, text) in cases {
+        let r = exec(&mut c, "netdev_add", args.clone());
+        assert_eq!(r["error"]["class"], "GenericError", "{args}: {r}");
+        let desc = r["error"]["desc"].as_str().unwrap();
+        assert!(desc.starts_with(text), "{args}: {desc}");
+    }
+    let r = exec(&mut c, "netdev_del", json!({"id": "nope"}));
+    assert_eq!(
+        r["error"],
+        json!({"class": "DeviceNotFound", "desc": "Device 'nope' not found"})
+    );
+    // A duplicate id, with the first one in place.
+    let listener = UnixListener::bind(dir.path("dup.socket")).unwrap();
+    let args = json!({"type": "stream", "id": "d", "addr": {"type": "unix", "path": dir.path("dup.socket")}});
+    ok(&mut c, "netdev_add", args.clone());
+    let r = exec(&mut c, "netdev_add", args);
+    assert_eq!(r["error"]["desc"], "Duplicate ID 'd'");
+    drop(listener);
+    ok(&mut c, "netdev_del", json!({"id": "d"}));
+    assert_eq!(netdevs(&mut c), before);
+    // The schema has both commands and both events.
+    let schema = ok(&mut c, "query-qmp-schema", json!({}));
+    for name in [
+        "netdev_add",
+        "netdev_del",
+        "NETDEV_STREAM_CONNECTED",
+        "NETDEV_STREAM_DISCONNECTED",
+    ] {
+        assert!(
+            schema.as_array().unwrap().iter().any(|e| e["name"] == name),
+            "{name} not in query-qmp-schema"
+        );
+    }
+}
+
+#[test]
+fn netdevs_from_the_command_line_and_over_dbus() {
+    require_dbus!();
+    let dir = TempDir::new("net-cli");
+    let served = dir.path("cli.socket");
+    let bus = SessionBus::start();
+    let spec = format!(
+        "stream,id=cli0,server=on,addr.type=unix,addr.path={}",
+        served.display()
+    );
+    let q = bus.qomu(&["-S", "--netdev", &spec]);
+    let mut qmp = session(&q);
+    assert_eq!(netdevs(&mut qmp), ["cli0"]);
+    assert_eq!(get(&mut qmp, "/netdev/cli0", "server"), true);
+    assert!(served.exists());
+
+    // Over D-Bus: the machine's NetdevAdd and NetdevDel; the netdev is an object there.
+    let c = bus.client();
+    let peer_socket = dir.path("dbus-peer.socket");
+    let listener = UnixListener::bind(&peer_socket).unwrap();
+    let props: HashMap<&str, Variant<'_>> =
+        HashMap::from([("path", Variant::from(peer_socket.to_str().unwrap()))]);
+    let opts: HashMap<&str, Variant<'_>> = HashMap::from([
+        ("id", Variant::from("db0")),
+        ("properties", Variant::from(props)),
+    ]);
+    c.ok(MACHINE, MACHINE_IFACE, "NetdevAdd", &("stream", opts));
+    let (_peer, _) = listener.accept().unwrap();
+    let path = "/org/qomu/VM1/netdev/db0";
+    wait_for("connected over D-Bus", || {
+        bool::try_from(c.get(path, "org.qomu.Type.Stream", "Connected")).unwrap()
+    });
+    assert_eq!(
+        u64::try_from(c.get(path, "org.qomu.Type.Netdev", "RxDropped")).unwrap(),
+        0
+    );
+    let e = c.err(
+        MACHINE,
+        MACHINE_IFACE,
+        "NetdevAdd",
+        &(
+            "bogus",
+            HashMap::<&str, Variant<'_>>::from([("id", Variant::from("x"))]),
+        ),
+    );
+    assert_eq!(e.name, "org.freedesktop.DBus.Error.InvalidArgs", "{e:?}");
+    c.ok(MACHINE, MACHINE_IFACE, "NetdevDel", &("db0",));
+    assert_eq!(netdevs(&mut qmp), ["cli0"]);
+
+    // A bad --netdev stops qomu before anything runs, saying why.
+    let out = Command::new(qomu_tests::qomu_binary())
+        .args(["-S", "--dbus", "none", "--netdev", "bogus,id=x"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("there is no netdev type 'bogus'"), "{said}");
+}
