@@ -48,6 +48,7 @@
 mod action;
 mod builtin;
 mod error;
+pub mod handover;
 mod kind;
 mod notifier;
 mod object;

@@ -367,3 +367,153 @@ fn netdevs_from_the_command_line_and_over_dbus() {
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(said.contains("there is no netdev type 'bogus'"), "{said}");
 }
+
+/// Sends `text` over the QMP socket with `fd` attached (SCM_RIGHTS), as libvirt does.
+fn send_with_fd(c: &mut QmpRaw, text: &str, fd: std::os::fd::RawFd) {
+    use std::os::fd::AsRawFd;
+    let mut iov = libc::iovec {
+        iov_base: text.as_ptr() as *mut libc::c_void,
+        iov_len: text.len(),
+    };
+    let mut control = [0u64; 4];
+    // SAFETY: a zeroed msghdr, pointed at live buffers; one control message with one int.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(4) as _;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(4) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>(), fd);
+        let n = libc::sendmsg(c.stream.as_raw_fd(), &msg, 0);
+        assert_eq!(n, text.len() as isize, "sendmsg");
+    }
+}
+
+/// A tap opened here, as a management daemon opens one before handing it over.
+fn open_tap(name: &str) -> std::fs::File {
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        flags: libc::c_short,
+        _pad: [u8; 22],
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .expect("open /dev/net/tun");
+    let mut req = IfReq {
+        name: [0; 16],
+        flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,
+        _pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    use std::os::fd::AsRawFd;
+    // SAFETY: TUNSETIFF on an open tun file with an ifreq-shaped struct.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
+    assert_eq!(r, 0, "TUNSETIFF {name}");
+    file
+}
+
+#[test]
+fn a_tap_handed_over_with_getfd_becomes_a_netdev_and_is_closed_with_it() {
+    if !can_make_taps() {
+        return;
+    }
+    use std::os::fd::AsRawFd;
+    let q = Qomu::spawn(&["-S"]);
+    let mut c = session(&q);
+    // getfd names what came with it; nothing came, a bad name, closefd of nothing.
+    let r = exec(&mut c, "getfd", json!({"fdname": "x"}));
+    assert_eq!(
+        r["error"]["desc"],
+        "No file descriptor supplied via SCM_RIGHTS"
+    );
+    let null = std::fs::File::open("/dev/null").unwrap();
+    send_with_fd(
+        &mut c,
+        r#"{"execute": "getfd", "arguments": {"fdname": "1st"}}"#,
+        null.as_raw_fd(),
+    );
+    assert_eq!(
+        c.reply()["error"]["desc"],
+        "Parameter 'fdname' expects a name not starting with a digit"
+    );
+    send_with_fd(
+        &mut c,
+        r#"{"execute": "getfd", "arguments": {"fdname": "nul"}}"#,
+        null.as_raw_fd(),
+    );
+    assert_eq!(c.reply(), json!({"return": {}}));
+    ok(&mut c, "closefd", json!({"fdname": "nul"}));
+    let r = exec(&mut c, "closefd", json!({"fdname": "nul"}));
+    assert_eq!(r["error"]["desc"], "File descriptor named 'nul' not found");
+    // A descriptor that is no tap: refused, and gone from the table.
+    send_with_fd(
+        &mut c,
+        r#"{"execute": "getfd", "arguments": {"fdname": "bad"}}"#,
+        null.as_raw_fd(),
+    );
+    assert_eq!(c.reply(), json!({"return": {}}));
+    let r = exec(
+        &mut c,
+        "netdev_add",
+        json!({"type": "tap", "id": "t0", "fd": "bad"}),
+    );
+    let desc = r["error"]["desc"].as_str().unwrap_or_default().to_owned();
+    // QEMU's text, with the descriptor's number in qomu.
+    assert!(
+        desc.starts_with("Unable to query TUNGETIFF on FD ")
+            && desc.ends_with(": Inappropriate ioctl for device"),
+        "{r}"
+    );
+    let r = exec(&mut c, "closefd", json!({"fdname": "bad"}));
+    assert!(r.get("error").is_some(), "{r}");
+    // A real tap, opened here: the netdev uses it, under its name.
+    let name = format!("qf{}", std::process::id() % 100_000);
+    let tap = open_tap(&name);
+    send_with_fd(
+        &mut c,
+        r#"{"execute": "getfd", "arguments": {"fdname": "tapfd"}}"#,
+        tap.as_raw_fd(),
+    );
+    assert_eq!(c.reply(), json!({"return": {}}));
+    drop(tap); // qomu holds its own copy now
+    let r = exec(
+        &mut c,
+        "netdev_add",
+        json!({"type": "tap", "id": "t1", "fd": "tapfd", "ifname": "x"}),
+    );
+    assert!(
+        r["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("invalid with fd="),
+        "{r}"
+    );
+    ok(
+        &mut c,
+        "netdev_add",
+        json!({"type": "tap", "id": "t1", "fd": "tapfd"}),
+    );
+    assert_eq!(get(&mut c, "/netdev/t1", "ifname"), name.as_str());
+    assert!(ip(&["link", "show", &name]), "the tap is there");
+    // Used once: the name is gone from the table.
+    let r = exec(
+        &mut c,
+        "netdev_add",
+        json!({"type": "tap", "id": "t2", "fd": "tapfd"}),
+    );
+    assert_eq!(
+        r["error"]["desc"],
+        "File descriptor named 'tapfd' has not been found"
+    );
+    ok(&mut c, "netdev_del", json!({"id": "t1"}));
+    wait_for("the tap closed with its netdev", || {
+        !ip(&["link", "show", &name])
+    });
+}

@@ -188,6 +188,18 @@ pub const BUILTINS: &[Builtin] = &[
         run: Run::Value(netdev_add),
     },
     Builtin {
+        name: "getfd",
+        args: || vec![s("fdname")],
+        extra: false,
+        run: Run::Value(getfd),
+    },
+    Builtin {
+        name: "closefd",
+        args: || vec![s("fdname")],
+        extra: false,
+        run: Run::Value(closefd),
+    },
+    Builtin {
         name: "netdev_del",
         args: || vec![s("id")],
         extra: false,
@@ -623,6 +635,27 @@ fn netdev_add(session: &mut Session, args: &Args) -> Result<Json, QmpError> {
             )));
         }
     }
+    // A tap by descriptor: the one this connection named with getfd goes to the tap through
+    // qom's handover table (the tap is told its token), and is this connection's no more.
+    let mut token = None;
+    if netdev.is_some()
+        && typename == "tap"
+        && let Some(Json::String(name)) = properties.get("fd")
+    {
+        if properties.contains_key("ifname") {
+            return Err(QmpError::generic(
+                "ifname=, script=, downscript=, vnet_hdr=, helper=, queues=, fds=, and vhostfds= are invalid with fd=",
+            ));
+        }
+        let Some(fd) = session.fds.remove(name.as_str()) else {
+            return Err(QmpError::generic(format!(
+                "File descriptor named '{name}' has not been found"
+            )));
+        };
+        let t = qom::handover::deposit(fd);
+        properties.insert("fd".into(), Json::String(t.clone()));
+        token = Some(t);
+    }
     let mut action_args = Map::new();
     action_args.insert("type".into(), Json::String(typename.to_owned()));
     if let Some(id) = args.get("id") {
@@ -631,7 +664,42 @@ fn netdev_add(session: &mut Session, args: &Args) -> Result<Json, QmpError> {
     if !properties.is_empty() {
         action_args.insert("properties".into(), Json::Object(properties));
     }
-    call_action(session, "netdev-add", &action_args)
+    let result = call_action(session, "netdev-add", &action_args);
+    // Refused before the tap took it: closed, as QEMU closes a descriptor it failed on.
+    if let Some(t) = token {
+        qom::handover::discard(&t);
+    }
+    result
+}
+
+/// `getfd {fdname}`: names the descriptor that came with this command (SCM_RIGHTS) in
+/// this connection's table, replacing one of the same name, as QEMU's monitor does.
+fn getfd(session: &mut Session, args: &Args) -> Result<Json, QmpError> {
+    let name = str_arg(args, "fdname");
+    if name.starts_with(|c: char| c.is_ascii_digit()) {
+        return Err(QmpError::generic(
+            "Parameter 'fdname' expects a name not starting with a digit",
+        ));
+    }
+    let Some(fd) = session.received.pop() else {
+        return Err(QmpError::generic(
+            "No file descriptor supplied via SCM_RIGHTS",
+        ));
+    };
+    session.received.clear();
+    session.fds.insert(name.to_owned(), fd);
+    Ok(json!({}))
+}
+
+/// `closefd {fdname}`: closes a descriptor `getfd` named.
+fn closefd(session: &mut Session, args: &Args) -> Result<Json, QmpError> {
+    let name = str_arg(args, "fdname");
+    match session.fds.remove(name) {
+        Some(_) => Ok(json!({})),
+        None => Err(QmpError::generic(format!(
+            "File descriptor named '{name}' not found"
+        ))),
+    }
 }
 
 fn netdev_del(session: &mut Session, args: &Args) -> Result<Json, QmpError> {

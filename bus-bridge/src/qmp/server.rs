@@ -219,7 +219,61 @@ fn wait_readable(socket: &UnixStream, wake: &UnixStream) -> (bool, bool) {
     (fds[0].revents != 0, fds[1].revents != 0)
 }
 
-fn serve(shared: &Shared, mut stream: UnixStream, id: u64) -> io::Result<()> {
+/// Most descriptors taken from one message (QEMU's monitor takes one per `getfd`).
+const MAX_FDS_PER_MESSAGE: usize = 16;
+
+/// Reads what the client sent, with the file descriptors that came along (SCM_RIGHTS, as
+/// `getfd` wants them), close-on-exec.
+fn recv_with_fds(
+    stream: &UnixStream,
+    buf: &mut [u8],
+) -> io::Result<(usize, Vec<std::os::fd::OwnedFd>)> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    const SPACE: usize = MAX_FDS_PER_MESSAGE * std::mem::size_of::<libc::c_int>();
+    // Room for one control message of SPACE bytes, aligned as cmsghdr wants.
+    let mut control = [0u64; (SPACE + 64) / 8];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: a zeroed msghdr is valid; its pointers are set to live buffers below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
+    let n = loop {
+        // SAFETY: `msg` points at `iov` and `control`, which outlive the call.
+        let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n >= 0 {
+            break n as usize;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    };
+    let mut fds = Vec::new();
+    // SAFETY: walking the control messages recvmsg filled in, within msg_controllen.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(cmsg).cast::<libc::c_int>();
+                let len = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                for i in 0..len / std::mem::size_of::<libc::c_int>() {
+                    let fd = std::ptr::read_unaligned(data.add(i));
+                    // Each received descriptor is new and ours alone.
+                    fds.push(OwnedFd::from_raw_fd(fd));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    Ok((n, fds))
+}
+
+fn serve(shared: &Shared, stream: UnixStream, id: u64) -> io::Result<()> {
     let (wake_rx, wake_tx) = UnixStream::pair()?;
     wake_tx.set_nonblocking(true)?;
     wake_rx.set_nonblocking(true)?;
@@ -255,9 +309,12 @@ fn serve(shared: &Shared, mut stream: UnixStream, id: u64) -> io::Result<()> {
         if !input {
             continue;
         }
-        let n = match stream.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
+        let n = match recv_with_fds(&stream, &mut buf) {
+            Ok((0, _)) | Err(_) => break,
+            Ok((n, fds)) => {
+                session.received_fds(fds);
+                n
+            }
         };
         conn.busy.store(true, Ordering::Release);
         for reply in session.feed(&buf[..n]) {

@@ -2,7 +2,7 @@
 //! dispatch checks, and events. Transport-free: the server feeds it bytes and writes what
 //! it returns, and the tests and the fuzz test drive it directly.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
@@ -112,6 +112,10 @@ pub struct Session {
     pub(crate) events: Arc<EventSink>,
     negotiated: bool,
     streamer: Streamer,
+    /// The descriptors that came with the client's last message (SCM_RIGHTS), for `getfd`.
+    pub(crate) received: Vec<std::os::fd::OwnedFd>,
+    /// This connection's named descriptors (`getfd`), as QEMU keeps them per monitor.
+    pub(crate) fds: HashMap<String, std::os::fd::OwnedFd>,
 }
 
 impl Session {
@@ -126,6 +130,16 @@ impl Session {
             }),
             negotiated: false,
             streamer: Streamer::new(),
+            received: Vec::new(),
+            fds: HashMap::new(),
+        }
+    }
+
+    /// Descriptors that came with the client's latest bytes; they replace any still unnamed
+    /// (QEMU keeps the last one a message brought).
+    pub fn received_fds(&mut self, fds: Vec<std::os::fd::OwnedFd>) {
+        if !fds.is_empty() {
+            self.received = fds;
         }
     }
 

@@ -30,9 +30,16 @@ pub enum NetError {
         #[source]
         source: io::Error,
     },
-    /// A descriptor handed over is not a tap with vnet headers.
+    /// A descriptor handed over is not a tap at all (QEMU's text).
+    #[error("Unable to query TUNGETIFF on FD {fd}: {}", reason(.source))]
+    NotATap {
+        fd: i32,
+        #[source]
+        source: io::Error,
+    },
+    /// A tap handed over that qomu cannot use as it is.
     #[error("the file descriptor is not a usable tap: {}", reason(.0))]
-    NotATap(#[source] io::Error),
+    UnusableTap(#[source] io::Error),
     /// A stream netdev cannot connect to its socket.
     #[error("could not connect to '{path}': {}", reason(.source))]
     Connect {

@@ -177,7 +177,8 @@ fn text(o: &ObjectRef, name: &str) -> qom::Result<String> {
 
 /// QEMU's tap options that mean something else here, refused with why (nothing is opened):
 /// qomu runs no ifup/ifdown scripts, has no vhost-net, and keeps vnet headers on; a file
-/// descriptor comes by name from `getfd`, which has none to give yet.
+/// descriptor comes by name from QMP's `getfd` (the front end turns the name into a
+/// handover token), not from the command line or D-Bus.
 ///
 /// # Errors
 /// [`crate::Error::Net`] naming the option, or a property that cannot be read.
@@ -206,7 +207,8 @@ pub fn check_tap_options(o: &ObjectRef) -> qom::Result<()> {
         ));
     }
     let fd = text(o, "fd")?;
-    if !fd.is_empty() {
+    if !fd.is_empty() && !fd.starts_with(qom::handover::TOKEN_PREFIX) {
+        // A name the front end did not turn into a descriptor (the command line, D-Bus).
         return Err(refuse(format!(
             "File descriptor named '{fd}' has not been found"
         )));
@@ -252,12 +254,22 @@ pub(crate) fn register_tap() -> qom::TypeInfo {
         .property(
             Property::new("fd", Kind::Str)
                 .policy(PhasePolicy::BeforeRealize)
-                .description("An open tap by the name getfd gave it"),
+                .description("An open tap: over QMP, the name getfd gave it"),
         )
         .realize(|dev, o| {
             check_tap_options(o)?;
-            let asked = dev.ifname.lock().clone();
-            let tap = Tap::open(&asked).map_err(crate::Error::Net)?;
+            let fd = text(o, "fd")?;
+            let tap = if fd.is_empty() {
+                Tap::open(&dev.ifname.lock().clone())
+            } else {
+                let handed = qom::handover::take(&fd).ok_or_else(|| {
+                    qom::Error::from(crate::Error::Net(NetError::Unsupported(
+                        "the file descriptor handed over was taken already".into(),
+                    )))
+                })?;
+                Tap::from_fd(handed)
+            }
+            .map_err(crate::Error::Net)?;
             *dev.ifname.lock() = tap.ifname().to_owned();
             let counters = dev.counters.clone();
             Ok(start_worker(o, dev, move |stop| {

@@ -103,11 +103,14 @@ impl Tap {
         let mut req = IfReq::new("", 0);
         // SAFETY: TUNGETIFF writes an `ifreq`, which `req` is laid out as.
         if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNGETIFF, &mut req) } < 0 {
-            return Err(NetError::NotATap(io::Error::last_os_error()));
+            return Err(NetError::NotATap {
+                fd: file.as_raw_fd(),
+                source: io::Error::last_os_error(),
+            });
         }
         let flags = libc::c_int::from(req.flags);
         if flags & libc::IFF_TAP == 0 || flags & libc::IFF_VNET_HDR == 0 {
-            return Err(NetError::NotATap(io::Error::other(
+            return Err(NetError::UnusableTap(io::Error::other(
                 "a tap opened with IFF_TAP and IFF_VNET_HDR is needed",
             )));
         }
@@ -115,14 +118,14 @@ impl Tap {
         unsafe {
             let fl = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
             if fl < 0 || libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) < 0 {
-                return Err(NetError::NotATap(io::Error::last_os_error()));
+                return Err(NetError::UnusableTap(io::Error::last_os_error()));
             }
         }
         let tap = Tap {
             file,
             ifname: req.name(),
         };
-        tap.set_vnet_hdr_len().map_err(NetError::NotATap)?;
+        tap.set_vnet_hdr_len().map_err(NetError::UnusableTap)?;
         Ok(tap)
     }
 
@@ -224,7 +227,12 @@ mod tests {
     fn a_descriptor_that_is_no_tap_is_refused() {
         let f = File::open("/dev/null").unwrap();
         let e = Tap::from_fd(OwnedFd::from(f)).unwrap_err();
-        assert!(matches!(e, NetError::NotATap(_)), "{e:?}");
+        assert!(
+            e.to_string()
+                .starts_with("Unable to query TUNGETIFF on FD ")
+                && e.to_string().ends_with(": Inappropriate ioctl for device"),
+            "{e}"
+        );
     }
 
     /// The guest's side of a tap moved into a namespace this test made, with an address
