@@ -476,12 +476,28 @@ impl Qomu {
     pub fn connect(&self) -> QmpRaw {
         QmpRaw::connect(&self.qmp)
     }
+
+    /// A connection that has negotiated capabilities.
+    pub fn session(&self) -> QmpRaw {
+        let mut c = self.connect();
+        c.negotiate();
+        c
+    }
 }
 
 impl Drop for Qomu {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Polls `f` every 20 ms until it holds; panics with `what` after 60 s.
+pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -597,6 +613,37 @@ impl QmpRaw {
                 && e["data"]["notifier"] == notifier
                 && e["data"]["path"] == path
         })
+    }
+
+    /// Runs `command` with `arguments`; its reply, return or error.
+    pub fn execute(&mut self, command: &str, arguments: serde_json::Value) -> serde_json::Value {
+        self.cmd(&serde_json::json!({"execute": command, "arguments": arguments}).to_string())
+    }
+
+    /// Runs a command that must succeed; what it returned.
+    pub fn ok(&mut self, command: &str, arguments: serde_json::Value) -> serde_json::Value {
+        let r = self.execute(command, arguments.clone());
+        assert!(r.get("return").is_some(), "{command} {arguments}: {r}");
+        r["return"].clone()
+    }
+
+    /// `qom-get`, which must succeed.
+    pub fn qom_get(&mut self, path: &str, property: &str) -> serde_json::Value {
+        self.ok(
+            "qom-get",
+            serde_json::json!({"path": path, "property": property}),
+        )
+    }
+
+    /// The names of `path`'s children (its `child<>` properties), as qom-list gives them.
+    pub fn children(&mut self, path: &str) -> Vec<String> {
+        self.ok("qom-list", serde_json::json!({"path": path}))
+            .as_array()
+            .expect("qom-list")
+            .iter()
+            .filter(|p| p["type"].as_str().is_some_and(|t| t.starts_with("child<")))
+            .map(|p| p["name"].as_str().unwrap_or_default().to_owned())
+            .collect()
     }
 
     /// The next `__org.qomu_NOTIFY` event of subscription `sub`, whole (others stay queued).

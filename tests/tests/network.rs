@@ -9,11 +9,10 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use qomu_tests::dbus::*;
-use qomu_tests::{QmpRaw, Qomu, TempDir, require_dbus, skip};
-use serde_json::{Value as Json, json};
+use qomu_tests::{QmpRaw, Qomu, TempDir, require_dbus, skip, wait_until};
+use serde_json::json;
 use zbus::Variant;
 
 /// Root, /dev/net/tun and `ip`: what a tap in a test namespace needs.
@@ -57,42 +56,8 @@ impl Drop for Netns {
     }
 }
 
-fn session(q: &Qomu) -> QmpRaw {
-    let mut c = q.connect();
-    c.negotiate();
-    c
-}
-
-fn exec(c: &mut QmpRaw, command: &str, arguments: Json) -> Json {
-    c.cmd(&json!({"execute": command, "arguments": arguments}).to_string())
-}
-
-fn ok(c: &mut QmpRaw, command: &str, arguments: Json) -> Json {
-    let r = exec(c, command, arguments.clone());
-    assert!(r.get("return").is_some(), "{command} {arguments}: {r}");
-    r["return"].clone()
-}
-
-fn get(c: &mut QmpRaw, path: &str, property: &str) -> Json {
-    ok(c, "qom-get", json!({"path": path, "property": property}))
-}
-
 fn netdevs(c: &mut QmpRaw) -> Vec<String> {
-    ok(c, "qom-list", json!({"path": "/netdev"}))
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|p| p["type"].as_str().is_some_and(|t| t.starts_with("child<")))
-        .map(|p| p["name"].as_str().unwrap().to_owned())
-        .collect()
-}
-
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(Instant::now() < end, "{what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    c.children("/netdev")
 }
 
 /// One stream frame: its length, big-endian, then the bytes.
@@ -108,16 +73,15 @@ fn a_tap_netdev_moved_into_a_test_namespace_counts_what_arrives_and_goes_with_ne
         return;
     }
     let q = Qomu::spawn(&["-S"]);
-    let mut c = session(&q);
+    let mut c = q.session();
     let ifname = format!("qn{}", std::process::id() % 100_000);
-    ok(
-        &mut c,
+    c.ok(
         "netdev_add",
         json!({"type": "tap", "id": "net0", "ifname": ifname, "script": "no", "downscript": "no"}),
     );
-    assert_eq!(get(&mut c, "/netdev/net0", "type"), "tap");
-    assert_eq!(get(&mut c, "/netdev/net0", "ifname"), ifname.as_str());
-    assert_eq!(get(&mut c, "/netdev/net0", "rx-dropped"), 0);
+    assert_eq!(c.qom_get("/netdev/net0", "type"), "tap");
+    assert_eq!(c.qom_get("/netdev/net0", "ifname"), ifname.as_str());
+    assert_eq!(c.qom_get("/netdev/net0", "rx-dropped"), 0);
     // The tap goes into a namespace of this test's, with 10.0.2.2/24; a datagram there to
     // 10.0.2.15 makes the kernel ask for that address on the tap (ARP): the frames reach
     // qomu, which has no NIC to give them to, and counts them.
@@ -143,15 +107,15 @@ fn a_tap_netdev_moved_into_a_test_namespace_counts_what_arrives_and_goes_with_ne
         .output()
         .unwrap();
     assert!(sent.status.success(), "{sent:?}");
-    wait_for("the ARP request counted as dropped", || {
-        get(&mut c, "/netdev/net0", "rx-dropped").as_u64().unwrap() >= 1
+    wait_until("the ARP request counted as dropped", || {
+        c.qom_get("/netdev/net0", "rx-dropped").as_u64().unwrap() >= 1
     });
-    assert_eq!(get(&mut c, "/netdev/net0", "rx-packets"), 0);
-    assert_eq!(get(&mut c, "/netdev/net0", "errors"), 0);
+    assert_eq!(c.qom_get("/netdev/net0", "rx-packets"), 0);
+    assert_eq!(c.qom_get("/netdev/net0", "errors"), 0);
     // netdev_del closes the tap: the kernel removes it from the namespace.
-    ok(&mut c, "netdev_del", json!({"id": "net0"}));
+    c.ok("netdev_del", json!({"id": "net0"}));
     assert!(netdevs(&mut c).is_empty());
-    wait_for("the tap gone", || {
+    wait_until("the tap gone", || {
         !ip(&["-n", &ns.0, "link", "show", &ifname])
     });
 }
@@ -160,12 +124,11 @@ fn a_tap_netdev_moved_into_a_test_namespace_counts_what_arrives_and_goes_with_ne
 fn a_stream_netdev_connects_counts_frames_and_tells_when_its_peer_goes() {
     let dir = TempDir::new("net-stream");
     let q = Qomu::spawn(&["-S"]);
-    let mut c = session(&q);
+    let mut c = q.session();
     // As a client of a peer that listens (passt's way).
     let path = dir.path("peer.socket");
     let listener = UnixListener::bind(&path).unwrap();
-    ok(
-        &mut c,
+    c.ok(
         "netdev_add",
         json!({"type": "stream", "id": "s0", "server": false,
                "addr": {"type": "unix", "path": path}}),
@@ -176,24 +139,23 @@ fn a_stream_netdev_connects_counts_frames_and_tells_when_its_peer_goes() {
         e["data"],
         json!({"netdev-id": "s0", "addr": {"type": "unix", "path": path}})
     );
-    assert_eq!(get(&mut c, "/netdev/s0", "connected"), true);
-    assert_eq!(get(&mut c, "/netdev/s0", "path"), path.to_str().unwrap());
+    assert_eq!(c.qom_get("/netdev/s0", "connected"), true);
+    assert_eq!(c.qom_get("/netdev/s0", "path"), path.to_str().unwrap());
     let mut bytes = frame(&[0xaa; 60]);
     bytes.extend(frame(&[0xbb; 1514]));
     peer.write_all(&bytes).unwrap();
-    wait_for("two frames counted", || {
-        get(&mut c, "/netdev/s0", "rx-dropped") == 2
+    wait_until("two frames counted", || {
+        c.qom_get("/netdev/s0", "rx-dropped") == 2
     });
     drop(peer);
     let e = c.wait_event("NETDEV_STREAM_DISCONNECTED");
     assert_eq!(e["data"], json!({"netdev-id": "s0"}));
-    assert_eq!(get(&mut c, "/netdev/s0", "connected"), false);
-    ok(&mut c, "netdev_del", json!({"id": "s0"}));
+    assert_eq!(c.qom_get("/netdev/s0", "connected"), false);
+    c.ok("netdev_del", json!({"id": "s0"}));
 
     // As a server: one peer at a time, and the socket goes with netdev_del.
     let served = dir.path("served.socket");
-    ok(
-        &mut c,
+    c.ok(
         "netdev_add",
         json!({"type": "stream", "id": "s1", "server": true,
                "addr": {"type": "unix", "path": served}}),
@@ -211,8 +173,8 @@ fn a_stream_netdev_connects_counts_frames_and_tells_when_its_peer_goes() {
         let n = c.wait_notify_of(sub.as_str().unwrap());
         assert_eq!(n["data"]["notifier"], "peer-disconnected", "round {round}");
     }
-    assert_eq!(get(&mut c, "/netdev/s1", "rx-dropped"), 2);
-    ok(&mut c, "netdev_del", json!({"id": "s1"}));
+    assert_eq!(c.qom_get("/netdev/s1", "rx-dropped"), 2);
+    c.ok("netdev_del", json!({"id": "s1"}));
     assert!(!served.exists(), "the listening socket is removed");
 }
 
@@ -220,7 +182,7 @@ fn a_stream_netdev_connects_counts_frames_and_tells_when_its_peer_goes() {
 fn bad_netdev_requests_get_qemus_texts_and_change_nothing() {
     let dir = TempDir::new("net-bad");
     let q = Qomu::spawn(&["-S"]);
-    let mut c = session(&q);
+    let mut c = q.session();
     let missing = dir.path("nobody.socket");
     let before = netdevs(&mut c);
     let mut cases = vec![
@@ -275,12 +237,12 @@ fn bad_netdev_requests_get_qemus_texts_and_change_nothing() {
         ));
     }
     for (args, text) in cases {
-        let r = exec(&mut c, "netdev_add", args.clone());
+        let r = c.execute("netdev_add", args.clone());
         assert_eq!(r["error"]["class"], "GenericError", "{args}: {r}");
         let desc = r["error"]["desc"].as_str().unwrap();
         assert!(desc.starts_with(text), "{args}: {desc}");
     }
-    let r = exec(&mut c, "netdev_del", json!({"id": "nope"}));
+    let r = c.execute("netdev_del", json!({"id": "nope"}));
     assert_eq!(
         r["error"],
         json!({"class": "DeviceNotFound", "desc": "Device 'nope' not found"})
@@ -288,14 +250,14 @@ fn bad_netdev_requests_get_qemus_texts_and_change_nothing() {
     // A duplicate id, with the first one in place.
     let listener = UnixListener::bind(dir.path("dup.socket")).unwrap();
     let args = json!({"type": "stream", "id": "d", "addr": {"type": "unix", "path": dir.path("dup.socket")}});
-    ok(&mut c, "netdev_add", args.clone());
-    let r = exec(&mut c, "netdev_add", args);
+    c.ok("netdev_add", args.clone());
+    let r = c.execute("netdev_add", args);
     assert_eq!(r["error"]["desc"], "Duplicate ID 'd'");
     drop(listener);
-    ok(&mut c, "netdev_del", json!({"id": "d"}));
+    c.ok("netdev_del", json!({"id": "d"}));
     assert_eq!(netdevs(&mut c), before);
     // The schema has both commands and both events.
-    let schema = ok(&mut c, "query-qmp-schema", json!({}));
+    let schema = c.ok("query-qmp-schema", json!({}));
     for name in [
         "netdev_add",
         "netdev_del",
@@ -320,9 +282,9 @@ fn netdevs_from_the_command_line_and_over_dbus() {
         served.display()
     );
     let q = bus.qomu(&["-S", "--netdev", &spec]);
-    let mut qmp = session(&q);
+    let mut qmp = q.session();
     assert_eq!(netdevs(&mut qmp), ["cli0"]);
-    assert_eq!(get(&mut qmp, "/netdev/cli0", "server"), true);
+    assert_eq!(qmp.qom_get("/netdev/cli0", "server"), true);
     assert!(served.exists());
 
     // Over D-Bus: the machine's NetdevAdd and NetdevDel; the netdev is an object there.
@@ -338,7 +300,7 @@ fn netdevs_from_the_command_line_and_over_dbus() {
     c.ok(MACHINE, MACHINE_IFACE, "NetdevAdd", &("stream", opts));
     let (_peer, _) = listener.accept().unwrap();
     let path = "/org/qomu/VM1/netdev/db0";
-    wait_for("connected over D-Bus", || {
+    wait_until("connected over D-Bus", || {
         bool::try_from(c.get(path, "org.qomu.Type.Stream", "Connected")).unwrap()
     });
     assert_eq!(
@@ -426,9 +388,9 @@ fn a_tap_handed_over_with_getfd_becomes_a_netdev_and_is_closed_with_it() {
     }
     use std::os::fd::AsRawFd;
     let q = Qomu::spawn(&["-S"]);
-    let mut c = session(&q);
+    let mut c = q.session();
     // getfd names what came with it; nothing came, a bad name, closefd of nothing.
-    let r = exec(&mut c, "getfd", json!({"fdname": "x"}));
+    let r = c.execute("getfd", json!({"fdname": "x"}));
     assert_eq!(
         r["error"]["desc"],
         "No file descriptor supplied via SCM_RIGHTS"
@@ -449,8 +411,8 @@ fn a_tap_handed_over_with_getfd_becomes_a_netdev_and_is_closed_with_it() {
         null.as_raw_fd(),
     );
     assert_eq!(c.reply(), json!({"return": {}}));
-    ok(&mut c, "closefd", json!({"fdname": "nul"}));
-    let r = exec(&mut c, "closefd", json!({"fdname": "nul"}));
+    c.ok("closefd", json!({"fdname": "nul"}));
+    let r = c.execute("closefd", json!({"fdname": "nul"}));
     assert_eq!(r["error"]["desc"], "File descriptor named 'nul' not found");
     // A descriptor that is no tap: refused, and gone from the table.
     send_with_fd(
@@ -459,8 +421,7 @@ fn a_tap_handed_over_with_getfd_becomes_a_netdev_and_is_closed_with_it() {
         null.as_raw_fd(),
     );
     assert_eq!(c.reply(), json!({"return": {}}));
-    let r = exec(
-        &mut c,
+    let r = c.execute(
         "netdev_add",
         json!({"type": "tap", "id": "t0", "fd": "bad"}),
     );
@@ -471,7 +432,7 @@ fn a_tap_handed_over_with_getfd_becomes_a_netdev_and_is_closed_with_it() {
             && desc.ends_with(": Inappropriate ioctl for device"),
         "{r}"
     );
-    let r = exec(&mut c, "closefd", json!({"fdname": "bad"}));
+    let r = c.execute("closefd", json!({"fdname": "bad"}));
     assert!(r.get("error").is_some(), "{r}");
     // A real tap, opened here: the netdev uses it, under its name.
     let name = format!("qf{}", std::process::id() % 100_000);
@@ -483,8 +444,7 @@ fn a_tap_handed_over_with_getfd_becomes_a_netdev_and_is_closed_with_it() {
     );
     assert_eq!(c.reply(), json!({"return": {}}));
     drop(tap); // qomu holds its own copy now
-    let r = exec(
-        &mut c,
+    let r = c.execute(
         "netdev_add",
         json!({"type": "tap", "id": "t1", "fd": "tapfd", "ifname": "x"}),
     );
@@ -495,16 +455,14 @@ fn a_tap_handed_over_with_getfd_becomes_a_netdev_and_is_closed_with_it() {
             .contains("invalid with fd="),
         "{r}"
     );
-    ok(
-        &mut c,
+    c.ok(
         "netdev_add",
         json!({"type": "tap", "id": "t1", "fd": "tapfd"}),
     );
-    assert_eq!(get(&mut c, "/netdev/t1", "ifname"), name.as_str());
+    assert_eq!(c.qom_get("/netdev/t1", "ifname"), name.as_str());
     assert!(ip(&["link", "show", &name]), "the tap is there");
     // Used once: the name is gone from the table.
-    let r = exec(
-        &mut c,
+    let r = c.execute(
         "netdev_add",
         json!({"type": "tap", "id": "t2", "fd": "tapfd"}),
     );
@@ -512,8 +470,8 @@ fn a_tap_handed_over_with_getfd_becomes_a_netdev_and_is_closed_with_it() {
         r["error"]["desc"],
         "File descriptor named 'tapfd' has not been found"
     );
-    ok(&mut c, "netdev_del", json!({"id": "t1"}));
-    wait_for("the tap closed with its netdev", || {
+    c.ok("netdev_del", json!({"id": "t1"}));
+    wait_until("the tap closed with its netdev", || {
         !ip(&["link", "show", &name])
     });
 }

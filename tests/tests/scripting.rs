@@ -6,11 +6,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use qomu_tests::dbus::SessionBus;
 use qomu_tests::{
     QmpRaw, Qomu, TempDir, python_modules_present, qomu_binary, require_dbus, require_kvm,
+    wait_until,
 };
 use serde_json::{Value as Json, json};
 
@@ -30,33 +31,6 @@ fn text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
-}
-
-fn get(c: &mut QmpRaw, path: &str, property: &str) -> Json {
-    c.cmd(
-        &json!({"execute": "qom-get", "arguments": {"path": path, "property": property}})
-            .to_string(),
-    )["return"]
-        .clone()
-}
-
-fn peripherals(c: &mut QmpRaw) -> Vec<String> {
-    let r = c.cmd(r#"{"execute": "qom-list", "arguments": {"path": "/machine/peripheral"}}"#);
-    r["return"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|p| p["type"].as_str().is_some_and(|t| t.starts_with("child<")))
-        .map(|p| p["name"].as_str().unwrap().to_owned())
-        .collect()
-}
-
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !f() {
-        assert!(Instant::now() < deadline, "{what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// An INI file for configure.py: the hello guest with 96 MiB, 3 vCPUs and a command line,
@@ -136,7 +110,7 @@ fn configure_py_boots_the_guest_the_ini_file_describes() {
         assert!(said.contains(line), "no '{line}' in:\n{said}");
     }
     // The guest's own report: what it found is what the file said.
-    wait_for("the guest's report", || {
+    wait_until("the guest's report", || {
         std::fs::read_to_string(&console)
             .unwrap_or_default()
             .contains("exiting with code 0")
@@ -149,10 +123,10 @@ fn configure_py_boots_the_guest_the_ini_file_describes() {
     ] {
         assert!(guest_said.contains(line), "no '{line}' in:\n{guest_said}");
     }
-    assert_eq!(get(&mut c, "/machine", "name"), json!("configured-vm"));
-    assert_eq!(peripherals(&mut c), ["disk0", "rng0"]);
+    assert_eq!(c.qom_get("/machine", "name"), json!("configured-vm"));
+    assert_eq!(c.children("/machine/peripheral"), ["disk0", "rng0"]);
     assert_eq!(
-        get(&mut c, "/machine/peripheral/disk0", "serial"),
+        c.qom_get("/machine/peripheral/disk0", "serial"),
         json!("INI-0001")
     );
     c.cmd(r#"{"execute": "quit"}"#);
@@ -215,10 +189,10 @@ fn configure_py_reports_a_broken_file_by_line_and_changes_nothing() {
             c.cmd(r#"{"execute": "query-status"}"#)["return"]["status"],
             "prelaunch"
         );
-        assert_eq!(get(&mut c, "/machine", "memory-size"), json!(256 << 20));
-        assert_eq!(get(&mut c, "/machine", "cpus"), json!(1));
-        assert_eq!(get(&mut c, "/machine", "append"), json!(""));
-        assert!(peripherals(&mut c).is_empty(), "{extra}");
+        assert_eq!(c.qom_get("/machine", "memory-size"), json!(256 << 20));
+        assert_eq!(c.qom_get("/machine", "cpus"), json!(1));
+        assert_eq!(c.qom_get("/machine", "append"), json!(""));
+        assert!(c.children("/machine/peripheral").is_empty(), "{extra}");
         assert_eq!(c.tree(), before, "{extra}");
     }
 }
@@ -241,7 +215,7 @@ fn configure_py_can_start_qomu_itself() {
     );
     let out = configure(&bus, &file, &["--start", &command]);
     assert!(out.status.success(), "{}", text(&out));
-    wait_for("the guest's report", || {
+    wait_until("the guest's report", || {
         std::fs::read_to_string(&console)
             .unwrap_or_default()
             .contains("cpus: 3")
@@ -476,7 +450,7 @@ fn watch_peripherals_py_follows_a_hotplug_and_loses_nothing_across_its_restart()
     );
     let saved: Json = serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
     let sub = saved["subscription"].as_str().unwrap().to_owned();
-    assert_eq!(get(&mut c, &sub, "lingering"), json!(true));
+    assert_eq!(c.qom_get(&sub, "lingering"), json!(true));
 
     // Meanwhile, with nobody watching: an unplug and a plug.
     let r = c.cmd(r#"{"execute": "device_del", "arguments": {"id": "com2"}}"#);
@@ -503,5 +477,5 @@ fn watch_peripherals_py_follows_a_hotplug_and_loses_nothing_across_its_restart()
         "{said}"
     );
     assert!(!said.contains("gap"), "{said}");
-    assert_eq!(get(&mut c, &sub, "dropped"), json!(0));
+    assert_eq!(c.qom_get(&sub, "dropped"), json!(0));
 }

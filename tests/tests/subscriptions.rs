@@ -19,25 +19,9 @@ fn qomu() -> Qomu {
     Qomu::spawn(&["-S"])
 }
 
-fn session(q: &Qomu) -> QmpRaw {
-    let mut c = q.connect();
-    c.negotiate();
-    c
-}
-
-fn exec(c: &mut QmpRaw, command: &str, arguments: Json) -> Json {
-    c.cmd(&json!({"execute": command, "arguments": arguments}).to_string())
-}
-
-fn ok(c: &mut QmpRaw, command: &str, arguments: Json) -> Json {
-    let r = exec(c, command, arguments.clone());
-    assert!(r.get("return").is_some(), "{command} {arguments}: {r}");
-    r["return"].clone()
-}
-
 /// The `desc` of the error a command must fail with.
 fn error_text(c: &mut QmpRaw, command: &str, arguments: Json) -> String {
-    let r = exec(c, command, arguments.clone());
+    let r = c.execute(command, arguments.clone());
     r["error"]["desc"]
         .as_str()
         .unwrap_or_else(|| panic!("{command} {arguments}: {r}"))
@@ -46,30 +30,22 @@ fn error_text(c: &mut QmpRaw, command: &str, arguments: Json) -> String {
 
 /// A UART plugged under /machine/peripheral (ISA: plugged at once, unplugged at once).
 fn plug(c: &mut QmpRaw, id: &str, iobase: u16, irq: u8) {
-    ok(
-        c,
+    c.ok(
         "device_add",
         json!({"driver": "isa-serial", "id": id, "iobase": iobase, "irq": irq}),
     );
 }
 
 fn unplug(c: &mut QmpRaw, id: &str) {
-    ok(c, "device_del", json!({"id": id}));
+    c.ok("device_del", json!({"id": id}));
     c.wait_event("DEVICE_DELETED");
 }
 
 fn subscriptions(c: &mut QmpRaw) -> Vec<String> {
-    ok(c, "qom-list", json!({"path": "/subscriptions"}))
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|p| p["type"].as_str().is_some_and(|t| t.starts_with("child<")))
-        .map(|p| format!("/subscriptions/{}", p["name"].as_str().unwrap()))
+    c.children("/subscriptions")
+        .into_iter()
+        .map(|n| format!("/subscriptions/{n}"))
         .collect()
-}
-
-fn get(c: &mut QmpRaw, path: &str, property: &str) -> Json {
-    ok(c, "qom-get", json!({"path": path, "property": property}))
 }
 
 /// The `__org.qomu_NOTIFY` data of `sub`, in the order they arrived, until `n` are in.
@@ -113,32 +89,31 @@ fn wait_gone(c: &mut QmpRaw, sub: &str, within: Duration) -> bool {
 #[test]
 fn over_qmp_a_lingering_subtree_subscription_is_adopted_with_everything_it_queued() {
     let q = qomu();
-    let mut first = session(&q);
-    let made = ok(
-        &mut first,
+    let mut first = q.session();
+    let made = first.ok(
         "__org.qomu_subscribe",
         json!({"path": PERIPHERAL, "subtree": true, "notifier": "*", "linger": 60}),
     );
     let sub = made["subscription"].as_str().unwrap().to_owned();
     let token = made["token"].as_str().unwrap().to_owned();
-    assert_eq!(get(&mut first, &sub, "scope"), "subtree");
-    assert_eq!(get(&mut first, &sub, "notifier"), "*");
-    assert_eq!(get(&mut first, &sub, "linger"), 60);
+    assert_eq!(first.qom_get(&sub, "scope"), "subtree");
+    assert_eq!(first.qom_get(&sub, "notifier"), "*");
+    assert_eq!(first.qom_get(&sub, "linger"), 60);
     plug(&mut first, "com2", 0x2f8, 3);
     let seen = notifications(&mut first, &sub, 1);
     assert_eq!(sequences(&seen), [1]);
     // The client goes; things happen under /machine/peripheral while nobody listens.
     drop(first);
-    let mut other = session(&q);
+    let mut other = q.session();
     let end = Instant::now() + Duration::from_secs(10);
-    while get(&mut other, &sub, "lingering") != true && Instant::now() < end {
+    while other.qom_get(&sub, "lingering") != true && Instant::now() < end {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(get(&mut other, &sub, "lingering"), true);
+    assert_eq!(other.qom_get(&sub, "lingering"), true);
     plug(&mut other, "com3", 0x3e8, 5);
     unplug(&mut other, "com2");
     plug(&mut other, "com4", 0x2e8, 6);
-    assert_eq!(get(&mut other, &sub, "pending"), 3);
+    assert_eq!(other.qom_get(&sub, "pending"), 3);
     // Another client without the token: refused, and it changes nothing.
     let text = error_text(
         &mut other,
@@ -146,7 +121,7 @@ fn over_qmp_a_lingering_subtree_subscription_is_adopted_with_everything_it_queue
         json!({"subscription": sub, "token": "0".repeat(token.len())}),
     );
     assert!(text.contains("cannot be adopted"), "{text}");
-    assert_eq!(get(&mut other, &sub, "pending"), 3);
+    assert_eq!(other.qom_get(&sub, "pending"), 3);
     assert!(
         other
             .events
@@ -154,9 +129,8 @@ fn over_qmp_a_lingering_subtree_subscription_is_adopted_with_everything_it_queue
             .all(|e| e["data"]["subscription"] != sub)
     );
     // The token adopts it: the three queued events, in order, numbered on from 1.
-    let mut second = session(&q);
-    let r = ok(
-        &mut second,
+    let mut second = q.session();
+    let r = second.ok(
         "__org.qomu_adopt",
         json!({"subscription": sub, "token": token}),
     );
@@ -172,8 +146,8 @@ fn over_qmp_a_lingering_subtree_subscription_is_adopted_with_everything_it_queue
             (p.into(), "child-added".into(), format!("{p}/com4")),
         ]
     );
-    assert_eq!(get(&mut second, &sub, "lingering"), false);
-    let owner = get(&mut second, &sub, "owner");
+    assert_eq!(second.qom_get(&sub, "lingering"), false);
+    let owner = second.qom_get(&sub, "owner");
     assert!(
         owner.as_str().is_some_and(|o| o.starts_with("qmp:")),
         "{owner}"
@@ -187,27 +161,22 @@ fn over_qmp_a_lingering_subtree_subscription_is_adopted_with_everything_it_queue
         json!({"subscription": sub}),
     );
     assert!(text.contains("belongs to"), "{text}");
-    ok(
-        &mut second,
-        "__org.qomu_unsubscribe",
-        json!({"subscription": sub}),
-    );
+    second.ok("__org.qomu_unsubscribe", json!({"subscription": sub}));
     assert!(!subscriptions(&mut second).contains(&sub));
 }
 
 #[test]
 fn over_qmp_an_unadopted_subscription_goes_when_its_linger_runs_out() {
     let q = qomu();
-    let mut first = session(&q);
-    let made = ok(
-        &mut first,
+    let mut first = q.session();
+    let made = first.ok(
         "__org.qomu_subscribe",
         json!({"type": "isa-serial", "notifier": "*", "linger": 1}),
     );
     let sub = made["subscription"].as_str().unwrap().to_owned();
     let token = made["token"].as_str().unwrap().to_owned();
     drop(first);
-    let mut other = session(&q);
+    let mut other = q.session();
     assert!(subscriptions(&mut other).contains(&sub), "it lingers");
     assert!(
         wait_gone(&mut other, &sub, Duration::from_secs(10)),
@@ -224,10 +193,9 @@ fn over_qmp_an_unadopted_subscription_goes_when_its_linger_runs_out() {
 #[test]
 fn over_qmp_filters_and_rate_limits_apply_and_events_carry_sequence_numbers() {
     let q = qomu();
-    let mut c = session(&q);
+    let mut c = q.session();
     // Only the child-added event whose `child` is com3.
-    let filtered = ok(
-        &mut c,
+    let filtered = c.ok(
         "__org.qomu_subscribe",
         json!({"path": PERIPHERAL, "notifier": "child-added",
                "filter": {"child": format!("{PERIPHERAL}/com3")}}),
@@ -236,11 +204,10 @@ fn over_qmp_filters_and_rate_limits_apply_and_events_carry_sequence_numbers() {
         .unwrap()
         .to_owned();
     assert_eq!(
-        get(&mut c, &filtered, "filter"),
+        c.qom_get(&filtered, "filter"),
         json!({"child": format!("{PERIPHERAL}/com3")})
     );
-    let limited = ok(
-        &mut c,
+    let limited = c.ok(
         "__org.qomu_subscribe",
         json!({"path": PERIPHERAL, "notifier": "*", "min-interval-ms": 300}),
     )["subscription"]
@@ -257,21 +224,20 @@ fn over_qmp_filters_and_rate_limits_apply_and_events_carry_sequence_numbers() {
     let l = notifications(&mut c, &limited, 2);
     assert_eq!(sequences(&l), [1, 3]);
     assert_eq!(l[1]["data"]["child"], format!("{PERIPHERAL}/com4"));
-    assert_eq!(get(&mut c, &limited, "coalesced"), 1);
-    assert_eq!(get(&mut c, &limited, "matched"), 3);
-    assert_eq!(get(&mut c, &limited, "delivered"), 2);
+    assert_eq!(c.qom_get(&limited, "coalesced"), 1);
+    assert_eq!(c.qom_get(&limited, "matched"), 3);
+    assert_eq!(c.qom_get(&limited, "delivered"), 2);
 }
 
 #[test]
 fn over_qmp_bad_subscriptions_and_adoptions_are_refused_and_make_nothing() {
     let q = qomu();
-    let mut owner = session(&q);
-    let live = ok(
-        &mut owner,
+    let mut owner = q.session();
+    let live = owner.ok(
         "__org.qomu_subscribe",
         json!({"path": PERIPHERAL, "notifier": "*", "linger": 30}),
     );
-    let mut c = session(&q);
+    let mut c = q.session();
     let before = subscriptions(&mut c);
     let p = PERIPHERAL;
     for (args, needle) in [
@@ -342,14 +308,14 @@ fn over_qmp_bad_subscriptions_and_adoptions_are_refused_and_make_nothing() {
     let text = error_text(&mut c, "__org.qomu_adopt", json!({"subscription": sub}));
     assert!(text.contains("'token'"), "{text}");
     assert_eq!(subscriptions(&mut c), before);
-    assert_eq!(get(&mut c, sub, "owner"), get(&mut owner, sub, "owner"));
+    assert_eq!(c.qom_get(sub, "owner"), owner.qom_get(sub, "owner"));
 }
 
 #[test]
 fn the_schema_lists_the_new_arguments_and_commands() {
     let q = qomu();
-    let mut c = session(&q);
-    let schema = ok(&mut c, "query-qmp-schema", json!({}));
+    let mut c = q.session();
+    let schema = c.ok("query-qmp-schema", json!({}));
     let entries = schema.as_array().unwrap();
     let command = |name: &str| {
         entries
@@ -418,7 +384,7 @@ fn over_dbus_a_lingering_subscription_is_adopted_with_everything_it_queued() {
     require_dbus!();
     let bus = SessionBus::start();
     let q = bus.qomu(&["-S"]);
-    let mut qmp = session(&q);
+    let mut qmp = q.session();
     let first = bus.client();
     let opts: Options<'_> = HashMap::from([
         ("subtree", Variant::from(true)),
@@ -446,10 +412,10 @@ fn over_dbus_a_lingering_subscription_is_adopted_with_everything_it_queued() {
     zbus::block_on(first.conn.close()).unwrap();
     let qom_sub = format!("/subscriptions/{}", sub.rsplit('/').next().unwrap());
     let end = Instant::now() + Duration::from_secs(10);
-    while get(&mut qmp, &qom_sub, "lingering") != true && Instant::now() < end {
+    while qmp.qom_get(&qom_sub, "lingering") != true && Instant::now() < end {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(get(&mut qmp, &qom_sub, "lingering"), true);
+    assert_eq!(qmp.qom_get(&qom_sub, "lingering"), true);
     plug(&mut qmp, "com3", 0x3e8, 5);
     unplug(&mut qmp, "com2");
 
@@ -566,7 +532,7 @@ fn over_dbus_an_unadopted_subscription_goes_and_bad_requests_are_refused() {
     require_dbus!();
     let bus = SessionBus::start();
     let q = bus.qomu(&["-S"]);
-    let mut qmp = session(&q);
+    let mut qmp = q.session();
     let watcher = bus.client();
     let mut removed = watcher.listen(
         "type='signal',interface='org.freedesktop.DBus.ObjectManager',member='InterfacesRemoved'",
