@@ -193,19 +193,32 @@ fn a_snapshot_under_continuous_disk_io_keeps_every_request_whole() {
     // The next request takes 300 ms on the host; save while it is being served.
     let r = c.cmd(r#"{"execute": "qom-set", "arguments": {"path": "disk", "property": "x-delay-ms", "value": 300}}"#);
     assert_eq!(r, json!({"return": {}}));
+    // A request in flight may still be one started before the delay was set: the one to
+    // save under is a request that stays in flight while nothing completes for a while.
+    let bytes = |c: &mut QmpRaw| {
+        disk(c, "read-bytes").as_u64().unwrap() + disk(c, "written-bytes").as_u64().unwrap()
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
-    while disk(&mut c, "in-flight") != json!(1) {
-        assert!(Instant::now() < deadline, "no request ever in flight");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let served = disk(&mut c, "read-bytes").as_u64().unwrap()
-        + disk(&mut c, "written-bytes").as_u64().unwrap();
+    let served = loop {
+        assert!(
+            Instant::now() < deadline,
+            "no delayed request ever in flight"
+        );
+        if disk(&mut c, "in-flight") != json!(1) {
+            std::thread::sleep(Duration::from_millis(5));
+            continue;
+        }
+        let before = bytes(&mut c);
+        std::thread::sleep(Duration::from_millis(30));
+        if disk(&mut c, "in-flight") == json!(1) && bytes(&mut c) == before {
+            break before;
+        }
+    };
     let info = migrate(&mut c, &file);
     assert_eq!(info["status"], "completed", "{info}");
     // The request in flight was finished before the state was read, not cut off.
     assert_eq!(disk(&mut c, "in-flight"), json!(0));
-    let after = disk(&mut c, "read-bytes").as_u64().unwrap()
-        + disk(&mut c, "written-bytes").as_u64().unwrap();
+    let after = bytes(&mut c);
     assert_eq!(
         after,
         served + 512,
