@@ -263,6 +263,21 @@ fn first_line(script: &mut std::process::Child) -> String {
     String::from_utf8_lossy(&line).into_owned()
 }
 
+/// Runs the spin guest once the dump script has subscribed, and waits for the script to
+/// end: what it said, having seen the guest's pattern line and succeeded.
+fn caught_the_line(mut script: std::process::Child, c: &mut QmpRaw) -> String {
+    let first = watching(&mut script);
+    c.cmd(r#"{"execute": "cont"}"#);
+    let out = script.wait_with_output().unwrap();
+    let said = first + &text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("line: spin guest: pattern at 0x300000"),
+        "{said}"
+    );
+    said
+}
+
 fn holds_the_pattern(file: &Path) {
     let ram = std::fs::read(file).expect("the RAM dump");
     assert_eq!(ram.len(), 4096);
@@ -300,17 +315,7 @@ fn dump_on_line_py_stops_the_guest_at_the_line_and_saves_registers_and_ram() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("run dump-on-line.py");
-        // Run the guest once the script has subscribed.
-        let mut script = script;
-        let first = watching(&mut script);
-        c.cmd(r#"{"execute": "cont"}"#);
-        let out = script.wait_with_output().unwrap();
-        let said = first + &text(&out);
-        assert!(out.status.success(), "{said}");
-        assert!(
-            said.contains("line: spin guest: pattern at 0x300000"),
-            "{said}"
-        );
+        let said = caught_the_line(script, &mut c);
         let ms: f64 = said
             .lines()
             .find_map(|l| {
@@ -378,16 +383,7 @@ fn dump_on_line_sh_does_the_same_over_dbus() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("run dump-on-line.sh");
-    let mut script = script;
-    let first = watching(&mut script);
-    c.cmd(r#"{"execute": "cont"}"#);
-    let out = script.wait_with_output().unwrap();
-    let said = first + &text(&out);
-    assert!(out.status.success(), "{said}");
-    assert!(
-        said.contains("line: spin guest: pattern at 0x300000"),
-        "{said}"
-    );
+    let said = caught_the_line(script, &mut c);
     let line = said
         .lines()
         .find(|l| l.starts_with("stopped "))

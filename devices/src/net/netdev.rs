@@ -28,6 +28,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use super::NetError;
 use super::stream::{FrameReader, Peer};
 use super::tap::{Tap, VNET_HDR_LEN};
+use crate::device::get_string;
 
 pub const NETDEV: &str = "netdev";
 pub const TAP: &str = "tap";
@@ -171,10 +172,6 @@ pub(crate) fn register_base() -> qom::TypeInfo {
         .build()
 }
 
-fn text(o: &ObjectRef, name: &str) -> qom::Result<String> {
-    Ok(o.get(name)?.as_str().unwrap_or_default().to_owned())
-}
-
 /// QEMU's tap options that mean something else here, refused with why (nothing is opened):
 /// qomu runs no ifup/ifdown scripts, has no vhost-net, and keeps vnet headers on; a file
 /// descriptor comes by name from QMP's `getfd` (the front end turns the name into a
@@ -185,7 +182,7 @@ fn text(o: &ObjectRef, name: &str) -> qom::Result<String> {
 pub fn check_tap_options(o: &ObjectRef) -> qom::Result<()> {
     let refuse = |why: String| qom::Error::from(crate::Error::Net(NetError::Unsupported(why)));
     for script in ["script", "downscript"] {
-        let v = text(o, script)?;
+        let v = get_string(o, script)?;
         if !v.is_empty() && v != "no" {
             return Err(refuse(format!(
                 "tap: {script}={v}: qomu runs no interface scripts; configure the tap beforehand or \
@@ -206,7 +203,7 @@ pub fn check_tap_options(o: &ObjectRef) -> qom::Result<()> {
             "tap: vnet_hdr=off: qomu's taps always carry virtio-net headers".into(),
         ));
     }
-    let fd = text(o, "fd")?;
+    let fd = get_string(o, "fd")?;
     if !fd.is_empty() && !fd.starts_with(qom::handover::TOKEN_PREFIX) {
         // A name the front end did not turn into a descriptor (the command line, D-Bus).
         return Err(refuse(format!(
@@ -258,7 +255,7 @@ pub(crate) fn register_tap() -> qom::TypeInfo {
         )
         .realize(|dev, o| {
             check_tap_options(o)?;
-            let fd = text(o, "fd")?;
+            let fd = get_string(o, "fd")?;
             let tap = if fd.is_empty() {
                 Tap::open(&dev.ifname.lock().clone())
             } else {
@@ -391,7 +388,7 @@ pub(crate) fn register_stream() -> qom::TypeInfo {
                 .description("The peer went away"),
         )
         .realize(|dev, o| {
-            let path = text(o, "path")?;
+            let path = get_string(o, "path")?;
             if path.is_empty() {
                 return Err(crate::Error::PropertyNotSet {
                     typename: STREAM.into(),
