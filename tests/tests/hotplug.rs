@@ -384,7 +384,9 @@ fn hot_plug_and_unplug_of_a_running_guest_over_qmp() {
     assert_eq!(r, json!({"return": {}}));
     c.wait_notify("driver-ok", "/machine/peripheral/disk0");
 
-    // Unplug is a request; a second one while it is pending is refused.
+    // Unplug is a request; a second one while it is pending is refused. The guest is
+    // paused meanwhile, so that it cannot answer the first before the second is sent.
+    assert_eq!(c.cmd(r#"{"execute": "stop"}"#), json!({"return": {}}));
     assert_eq!(
         c.cmd(r#"{"execute": "device_del", "arguments": {"id": "rng0"}}"#),
         json!({"return": {}})
@@ -394,6 +396,7 @@ fn hot_plug_and_unplug_of_a_running_guest_over_qmp() {
         again["error"]["desc"], "Device rng0 is already in the process of unplug",
         "{again}"
     );
+    assert_eq!(c.cmd(r#"{"execute": "cont"}"#), json!({"return": {}}));
     let requested = c.wait_notify_event("unplug-requested", "/machine/peripheral/rng0");
     let eject = c.wait_notify_event("eject", "/machine/unattached/pci-hotplug");
     assert_eq!(eject["data"]["data"], json!({"slot": 1, "requested": true}));
@@ -622,9 +625,12 @@ fn hot_plug_and_unplug_of_a_running_guest_over_dbus() {
     );
     assert_eq!(e.name, "org.qomu.Error.NotUnpluggable", "{e:?}");
 
+    // Paused, the guest cannot answer the first request before the second is sent.
+    c.ok(MACHINE, MACHINE_IFACE, "Stop", &());
     c.ok(MACHINE, MACHINE_IFACE, "DeviceDel", &("disk0",));
     let e = c.err(MACHINE, MACHINE_IFACE, "DeviceDel", &("disk0",));
     assert_eq!(e.name, "org.qomu.Error.Busy", "an unplug under way: {e:?}");
+    c.ok(MACHINE, MACHINE_IFACE, "Cont", &());
     let m = unplugged.wait_for("Unplugged", |m| member(m) == "Unplugged");
     let (source,): (OwnedObjectPath,) = m.body().deserialize().unwrap();
     assert_eq!(source.as_str(), device);
