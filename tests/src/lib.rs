@@ -253,19 +253,27 @@ impl TestVm {
 
     /// Waits for a console line containing `text` (consuming lines up to it).
     pub fn wait_line(&mut self, text: &str) -> String {
+        self.try_wait_line(text).unwrap_or_else(|| {
+            panic!(
+                "no console line containing {text:?} within {:?}; the console's last lines:\n{}",
+                patience(),
+                self.recent_lines()
+            )
+        })
+    }
+
+    /// [`TestVm::wait_line`], None when the line did not come within the patience.
+    pub fn try_wait_line(&mut self, text: &str) -> Option<String> {
         let deadline = Instant::now() + patience();
         loop {
             while let Some(line) = self.lines.pop_front() {
                 if line.contains(text) {
-                    return line;
+                    return Some(line);
                 }
             }
-            assert!(
-                Instant::now() < deadline,
-                "no console line containing {text:?} within {:?}; the console's last lines:\n{}",
-                patience(),
-                self.recent_lines()
-            );
+            if Instant::now() >= deadline {
+                return None;
+            }
             self.pump(Duration::from_millis(50));
         }
     }
