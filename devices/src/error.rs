@@ -117,6 +117,16 @@ pub enum Error {
     /// The device is not realized, so it has nothing to do this with.
     #[error("{path} is not realized")]
     NotRealized { path: String },
+    /// A NIC's netdev is used by another NIC.
+    #[error("{typename}'s netdev '{id}' is used by {nic}")]
+    NetdevInUse {
+        typename: String,
+        id: String,
+        nic: String,
+    },
+    /// A NIC's netdev does not exist.
+    #[error("{typename}'s netdev '{id}' does not exist (netdev_add it first)")]
+    NoSuchNetdev { typename: String, id: String },
     /// A network backend cannot be opened or does not take an option.
     #[error(transparent)]
     Net(#[from] crate::net::NetError),
@@ -169,6 +179,16 @@ impl Error {
                 driver: driver.clone(),
             },
             Error::UnplugPending { id, .. } => Fault::UnplugPending { id: id.clone() },
+            Error::NetdevInUse { typename, id, .. } => Fault::ValueInUse {
+                typename: typename.clone(),
+                property: "netdev".into(),
+                value: id.clone(),
+            },
+            Error::NoSuchNetdev { typename, id } => Fault::ValueNotFound {
+                typename: typename.clone(),
+                property: "netdev".into(),
+                value: id.clone(),
+            },
             Error::NotRealized { .. } | Error::MachineGone => Fault::WrongState,
             _ => Fault::Failed,
         }

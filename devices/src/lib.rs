@@ -58,6 +58,7 @@ pub fn register_types(builder: &qom::TreeBuilder, platform: &PlatformRef) -> qom
             virtio::base_type(),
             virtio::rng::register(platform),
             virtio::blk::register(platform),
+            virtio::net::register(platform),
         ])
     {
         builder.register(info)?;

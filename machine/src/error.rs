@@ -71,6 +71,12 @@ pub enum Error {
     NotANetdevType { typename: String },
     #[error("a netdev with id '{id}' exists already")]
     DuplicateNetdevId { id: String },
+    /// query-rx-filter of a netdev (QEMU's words).
+    #[error("net client({name}) isn't a NIC")]
+    NotANic { name: String },
+    /// query-rx-filter of nothing (QEMU's words).
+    #[error("invalid net client name: {name}")]
+    NoNetClient { name: String },
     #[error("--netdev {option}: {why}")]
     BadNetdevOption { option: String, why: &'static str },
     #[error("there is no bus '{bus}'; PCI devices go on pci.0")]

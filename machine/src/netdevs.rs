@@ -1,6 +1,8 @@
-//! Host network backends clients add and remove: `--netdev`, `netdev_add`, `netdev_del`.
-//! Each is an object at `/netdev/<id>` of a type implementing `netdev` (devices/src/net/),
-//! opened when it is created and closed when it is deleted.
+//! Host network backends clients add and remove: `--netdev`, `netdev_add`, `netdev_del`;
+//! and what QEMU's net commands do across netdevs and NICs: `set_link`, `query-rx-filter`.
+//! Each netdev is an object at `/netdev/<id>` of a type implementing `netdev`
+//! (devices/src/net/), opened when it is created and closed when it is deleted; a NIC
+//! (`virtio-net-pci`) is a device under `/machine/peripheral` naming one.
 
 use qom::{ObjectRef, Value};
 
@@ -93,7 +95,8 @@ impl Machine {
         self.netdev_add(&spec.driver, spec.id.as_deref(), props)
     }
 
-    /// Deletes the netdev `id`, closing its backend.
+    /// Deletes the netdev `id`, closing its backend. A NIC using it keeps its place with
+    /// its link forced down (QEMU's rule); the id may be used again at once.
     ///
     /// # Errors
     /// No netdev of that id.
@@ -108,5 +111,80 @@ impl Machine {
             })?;
         self.tree.delete_subtree(&netdev)?;
         Ok(())
+    }
+
+    /// The NIC of device id `name`, if there is one.
+    fn nic(&self, name: &str) -> Option<ObjectRef> {
+        self.tree
+            .lookup("/machine/peripheral")
+            .ok()?
+            .child(name)
+            .filter(|o| o.class().implements(devices::virtio::net::TYPE))
+    }
+
+    /// Every NIC, in tree order (named ones first).
+    fn nics(&self) -> Vec<ObjectRef> {
+        ["/machine/peripheral", "/machine/peripheral-anon"]
+            .into_iter()
+            .filter_map(|p| self.tree.lookup(p).ok())
+            .flat_map(|c| c.children())
+            .filter(|o| o.class().implements(devices::virtio::net::TYPE))
+            .collect()
+    }
+
+    /// QMP's `set_link`: `name` is a NIC's device id or a netdev's id; either way the
+    /// link both share goes up or down (the guest sees it through the configuration
+    /// interrupt, if the driver took VIRTIO_NET_F_STATUS).
+    ///
+    /// # Errors
+    /// Neither a NIC nor a netdev of that name.
+    pub fn set_link(&self, name: &str, up: bool) -> Result<()> {
+        let target = self.nic(name).or_else(|| {
+            self.tree
+                .lookup(NETDEV_ROOT)
+                .ok()
+                .and_then(|r| r.child(name))
+        });
+        let target = target.ok_or_else(|| qom::Error::NotFound {
+            path: name.to_owned(),
+        })?;
+        target.set("link", Value::Bool(up))?;
+        Ok(())
+    }
+
+    /// QMP's `query-rx-filter`: the receive filter of the NIC `name`, or of every NIC,
+    /// in QEMU's `RxFilterInfo` shape. Querying a NIC lets its next NIC_RX_FILTER_CHANGED
+    /// go out.
+    ///
+    /// # Errors
+    /// `name` is a netdev, or nothing.
+    pub fn query_rx_filter(&self, name: Option<&str>) -> Result<Value> {
+        let nics = match name {
+            Some(name) => match self.nic(name) {
+                Some(nic) => vec![nic],
+                None => {
+                    let netdev = self
+                        .tree
+                        .lookup(NETDEV_ROOT)
+                        .ok()
+                        .and_then(|r| r.child(name));
+                    return Err(if netdev.is_some() {
+                        Error::NotANic {
+                            name: name.to_owned(),
+                        }
+                    } else {
+                        Error::NoNetClient {
+                            name: name.to_owned(),
+                        }
+                    });
+                }
+            },
+            None => self.nics(),
+        };
+        let infos = nics
+            .iter()
+            .map(devices::virtio::net::rx_filter_info)
+            .collect::<qom::Result<Vec<_>>>()?;
+        Ok(Value::List(infos))
     }
 }

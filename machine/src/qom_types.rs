@@ -181,6 +181,22 @@ pub(crate) fn register(builder: &TreeBuilder, weak: &Weak<Machine>) -> Result<()
         )
         .notifier(
             NotifierDecl::new(
+                "NIC_RX_FILTER_CHANGED",
+                Kind::structure(
+                    "NicRxFilterChanged",
+                    vec![
+                        Field::optional("name", Kind::Str, "The NIC's id, if it has one"),
+                        Field::new("path", Kind::Str, "The NIC's QOM path"),
+                    ],
+                ),
+            )
+            .description(
+                "A NIC's guest driver changed its receive filter; once until query-rx-filter \
+                 is asked for that NIC, as QEMU",
+            ),
+        )
+        .notifier(
+            NotifierDecl::new(
                 "MIGRATION",
                 Kind::structure(
                     "Migration",
@@ -279,6 +295,23 @@ pub(crate) fn register(builder: &TreeBuilder, weak: &Weak<Machine>) -> Result<()
             machine_action(weak, "netdev-del", |m, a| m.netdev_del(str_arg(a, "id")).map(|()| None))
                 .description("Remove a netdev, closing its backend")
                 .arg(Field::new("id", Kind::Str, "The netdev's id")),
+        )
+        .action(
+            machine_action(weak, "set-link", |m, a| {
+                let up = a.get("up").and_then(Value::as_bool).unwrap_or(true);
+                m.set_link(str_arg(a, "name"), up).map(|()| None)
+            })
+            .description("Set a link up or down: a NIC's id or a netdev's (both ends follow)")
+            .arg(Field::new("name", Kind::Str, "The NIC's device id or the netdev's id"))
+            .arg(Field::new("up", Kind::Bool, "Up (true) or down")),
+        )
+        .action(
+            machine_action(weak, "query-rx-filter", |m, a| {
+                m.query_rx_filter(a.get("name").and_then(Value::as_str)).map(Some)
+            })
+            .description("The receive filters NICs' drivers set (QEMU's RxFilterInfo list)")
+            .arg(Field::optional("name", Kind::Str, "One NIC's id; none: every NIC"))
+            .returns(Kind::list(Kind::Any)),
         )
         .action(
             machine_action(weak, "device-del", |m, a| m.device_del(str_arg(a, "id")).map(|()| None))

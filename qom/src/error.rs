@@ -50,6 +50,18 @@ pub enum Fault {
         property: String,
         value: String,
     },
+    /// The object a property names is taken by another (a netdev another NIC uses).
+    ValueInUse {
+        typename: String,
+        property: String,
+        value: String,
+    },
+    /// The object a property names does not exist.
+    ValueNotFound {
+        typename: String,
+        property: String,
+        value: String,
+    },
     /// A property the device needs was not set.
     PropertyNotSet { typename: String, property: String },
     /// A text property's value is longer than the device takes.

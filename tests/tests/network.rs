@@ -475,3 +475,231 @@ fn a_tap_handed_over_with_getfd_becomes_a_netdev_and_is_closed_with_it() {
         !ip(&["link", "show", &name])
     });
 }
+
+/// The driver guest's serial path in these tests.
+const SERIAL: &str = "/machine/unattached/serial0";
+
+/// The next console line containing `text`; a failed step of the guest fails the test.
+fn guest_line(c: &mut QmpRaw, text: &str) -> String {
+    loop {
+        let line = c.wait_notify("line", SERIAL);
+        let line = line["line"].as_str().unwrap_or_default().to_owned();
+        assert!(!line.contains("failed at step"), "the guest failed: {line}");
+        if line.contains(text) {
+            return line;
+        }
+    }
+}
+
+/// A UDP listener at 10.0.2.2:5555 inside `ns` that answers the first datagram with
+/// "reply: " and the datagram, then ends (or ends after 60 s with nothing). Returns once
+/// it is bound.
+fn udp_responder(ns: &Netns) -> std::process::Child {
+    let script = "import socket, sys\n\
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+s.bind(('10.0.2.2', 5555))\n\
+print('bound', flush=True)\n\
+s.settimeout(60)\n\
+data, peer = s.recvfrom(2048)\n\
+s.sendto(b'reply: ' + data, peer)\n";
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &ns.0, "python3", "-c", script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 in the namespace");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().expect("stdout")),
+        &mut line,
+    )
+    .expect("the responder's first line");
+    assert_eq!(line.trim(), "bound");
+    child
+}
+
+/// The driver guest on a virtio-net-pci over a real tap moved into a namespace of the
+/// test's, 10.0.2.2 there: its ARP request, ICMP echo and UDP datagram reach the namespace
+/// and the answers reach the guest; the filter the driver set shows in query-rx-filter
+/// (NIC_RX_FILTER_CHANGED once); `set_link` down (by the NIC's id) and up (by the
+/// netdev's) is seen by the guest; the NIC's and the netdev's counters match the traffic.
+#[test]
+fn the_driver_guest_reaches_a_namespace_through_a_tap_and_sees_its_link() {
+    qomu_tests::require_kvm!();
+    if !can_make_taps() {
+        return;
+    }
+    let ns = Netns::new("nic");
+    let tap = format!("qn{}", std::process::id() % 1_000_000);
+    let mut q = Qomu::spawn_with(
+        &[
+            "-S",
+            "--kernel",
+            &qomu_guests::path("virtio").display().to_string(),
+            "--append",
+            "netlink=1",
+            "--device",
+            "isa-debug-exit",
+            "--netdev",
+            &format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
+            "--device",
+            "virtio-net-pci,id=nic0,netdev=n0",
+            "--serial",
+            "stdio",
+        ],
+        |cmd| {
+            cmd.stdout(std::process::Stdio::null());
+        },
+    );
+    assert!(ip(&["link", "set", &tap, "netns", &ns.0]), "tap into {}", ns.0);
+    assert!(ip(&["-n", &ns.0, "addr", "add", "10.0.2.2/24", "dev", &tap]));
+    assert!(ip(&["-n", &ns.0, "link", "set", &tap, "up"]));
+    let mut responder = udp_responder(&ns);
+    let mut c = q.session();
+    assert_eq!(c.qom_get("/netdev/n0", "nic"), "/machine/peripheral/nic0");
+    assert_eq!(c.qom_get("nic0", "mac"), "52:54:00:12:34:56");
+    let before = c.ok("query-rx-filter", json!({"name": "nic0"}));
+    assert_eq!(before[0]["promiscuous"], true, "{before}");
+    c.ok(
+        "__org.qomu_subscribe",
+        json!({"path": SERIAL, "notifier": "line"}),
+    );
+    c.ok("cont", json!({}));
+
+    assert!(guest_line(&mut c, "virtio-net: mac ").ends_with("52:54:00:12:34:56 link up"));
+    guest_line(&mut c, "virtio-net: promiscuous mode off");
+    let changed = c.wait_event("NIC_RX_FILTER_CHANGED");
+    assert_eq!(
+        changed["data"],
+        json!({"name": "nic0", "path": "/machine/peripheral/nic0"})
+    );
+    guest_line(&mut c, "virtio-net: arp reply: 10.0.2.2 is at ");
+    guest_line(&mut c, "virtio-net: echo reply from 10.0.2.2");
+    let udp = guest_line(&mut c, "virtio-net: udp reply: ");
+    assert!(
+        udp.ends_with("reply: hello from the qomu guest"),
+        "{udp}"
+    );
+    assert!(guest_line(&mut c, "virtio-net: sent ").ends_with("sent 3 frames"));
+    let _ = responder.wait();
+
+    // The filter as the driver left it: promiscuous off, the NIC's own MAC.
+    let filter = c.ok("query-rx-filter", json!({}));
+    assert_eq!(filter.as_array().map(Vec::len), Some(1), "{filter}");
+    let f = &filter[0];
+    assert_eq!(f["name"], "nic0");
+    assert_eq!(f["promiscuous"], false);
+    assert_eq!(f["main-mac"], "52:54:00:12:34:56");
+    assert_eq!(f["unicast"], "normal");
+    assert_eq!(f["vlan"], "all");
+    assert_eq!(f["vlan-table"].as_array().map(Vec::len), Some(4096));
+
+    guest_line(&mut c, "virtio-net: watching the link");
+    c.ok("set_link", json!({"name": "nic0", "up": false}));
+    guest_line(&mut c, "virtio-net: link down");
+    assert_eq!(c.qom_get("/netdev/n0", "link"), false);
+    c.ok("set_link", json!({"name": "n0", "up": true}));
+    guest_line(&mut c, "virtio-net: link up");
+    assert_eq!(c.qom_get("nic0", "link"), true);
+    guest_line(&mut c, "virtio-net: ok");
+
+    // Exactly what the guest sent went out; what it took in came from the namespace.
+    assert_eq!(c.qom_get("nic0", "tx-packets"), 3);
+    assert_eq!(c.qom_get("/netdev/n0", "tx-packets"), 3);
+    assert_eq!(c.qom_get("nic0", "tx-dropped"), 0);
+    let rx = c.qom_get("nic0", "rx-packets").as_u64().unwrap();
+    assert!(rx >= 3, "rx-packets {rx}");
+    assert_eq!(c.qom_get("/netdev/n0", "rx-packets"), rx);
+    // 42-byte ARP, 14+20+8+10 ICMP, 14+20+8+25 UDP.
+    assert_eq!(c.qom_get("nic0", "tx-bytes"), 42 + 52 + 67);
+    assert_eq!(q.wait_exit(std::time::Duration::from_secs(60)), Some(1));
+}
+
+/// NIC mistakes get QEMU's texts and change nothing; a netdev deleted under its NIC
+/// forces the NIC's link down and frees its id at once, as in QEMU.
+#[test]
+fn nic_requests_get_qemus_texts_and_netdev_del_forces_the_link_down() {
+    let dir = TempDir::new("nic-bad");
+    let q = Qomu::spawn(&["-S"]);
+    let mut c = q.session();
+    let socket = dir.path("peer.socket");
+    let listener = UnixListener::bind(&socket).unwrap();
+    let stream = |id: &str| {
+        json!({"type": "stream", "id": id, "addr": {"type": "unix", "path": socket}})
+    };
+    c.ok("netdev_add", stream("n0"));
+    c.ok(
+        "device_add",
+        json!({"driver": "virtio-net-pci", "id": "nic0", "netdev": "n0"}),
+    );
+    let tree = c.tree();
+    for (args, class, text) in [
+        (
+            json!({"driver": "virtio-net-pci", "id": "nic1", "netdev": "n0"}),
+            "GenericError",
+            "Property 'virtio-net-device.netdev' can't take value 'n0', it's in use",
+        ),
+        (
+            json!({"driver": "virtio-net-pci", "id": "nic1", "netdev": "nosuch"}),
+            "GenericError",
+            "Property 'virtio-net-device.netdev' can't find value 'nosuch'",
+        ),
+        (
+            json!({"driver": "virtio-net-pci", "id": "nic1", "mac": "zz"}),
+            "GenericError",
+            "Property 'virtio-net-device.mac' doesn't take value 'zz'",
+        ),
+    ] {
+        let r = c.execute("device_add", args.clone());
+        assert_eq!(r["error"]["class"], class, "{args}: {r}");
+        assert_eq!(r["error"]["desc"], text, "{args}");
+    }
+    for (command, args, class, text) in [
+        (
+            "set_link",
+            json!({"name": "nope", "up": false}),
+            "DeviceNotFound",
+            "Device 'nope' not found",
+        ),
+        (
+            "query-rx-filter",
+            json!({"name": "n0"}),
+            "GenericError",
+            "net client(n0) isn't a NIC",
+        ),
+        (
+            "query-rx-filter",
+            json!({"name": "nope"}),
+            "GenericError",
+            "invalid net client name: nope",
+        ),
+        (
+            "set_link",
+            json!({"name": "nic0", "up": "yes"}),
+            "GenericError",
+            "Invalid parameter type for 'up', expected: boolean",
+        ),
+    ] {
+        let r = c.execute(command, args.clone());
+        assert_eq!(r["error"]["class"], class, "{command} {args}: {r}");
+        assert_eq!(r["error"]["desc"], text, "{command} {args}");
+    }
+    assert_eq!(c.tree(), tree, "nothing changed");
+    // QEMU's default MACs count up per NIC; one without a netdev is allowed.
+    c.ok("device_add", json!({"driver": "virtio-net-pci", "id": "nic1"}));
+    assert_eq!(c.qom_get("nic0", "mac"), "52:54:00:12:34:56");
+    assert_eq!(c.qom_get("nic1", "mac"), "52:54:00:12:34:57");
+    // Before a driver runs, QEMU's filter: promiscuous, every VLAN.
+    let f = c.ok("query-rx-filter", json!({"name": "nic1"}));
+    assert_eq!(f[0]["promiscuous"], true);
+    assert_eq!(f[0]["main-mac"], "52:54:00:12:34:57");
+    assert_eq!(f[0]["broadcast-allowed"], false);
+
+    // netdev_del under the NIC: accepted, the NIC stays with its link down, the id is free.
+    assert_eq!(c.qom_get("nic0", "link"), true);
+    c.ok("netdev_del", json!({"id": "n0"}));
+    assert_eq!(c.qom_get("nic0", "link"), false);
+    assert!(c.children("/machine/peripheral").contains(&"nic0".to_owned()));
+    c.ok("netdev_add", stream("n0"));
+    c.ok("netdev_del", json!({"id": "n0"}));
+    drop(listener);
+}

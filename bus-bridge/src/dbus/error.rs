@@ -139,12 +139,16 @@ fn fault_name(fault: &Fault) -> &'static str {
         Fault::BusNotFound { .. } | Fault::WrongBus { .. } => NO_SUCH_BUS,
         Fault::SlotInUse { .. } | Fault::BusFull { .. } => SLOT_UNAVAILABLE,
         Fault::NotUnpluggable { .. } => NOT_UNPLUGGABLE,
-        Fault::UnplugPending { .. } | Fault::Migrating { .. } | Fault::MigrationRunning => BUSY,
+        Fault::UnplugPending { .. }
+        | Fault::ValueInUse { .. }
+        | Fault::Migrating { .. }
+        | Fault::MigrationRunning => BUSY,
         Fault::OpenFailed { .. } | Fault::WriteFailed { .. } => IO_ERROR,
         Fault::InvalidId { .. }
         | Fault::MissingId
         | Fault::NotANetdevType { .. }
         | Fault::BadValue { .. }
+        | Fault::ValueNotFound { .. }
         | Fault::PropertyNotSet { .. }
         | Fault::TooLong { .. }
         | Fault::BadAddress { .. }

@@ -206,6 +206,18 @@ pub const BUILTINS: &[Builtin] = &[
         run: Run::Value(netdev_del),
     },
     Builtin {
+        name: "set_link",
+        args: || vec![s("name"), ArgSpec::required("up", ArgType::Bool)],
+        extra: false,
+        run: Run::Value(set_link),
+    },
+    Builtin {
+        name: "query-rx-filter",
+        args: || vec![opt("name", ArgType::Str)],
+        extra: false,
+        run: Run::Value(query_rx_filter),
+    },
+    Builtin {
         name: "human-monitor-command",
         args: || vec![s("command-line"), opt("cpu-index", ArgType::Int)],
         extra: false,
@@ -706,6 +718,16 @@ fn netdev_del(session: &mut Session, args: &Args) -> Result<Json, QmpError> {
     let mut action_args = Map::new();
     action_args.insert("id".into(), Json::String(str_arg(args, "id").to_owned()));
     call_action(session, "netdev-del", &action_args)
+}
+
+/// `set_link {name, up}`: the machine's `set-link`.
+fn set_link(session: &mut Session, args: &Args) -> Result<Json, QmpError> {
+    call_action(session, "set-link", args)
+}
+
+/// `query-rx-filter {name?}`: the machine's `query-rx-filter`.
+fn query_rx_filter(session: &mut Session, args: &Args) -> Result<Json, QmpError> {
+    call_action(session, "query-rx-filter", args)
 }
 
 fn human_monitor_command(session: &mut Session, args: &Args) -> Result<Json, QmpError> {

@@ -174,6 +174,16 @@ fn qemu_text(fault: &Fault) -> Option<String> {
             property,
             value,
         } => format!("Property '{typename}.{property}' doesn't take value '{value}'"),
+        Fault::ValueInUse {
+            typename,
+            property,
+            value,
+        } => format!("Property '{typename}.{property}' can't take value '{value}', it's in use"),
+        Fault::ValueNotFound {
+            typename,
+            property,
+            value,
+        } => format!("Property '{typename}.{property}' can't find value '{value}'"),
         Fault::PropertyNotSet { typename, property } => {
             format!("{typename}: {property} property not set")
         }

@@ -8,7 +8,9 @@
 //! network namespace the test makes itself. The netdev objects, the NIC and the front ends
 //! come on top (docs/network.md says what exists so far).
 
+pub mod backend;
 pub mod netdev;
+pub mod port;
 pub mod stream;
 pub mod tap;
 #[cfg(test)]

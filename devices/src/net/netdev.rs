@@ -2,56 +2,34 @@
 //! own (`net-<id>`) that serves the backend, and counters.
 //!
 //! - `netdev` (abstract): `rx-packets`, `rx-bytes`, `rx-dropped`, `tx-packets`,
-//!   `tx-bytes`, `tx-dropped`, `errors`;
+//!   `tx-bytes`, `tx-dropped`, `errors`, `link` (notifying; QMP's `set_link`) and `nic`
+//!   (the NIC it serves);
 //! - `tap`: `ifname`, and QEMU's `script`, `downscript`, `vhost`, `vnet_hdr`, `fd` where
 //!   they mean something here (see [`check_tap_options`]);
 //! - `stream`: `server`, `path` (a unix socket), `connected`; notifiers `peer-connected`
 //!   and `peer-disconnected` (and the machine's NETDEV_STREAM_CONNECTED/DISCONNECTED).
 //!
-//! No NIC takes frames yet: what a backend receives is counted as `rx-dropped`, as QEMU
-//! drops frames for a netdev without a peer.
+//! The backend itself is behind the netdev's [`Port`], which a NIC takes while its driver
+//! runs; until then what the host sends is dropped and counted as `rx-dropped`.
 
-use std::io::IoSliceMut;
-use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::Mutex;
 use qom::{
     Field, Kind, Notifier, NotifierDecl, ObjectRef, PhasePolicy, Property, TypedInfo, Value,
 };
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::NetError;
-use super::stream::{FrameReader, Peer};
-use super::tap::{Tap, VNET_HDR_LEN};
+use super::backend::{NetBackend, StreamBackend, StreamEvents};
+use super::port::{NetCounters, Port, Side};
+use super::tap::Tap;
 use crate::device::get_string;
 
 pub const NETDEV: &str = "netdev";
 pub const TAP: &str = "tap";
 pub const STREAM: &str = "stream";
-
-/// A backend's counters.
-#[derive(Debug, Default)]
-pub struct NetCounters {
-    pub rx_packets: AtomicU64,
-    pub rx_bytes: AtomicU64,
-    pub rx_dropped: AtomicU64,
-    pub tx_packets: AtomicU64,
-    pub tx_bytes: AtomicU64,
-    pub tx_dropped: AtomicU64,
-    pub errors: AtomicU64,
-}
-
-impl NetCounters {
-    /// A frame from the host that nothing took.
-    fn dropped_rx(&self) {
-        self.rx_dropped.fetch_add(1, Ordering::Relaxed);
-    }
-}
 
 /// The instance of a netdev object.
 pub struct Netdev {
@@ -59,7 +37,9 @@ pub struct Netdev {
     /// tap: the interface asked for, then the one the kernel gave.
     ifname: Mutex<String>,
     connected: Arc<AtomicBool>,
-    worker: Mutex<Option<Worker>>,
+    /// The link asked for before the netdev was opened.
+    initial_link: AtomicBool,
+    port: Mutex<Option<Arc<Port>>>,
 }
 
 impl Netdev {
@@ -68,7 +48,8 @@ impl Netdev {
             counters: Arc::default(),
             ifname: Mutex::new(String::new()),
             connected: Arc::default(),
-            worker: Mutex::new(None),
+            initial_link: AtomicBool::new(true),
+            port: Mutex::new(None),
         }
     }
 
@@ -76,61 +57,40 @@ impl Netdev {
         &self.counters
     }
 
-    fn stop(&self) {
-        if let Some(w) = self.worker.lock().take() {
-            let _ = w.stop.write(1);
-            let _ = w.thread.join();
-        }
+    /// The port a NIC takes (once realized).
+    pub fn port(&self) -> Option<Arc<Port>> {
+        self.port.lock().clone()
     }
-}
 
-struct Worker {
-    stop: Arc<EventFd>,
-    thread: JoinHandle<()>,
-}
+    /// Starts serving `backend` on the netdev's thread.
+    fn open(&self, o: &ObjectRef, backend: Box<dyn NetBackend>) -> crate::Result<()> {
+        let port = Port::new(o.name(), self.counters.clone(), backend).map_err(|source| {
+            crate::Error::IoThread {
+                path: o.path().to_owned(),
+                source,
+            }
+        })?;
+        port.link()
+            .set(self.initial_link.load(Ordering::Acquire), Some(Side::Netdev));
+        // The link property notifies whoever changes it, the NIC's side included.
+        let weak = o.downgrade();
+        port.link().watch(
+            Side::Netdev,
+            Some(Box::new(move |up, own| {
+                if let Some(o) = weak.upgrade().filter(|_| !own) {
+                    o.notify_property_changed("link", &Value::Bool(up));
+                }
+            })),
+        );
+        *self.port.lock() = Some(port);
+        Ok(())
+    }
 
-fn start_worker(
-    o: &ObjectRef,
-    dev: &Netdev,
-    body: impl FnOnce(&EventFd) + Send + 'static,
-) -> crate::Result<()> {
-    let io = |source| crate::Error::IoThread {
-        path: o.path().to_owned(),
-        source,
-    };
-    let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(io)?);
-    let thread = std::thread::Builder::new()
-        .name(format!("net-{}", o.name()))
-        .spawn({
-            let stop = stop.clone();
-            move || body(&stop)
-        })
-        .map_err(io)?;
-    *dev.worker.lock() = Some(Worker { stop, thread });
-    Ok(())
-}
-
-/// Waits until `fd` is readable or the stop eventfd fires; false when stopping.
-fn wait_readable(fd: RawFd, stop: &EventFd) -> bool {
-    let mut fds = [
-        libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: stop.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    loop {
-        // SAFETY: two valid pollfds, their count, and no timeout.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if r < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-            continue;
+    /// The netdev goes: its backend closes, a NIC using it sees the link go down.
+    fn close(&self) {
+        if let Some(port) = self.port.lock().take() {
+            port.close();
         }
-        return r > 0 && fds[1].revents == 0;
     }
 }
 
@@ -168,6 +128,36 @@ pub(crate) fn register_base() -> qom::TypeInfo {
         .getter(
             counter("errors", "Reads and writes the host refused"),
             |d| Value::UInt(d.counters.errors.load(Ordering::Relaxed)),
+        )
+        .accessor(
+            Property::new("link", Kind::Bool)
+                .policy(PhasePolicy::Always)
+                .notifying()
+                .description(
+                    "Whether the link is up (QMP's set_link on the netdev or its NIC sets both; \
+                     down: frames either way are dropped)",
+                ),
+            |d, _| {
+                Ok(Value::Bool(match d.port() {
+                    Some(p) => p.link().is_up(),
+                    None => d.initial_link.load(Ordering::Acquire),
+                }))
+            },
+            |d, _, v| {
+                let up = v.as_bool().unwrap_or(true);
+                match d.port() {
+                    Some(p) => {
+                        p.link().set(up, Some(Side::Netdev));
+                    }
+                    None => d.initial_link.store(up, Ordering::Release),
+                }
+                Ok(())
+            },
+        )
+        .getter(
+            Property::new("nic", Kind::Str)
+                .description("The NIC this netdev serves (its path; empty: none)"),
+            |d| Value::Str(d.port().and_then(|p| p.nic()).unwrap_or_default()),
         )
         .build()
 }
@@ -268,33 +258,10 @@ pub(crate) fn register_tap() -> qom::TypeInfo {
             }
             .map_err(crate::Error::Net)?;
             *dev.ifname.lock() = tap.ifname().to_owned();
-            let counters = dev.counters.clone();
-            Ok(start_worker(o, dev, move |stop| {
-                serve_tap(&tap, &counters, stop)
-            })?)
+            Ok(dev.open(o, Box::new(tap))?)
         })
-        .unrealize(|dev, _| dev.stop())
+        .unrealize(|dev, _| dev.close())
         .build()
-}
-
-/// Reads what the host sends until stopped; with no NIC, every frame is dropped.
-fn serve_tap(tap: &Tap, counters: &NetCounters, stop: &EventFd) {
-    let mut header = [0u8; VNET_HDR_LEN];
-    let mut frame = vec![0u8; 65536];
-    while wait_readable(tap.as_raw_fd(), stop) {
-        loop {
-            let mut bufs = [IoSliceMut::new(&mut header), IoSliceMut::new(&mut frame)];
-            match tap.read_frame(&mut bufs) {
-                Ok(_) => counters.dropped_rx(),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    counters.errors.fetch_add(1, Ordering::Relaxed);
-                    break;
-                }
-            }
-        }
-    }
 }
 
 fn addr_payload(name: &str) -> Kind {
@@ -309,8 +276,8 @@ fn machine_notifier(o: &ObjectRef, name: &str) -> Option<Notifier> {
     o.tree().lookup("/machine").ok()?.notifier(name).ok()
 }
 
-/// Tells the netdev's subscribers, and the machine's (QEMU's events), of the link.
-struct StreamEvents {
+/// Tells the netdev's subscribers, and the machine's (QEMU's events), of the peer.
+struct StreamNotifiers {
     id: String,
     path: String,
     connected: Arc<AtomicBool>,
@@ -318,9 +285,9 @@ struct StreamEvents {
     machine: (Option<Notifier>, Option<Notifier>),
 }
 
-impl StreamEvents {
-    fn new(o: &ObjectRef, dev: &Netdev, path: &str) -> qom::Result<StreamEvents> {
-        Ok(StreamEvents {
+impl StreamNotifiers {
+    fn new(o: &ObjectRef, dev: &Netdev, path: &str) -> qom::Result<StreamNotifiers> {
+        Ok(StreamNotifiers {
             id: o.name().to_owned(),
             path: path.to_owned(),
             connected: dev.connected.clone(),
@@ -335,6 +302,9 @@ impl StreamEvents {
         })
     }
 
+}
+
+impl StreamEvents for StreamNotifiers {
     fn changed(&self, up: bool) {
         self.connected.store(up, Ordering::Release);
         let (own, machine) = if up {
@@ -396,8 +366,7 @@ pub(crate) fn register_stream() -> qom::TypeInfo {
                 }
                 .into());
             }
-            let events = StreamEvents::new(o, dev, &path)?;
-            let counters = dev.counters.clone();
+            let events = Arc::new(StreamNotifiers::new(o, dev, &path)?);
             if o.get("server")?.as_bool() == Some(true) {
                 // A socket left by an earlier run goes first, as QEMU does; any other
                 // file there is kept, and the bind fails.
@@ -406,81 +375,38 @@ pub(crate) fn register_stream() -> qom::TypeInfo {
                 {
                     let _ = std::fs::remove_file(&path);
                 }
-                let listener = UnixListener::bind(&path).map_err(|source| {
+                let bind = |source| {
                     crate::Error::Net(NetError::Bind {
                         path: path.clone(),
                         source,
                     })
-                })?;
-                let bound = PathBuf::from(&path);
-                let started = start_worker(o, dev, move |stop| {
-                    serve_listener(&listener, &events, &counters, stop);
-                    let _ = std::fs::remove_file(&bound);
-                });
-                if started.is_err() {
+                };
+                let listener = UnixListener::bind(&path).map_err(bind)?;
+                listener.set_nonblocking(true).map_err(bind)?;
+                let opened = dev.open(o, Box::new(StreamBackend::server(listener, events)));
+                if opened.is_err() {
                     let _ = std::fs::remove_file(&path);
                 }
-                return Ok(started?);
+                return Ok(opened?);
             }
-            let stream = UnixStream::connect(&path).map_err(|source| {
+            let connect = |source| {
                 crate::Error::Net(NetError::Connect {
                     path: path.clone(),
                     source,
                 })
-            })?;
-            stream
-                .set_nonblocking(true)
-                .map_err(|source| crate::Error::Net(NetError::Connect { path, source }))?;
-            Ok(start_worker(o, dev, move |stop| {
-                events.changed(true);
-                serve_stream(stream, &counters, stop);
-                events.changed(false);
-            })?)
+            };
+            let stream = UnixStream::connect(&path).map_err(connect)?;
+            stream.set_nonblocking(true).map_err(connect)?;
+            Ok(dev.open(o, Box::new(StreamBackend::client(stream, events)))?)
         })
-        .unrealize(|dev, _| dev.stop())
-        .build()
-}
-
-/// Reads frames from a connected peer until it goes or the netdev is stopped; with no
-/// NIC, every frame is dropped. True when the peer went (false: stopped).
-fn serve_stream(mut stream: UnixStream, counters: &NetCounters, stop: &EventFd) -> bool {
-    let mut reader = FrameReader::new();
-    while wait_readable(stream.as_raw_fd(), stop) {
-        match reader.read_from(&mut stream, |_| counters.dropped_rx()) {
-            Ok(Peer::Open) => {}
-            Ok(Peer::Closed) => return true,
-            Err(e) => {
-                tracing::warn!("netdev stream: giving the peer up: {e}");
-                counters.errors.fetch_add(1, Ordering::Relaxed);
-                return true;
+        .unrealize(|dev, o| {
+            dev.close();
+            // A server's socket goes with it.
+            if o.get("server").ok().and_then(|v| v.as_bool()) == Some(true)
+                && let Ok(path) = get_string(o, "path")
+            {
+                let _ = std::fs::remove_file(path);
             }
-        }
-    }
-    false
-}
-
-/// Serves one peer at a time until stopped.
-fn serve_listener(
-    listener: &UnixListener,
-    events: &StreamEvents,
-    counters: &NetCounters,
-    stop: &EventFd,
-) {
-    if listener.set_nonblocking(true).is_err() {
-        return;
-    }
-    while wait_readable(listener.as_raw_fd(), stop) {
-        let Ok((peer, _)) = listener.accept() else {
-            continue;
-        };
-        if peer.set_nonblocking(true).is_err() {
-            continue;
-        }
-        events.changed(true);
-        let gone = serve_stream(peer, counters, stop);
-        events.changed(false);
-        if !gone {
-            return;
-        }
-    }
+        })
+        .build()
 }

@@ -15,12 +15,25 @@ pub const MAX_FRAME: usize = 4096 + 65536;
 /// a peer that stops reading never makes qomu buffer without bound.
 pub const MAX_BACKLOG: usize = 1 << 20;
 
-/// Whether the peer is still there after a read.
+/// What [`FrameReader::next_frame`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Peer {
-    Open,
-    /// It closed its end (what was complete before is delivered).
+pub enum Next {
+    /// A frame of this length, copied out.
+    Frame(usize),
+    /// A frame of this length, longer than the buffer offered: skipped.
+    TooLong(usize),
+    /// No complete frame yet.
+    Nothing,
+}
+
+/// Why a stream has no more frames.
+#[derive(Debug)]
+pub enum Gone {
+    /// The peer closed its end (or went with unread data); every complete frame before
+    /// was handed out.
     Closed,
+    /// The socket failed, or the peer sent a length past [`MAX_FRAME`] (or zero).
+    Broken(io::Error),
 }
 
 /// Frames out of a stream of bytes.
@@ -34,59 +47,44 @@ impl FrameReader {
         FrameReader::default()
     }
 
-    /// Reads all the socket has now and hands each complete frame to `frame`, in order.
+    /// The next complete frame, copied into `out`, reading the socket only when none is
+    /// buffered (so a receiver with no room leaves the rest in the socket).
     ///
     /// # Errors
-    /// The socket's error, or `InvalidData` for a length past [`MAX_FRAME`] (or zero).
-    pub fn read_from(
-        &mut self,
-        socket: &mut impl Read,
-        mut frame: impl FnMut(&[u8]),
-    ) -> io::Result<Peer> {
-        let mut chunk = [0u8; 16384];
+    /// [`Gone`]: the peer closed, the socket failed, or the peer broke the framing.
+    pub fn next_frame(&mut self, socket: &mut impl Read, out: &mut [u8]) -> Result<Next, Gone> {
         loop {
-            let n = match socket.read(&mut chunk) {
-                Ok(0) => {
-                    self.split(&mut frame)?;
-                    return Ok(Peer::Closed);
+            if let Some(head) = self.buf.get(..4) {
+                let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+                if len == 0 || len > MAX_FRAME {
+                    return Err(Gone::Broken(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("the peer sent a frame length of {len} (at most {MAX_FRAME})"),
+                    )));
                 }
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.split(&mut frame)?;
-                    return Ok(Peer::Open);
+                if let Some(body) = self.buf.get(4..4 + len) {
+                    let next = match out.get_mut(..len) {
+                        Some(to) => {
+                            to.copy_from_slice(body);
+                            Next::Frame(len)
+                        }
+                        None => Next::TooLong(len),
+                    };
+                    self.buf.drain(..4 + len);
+                    return Ok(next);
                 }
-                // A peer that went with unread data is as gone as one that closed.
-                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
-                    self.split(&mut frame)?;
-                    return Ok(Peer::Closed);
-                }
-                Err(e) => return Err(e),
-            };
-            self.buf.extend_from_slice(&chunk[..n]);
-            self.split(&mut frame)?;
-        }
-    }
-
-    /// Hands out the complete frames at the front of the buffer.
-    fn split(&mut self, frame: &mut impl FnMut(&[u8])) -> io::Result<()> {
-        let mut at = 0;
-        while let Some(head) = self.buf.get(at..at + 4) {
-            let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
-            if len == 0 || len > MAX_FRAME {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("the peer sent a frame length of {len} (at most {MAX_FRAME})"),
-                ));
             }
-            let Some(body) = self.buf.get(at + 4..at + 4 + len) else {
-                break;
-            };
-            frame(body);
-            at += 4 + len;
+            let mut chunk = [0u8; 16384];
+            match socket.read(&mut chunk) {
+                Ok(0) => return Err(Gone::Closed),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Next::Nothing),
+                // A peer that went with unread data is as gone as one that closed.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Err(Gone::Closed),
+                Err(e) => return Err(Gone::Broken(e)),
+            }
         }
-        self.buf.drain(..at);
-        Ok(())
     }
 }
 
@@ -147,6 +145,31 @@ mod tests {
 
     use super::*;
 
+    /// Whether the peer is still there after [`read_from`].
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Peer {
+        Open,
+        Closed,
+    }
+
+    /// Hands every frame the socket has now to `frame`.
+    fn read_from(
+        reader: &mut FrameReader,
+        socket: &mut impl Read,
+        mut frame: impl FnMut(&[u8]),
+    ) -> io::Result<Peer> {
+        let mut out = vec![0u8; MAX_FRAME];
+        loop {
+            match reader.next_frame(socket, &mut out) {
+                Ok(Next::Frame(n)) => frame(&out[..n]),
+                Ok(Next::TooLong(_)) => unreachable!("every frame fits MAX_FRAME"),
+                Ok(Next::Nothing) => return Ok(Peer::Open),
+                Err(Gone::Closed) => return Ok(Peer::Closed),
+                Err(Gone::Broken(e)) => return Err(e),
+            }
+        }
+    }
+
     fn pair() -> (UnixStream, UnixStream) {
         let (a, b) = UnixStream::pair().unwrap();
         a.set_nonblocking(true).unwrap();
@@ -167,7 +190,7 @@ mod tests {
         // One byte at a time: every split point of the length and the body.
         for byte in &bytes {
             a.write_all(std::slice::from_ref(byte)).unwrap();
-            let peer = reader.read_from(&mut b, |f| got.push(f.to_vec())).unwrap();
+            let peer = read_from(&mut reader, &mut b, |f| got.push(f.to_vec())).unwrap();
             assert_eq!(peer, Peer::Open);
         }
         assert_eq!(got.len(), 3);
@@ -178,7 +201,7 @@ mod tests {
         // Another test's child, forked but not yet exec'd, may hold a copy of `a` for a
         // moment: the end is seen once that copy is gone too (bounded).
         let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while reader.read_from(&mut b, |_| panic!()).unwrap() == Peer::Open {
+        while read_from(&mut reader, &mut b, |_| panic!()).unwrap() == Peer::Open {
             assert!(
                 std::time::Instant::now() < end,
                 "the closed end is never seen"
@@ -231,8 +254,7 @@ mod tests {
         let mut reply = None;
         while reply.is_none() && Instant::now() < end {
             writer.flush(&mut stream).unwrap();
-            let peer = reader
-                .read_from(&mut stream, |f| {
+            let peer = read_from(&mut reader, &mut stream, |f| {
                     // An ARP reply (op 2) from 192.0.2.1 to the guest's MAC.
                     if f.len() >= 42 && f[12..14] == [8, 6] && f[20..22] == [0, 2] {
                         reply = Some(f.to_vec());
@@ -260,7 +282,7 @@ mod tests {
         for len in [0u32, (MAX_FRAME + 1) as u32, u32::MAX] {
             let (mut a, mut b) = pair();
             a.write_all(&len.to_be_bytes()).unwrap();
-            let e = FrameReader::new().read_from(&mut b, |_| {}).unwrap_err();
+            let e = read_from(&mut FrameReader::new(), &mut b, |_| {}).unwrap_err();
             assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{len}");
         }
     }
@@ -274,9 +296,7 @@ mod tests {
         assert!(!writer.queue(&[&vec![0u8; MAX_FRAME + 1]]), "too long");
         assert!(writer.flush(&mut a).unwrap());
         let mut got = Vec::new();
-        FrameReader::new()
-            .read_from(&mut b, |f| got.push(f.to_vec()))
-            .unwrap();
+        read_from(&mut FrameReader::new(), &mut b, |f| got.push(f.to_vec())).unwrap();
         assert_eq!(got, [b"head+body".to_vec()]);
         // Nobody reads b: the socket fills, the rest waits, then new frames are refused.
         let frame = vec![1u8; 60000];
@@ -292,8 +312,7 @@ mod tests {
         let mut reader = FrameReader::new();
         let mut count = 0;
         for _ in 0..10_000 {
-            reader
-                .read_from(&mut b, |f| {
+            read_from(&mut reader, &mut b, |f| {
                     assert_eq!(f.len(), 60000);
                     count += 1;
                 })
@@ -302,7 +321,7 @@ mod tests {
                 break;
             }
         }
-        reader.read_from(&mut b, |_| count += 1).unwrap();
+        read_from(&mut reader, &mut b, |_| count += 1).unwrap();
         assert_eq!(count, queued);
     }
 }

@@ -9,7 +9,7 @@
 //! | [`pci`] | the PCI function: configuration space and capabilities, the BAR's structures, ioeventfds on the notify region, activation and reset |
 //! | [`state`] | the transport in a snapshot |
 //! | [`qom`] | the abstract `virtio-device` type |
-//! | [`blk`], [`rng`] | the device models |
+//! | [`blk`], [`net`], [`rng`] | the device models |
 //!
 //! A device model implements [`VirtioDevice`] (its features, its configuration structure)
 //! and hands a [`QueueHandler`] to its I/O thread when the driver sets DRIVER_OK. No vCPU
@@ -20,6 +20,7 @@
 
 pub mod blk;
 pub mod interrupt;
+pub mod net;
 pub mod pci;
 mod qom;
 pub mod rng;
@@ -93,7 +94,22 @@ pub trait VirtioDevice: Send + Sync {
     fn reset(&self) {}
 }
 
+/// A host descriptor a handler waits on besides the queues' kicks (a NIC's backend), and
+/// for what; neither: not now (a receive path with no buffers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interest {
+    pub fd: std::os::fd::RawFd,
+    pub read: bool,
+    pub write: bool,
+}
+
 /// Serves a device's queues, on its I/O thread.
+///
+/// Most queues are served chain by chain ([`QueueHandler::serve`]). A queue the device
+/// fills when something happens on the host (a NIC's receive queue) says so in
+/// [`QueueHandler::serves_chains`]: its kicks, which mean "buffers added", go to
+/// [`QueueHandler::kicked`], and the host side to [`QueueHandler::source_ready`], both
+/// with the queues at hand ([`worker::Io`]).
 pub trait QueueHandler: Send {
     /// Serves one descriptor chain the driver made available on queue `queue`: the number
     /// of bytes written into its device-writable buffers (the used length). A chain that
@@ -105,4 +121,22 @@ pub trait QueueHandler: Send {
         chain: DescriptorChain<&GuestMemoryMmap>,
         mem: &GuestMemoryMmap,
     ) -> u32;
+
+    /// Whether queue `queue` is served chain by chain (the default), or by the handler.
+    fn serves_chains(&self, _queue: usize) -> bool {
+        true
+    }
+
+    /// The driver kicked queue `queue`, one the handler serves itself; also called when
+    /// the thread starts or resumes, for buffers added meanwhile.
+    fn kicked(&mut self, _queue: usize, _io: &mut worker::Io<'_>) {}
+
+    /// What host descriptor to wait on now, if any; asked again after every call into
+    /// the handler.
+    fn interest(&self) -> Option<Interest> {
+        None
+    }
+
+    /// The descriptor of [`QueueHandler::interest`] is ready for what was asked.
+    fn source_ready(&mut self, _io: &mut worker::Io<'_>) {}
 }

@@ -27,13 +27,13 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
 use parking_lot::{Condvar, Mutex};
-use virtio_queue::{Queue, QueueState, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 
-use super::QueueHandler;
 use super::interrupt::Signals;
+use super::{Interest, QueueHandler};
 
 /// What the device's properties count.
 #[derive(Debug, Default)]
@@ -118,8 +118,10 @@ pub struct Job {
     pub counters: Arc<Counters>,
 }
 
-/// The epoll data of the wake eventfd (queue kicks carry their index).
+/// The epoll data of the wake eventfd and of the handler's host descriptor (queue kicks
+/// carry their index).
 const WAKE: u64 = u64::MAX;
+const SOURCE: u64 = u64::MAX - 1;
 
 impl Worker {
     /// Starts the thread `name` serving `job`, paused if `paused`.
@@ -161,6 +163,7 @@ impl Worker {
                 signals: job.signals,
                 memory: job.memory,
                 counters: job.counters,
+                interest: None,
             };
             std::thread::Builder::new()
                 .name(name)
@@ -238,11 +241,160 @@ struct Thread {
     signals: Arc<Signals>,
     memory: GuestMemoryMmap,
     counters: Arc<Counters>,
+    /// The handler's host descriptor as registered with the epoll now.
+    interest: Option<Interest>,
+}
+
+/// A handler's access to its queues, for the queues it serves itself.
+pub struct Io<'a> {
+    queues: &'a Mutex<Vec<Queue>>,
+    memory: &'a GuestMemoryMmap,
+    signals: &'a Signals,
+    counters: &'a Counters,
+    control: &'a Control,
+    /// Queues with used buffers the driver has not been told of yet.
+    unsignalled: u64,
+}
+
+impl<'a> Io<'a> {
+    fn new(
+        queues: &'a Mutex<Vec<Queue>>,
+        memory: &'a GuestMemoryMmap,
+        signals: &'a Signals,
+        counters: &'a Counters,
+        control: &'a Control,
+    ) -> Self {
+        Io {
+            queues,
+            memory,
+            signals,
+            counters,
+            control,
+            unsignalled: 0,
+        }
+    }
+
+    pub fn memory(&self) -> &'a GuestMemoryMmap {
+        self.memory
+    }
+
+    /// Whether the thread may go on (no pause or stop asked for).
+    pub fn running(&self) -> bool {
+        self.control.running()
+    }
+
+    /// The next chain the driver made available on `queue`.
+    pub fn pop(&mut self, queue: usize) -> Option<DescriptorChain<&'a GuestMemoryMmap>> {
+        let mut queues = self.queues.lock();
+        let q = queues.get_mut(queue).filter(|q| q.ready())?;
+        q.pop_descriptor_chain(self.memory)
+    }
+
+    /// Gives the last `n` chains popped from `queue` back, unused, for a later turn.
+    pub fn unpop(&mut self, queue: usize, n: u16) {
+        if let Some(q) = self.queues.lock().get_mut(queue) {
+            let at = q.next_avail();
+            q.set_next_avail(at.wrapping_sub(n));
+        }
+    }
+
+    /// Returns the chain at `head` to the driver with `len` bytes written; false if the
+    /// used ring cannot be written.
+    pub fn add_used(&mut self, queue: usize, head: u16, len: u32) -> bool {
+        let mut queues = self.queues.lock();
+        let Some(q) = queues.get_mut(queue) else {
+            return false;
+        };
+        if q.add_used(self.memory, head, len).is_err() {
+            tracing::warn!("virtio: queue {queue}'s used ring is not writable");
+            return false;
+        }
+        self.unsignalled |= 1 << queue.min(63);
+        true
+    }
+
+    /// Asks the driver to notify when it adds buffers to `queue`; true if some came
+    /// meanwhile (pop again).
+    pub fn enable_notification(&mut self, queue: usize) -> bool {
+        self.queues
+            .lock()
+            .get_mut(queue)
+            .and_then(|q| q.enable_notification(self.memory).ok())
+            .unwrap_or(false)
+    }
+
+    /// Raises the interrupts the driver wants for the buffers returned so far.
+    pub fn signal(&mut self) {
+        let mut pending = std::mem::take(&mut self.unsignalled);
+        while pending != 0 {
+            let queue = pending.trailing_zeros() as usize;
+            pending &= pending - 1;
+            let notify = self
+                .queues
+                .lock()
+                .get_mut(queue)
+                .map(|q| q.needs_notification(self.memory).unwrap_or(true))
+                .unwrap_or(false);
+            if notify {
+                self.signals.signal_queue(queue);
+            }
+            self.counters.used.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Io<'_> {
+    fn drop(&mut self) {
+        self.signal();
+    }
 }
 
 impl Thread {
+    /// Serves queue `index` its way: chain by chain, or by the handler.
+    fn turn(&mut self, index: usize) {
+        if self.handler.serves_chains(index) {
+            self.serve(index);
+        } else {
+            let mut io = Io::new(
+                &self.queues,
+                &self.memory,
+                &self.signals,
+                &self.counters,
+                &self.control,
+            );
+            self.handler.kicked(index, &mut io);
+        }
+    }
+
+    /// Registers the handler's host descriptor as it wants it now.
+    fn follow_interest(&mut self, epoll: &Epoll) {
+        let wanted = self.handler.interest();
+        if wanted == self.interest {
+            return;
+        }
+        if let Some(old) = self.interest.take() {
+            let _ = epoll.ctl(ControlOperation::Delete, old.fd, EpollEvent::default());
+        }
+        let Some(new) = wanted else { return };
+        let mut set = EventSet::empty();
+        if new.read {
+            set |= EventSet::IN;
+        }
+        if new.write {
+            set |= EventSet::OUT;
+        }
+        if set.is_empty() {
+            self.interest = Some(new);
+            return;
+        }
+        match epoll.ctl(ControlOperation::Add, new.fd, EpollEvent::new(set, SOURCE)) {
+            Ok(()) => self.interest = Some(new),
+            Err(e) => tracing::warn!("virtio: cannot wait on the device's host descriptor: {e}"),
+        }
+    }
+
     fn run(&mut self, epoll: &Epoll) {
-        let mut events = vec![EpollEvent::default(); self.kicks.len() + 1];
+        let mut events = vec![EpollEvent::default(); self.kicks.len() + 2];
         // Buffers may be waiting from before the thread existed (a restored device).
         let mut serve_all = true;
         loop {
@@ -253,8 +405,9 @@ impl Thread {
             }
             if std::mem::take(&mut serve_all) {
                 for index in 0..self.kicks.len() {
-                    self.serve(index);
+                    self.turn(index);
                 }
+                self.follow_interest(epoll);
                 continue;
             }
             let n = match epoll.wait(-1, &mut events) {
@@ -271,6 +424,23 @@ impl Thread {
                     let _ = self.control.wake.read();
                     continue;
                 }
+                if data == SOURCE {
+                    if self.control.running() {
+                        let mut io = Io::new(
+                            &self.queues,
+                            &self.memory,
+                            &self.signals,
+                            &self.counters,
+                            &self.control,
+                        );
+                        self.handler.source_ready(&mut io);
+                        drop(io);
+                        self.follow_interest(epoll);
+                    } else {
+                        serve_all = true;
+                    }
+                    continue;
+                }
                 let index = data as usize;
                 let Some(kick) = self.kicks.get(index) else {
                     continue;
@@ -281,7 +451,8 @@ impl Thread {
                         .fetch_add(count, Ordering::Relaxed);
                 }
                 if self.control.running() {
-                    self.serve(index);
+                    self.turn(index);
+                    self.follow_interest(epoll);
                 } else {
                     // Served when the thread resumes.
                     serve_all = true;

@@ -30,6 +30,12 @@
  * stamp counter ticks from its notify write to seeing the used element.
  * With `slow=1`, it starts vCPU 1 counting in RAM (printing the counter's address), waits
  * for a byte of serial input, reads a sector, and checks vCPU 1 counted on meanwhile.
+ *   virtio-net: takes MAC, STATUS, CTRL_VQ and CTRL_RX, turns promiscuous mode off over the
+ *               control queue, then as 10.0.2.15 asks for 10.0.2.2 by ARP, pings it and
+ *               sends it a UDP datagram from port 4444 to 5555, waiting for each answer
+ *               (other frames are counted and dropped); with `netlink=1` it then waits
+ *               for the link to go down and up again (status field and config ISR bit),
+ *               and resets the device at the end.
  * With `hotplug=N`, it then serves hotplug as the DSDT's GED _EVT and PCNT methods would,
  * polling the GED: brings up each slot the host adds, ejects each slot the host asks for,
  * and ends after N ejects.
@@ -168,7 +174,7 @@ struct queue {
     int event_idx;
 };
 
-static struct queue queues[4];
+static struct queue queues[6];
 
 static int setup_queue(struct vdev *d, u16 index, struct queue *q) {
     u64 c = d->common;
@@ -276,6 +282,7 @@ static void driver_ok(struct vdev *d) { mmio_write8(d->common + COMMON_STATUS, 1
 
 static u8 entropy[2][32];
 static int use_msix;
+static int net_watch_link;
 
 /* With msix=1: MSI-X on, the queue on vector 1, whose entry starts masked. */
 struct msix { u64 table, pba; };
@@ -423,6 +430,214 @@ static int use_blk(struct vdev *d) {
     have_blk = 1;
     blk_sectors = capacity;
     puts("virtio-blk: ok\n");
+    return 0;
+}
+
+/* ---- virtio-net: ARP, ICMP echo and UDP with the host at 10.0.2.2 ---- */
+
+#define NET_F_MAC (1u << 5)
+#define NET_F_STATUS (1u << 16)
+#define NET_F_CTRL_VQ (1u << 17)
+#define NET_F_CTRL_RX (1u << 18)
+#define NET_HDR 12
+#define NET_BUFS 8
+#define NET_BUF 2048
+#define NET_TIMEOUT_TSC 30000000000ULL /* about 10 s at 3 GHz */
+
+static u8 net_rx[NET_BUFS][NET_BUF] __attribute__((aligned(64)));
+static u8 net_tx[NET_BUF] __attribute__((aligned(64)));
+static u8 net_ctrl[4], net_ack;
+static u8 net_mac[6], host_mac[6];
+static const u8 guest_ip[4] = {10, 0, 2, 15}, host_ip[4] = {10, 0, 2, 2};
+static u32 net_frames_sent, net_frames_seen;
+
+static void put16(u8 *p, u16 v) { p[0] = (u8)(v >> 8); p[1] = (u8)v; }
+static u16 get16(const u8 *p) { return (u16)(p[0] << 8 | p[1]); }
+static int same(const u8 *a, const u8 *b, int n) {
+    for (int i = 0; i < n; i++)
+        if (a[i] != b[i]) return 0;
+    return 1;
+}
+static void copy(u8 *to, const u8 *from, int n) {
+    for (int i = 0; i < n; i++) to[i] = from[i];
+}
+static u16 ip_checksum(const u8 *p, int n) {
+    u32 sum = 0;
+    for (int i = 0; i + 1 < n; i += 2) sum += get16(p + i);
+    if (n & 1) sum += (u32)p[n - 1] << 8;
+    while (sum >> 16) sum = (sum & 0xffff) + (sum >> 16);
+    return (u16)~sum;
+}
+static void putmac(const u8 *m) {
+    static const char digits[] = "0123456789abcdef";
+    for (int i = 0; i < 6; i++) {
+        putc(digits[m[i] >> 4]);
+        putc(digits[m[i] & 15]);
+        if (i < 5) putc(':');
+    }
+}
+
+/* Sends the frame of `len` bytes at net_tx + NET_HDR (the header zeroed: no offloads). */
+static int net_send(struct queue *tx, u32 len) {
+    for (int i = 0; i < NET_HDR; i++) net_tx[i] = 0;
+    tx->desc[0] = (struct desc){(u64)net_tx, NET_HDR + len, 0, 0};
+    if (submit(tx, 1, 1) < 0) return -1;
+    net_frames_sent++;
+    return 0;
+}
+
+/* An Ethernet frame to `dest` of `type`, from the NIC: its payload's start. */
+static u8 *eth(const u8 *dest, u16 type) {
+    u8 *f = net_tx + NET_HDR;
+    copy(f, dest, 6);
+    copy(f + 6, net_mac, 6);
+    put16(f + 12, type);
+    return f + 14;
+}
+
+/* An IPv4 header to the host for `proto` with `payload` bytes after it: where they go. */
+static u8 *ipv4(u8 proto, u16 payload) {
+    u8 *ip = eth(host_mac, 0x0800);
+    ip[0] = 0x45; ip[1] = 0;
+    put16(ip + 2, (u16)(20 + payload));
+    put16(ip + 4, 0x5155); put16(ip + 6, 0x4000);
+    ip[8] = 64; ip[9] = proto;
+    put16(ip + 10, 0);
+    copy(ip + 12, guest_ip, 4);
+    copy(ip + 16, host_ip, 4);
+    put16(ip + 10, ip_checksum(ip, 20));
+    return ip + 20;
+}
+
+/* Offers receive buffer `i` to the device. */
+static void net_offer_rx(struct queue *rx, u16 i) {
+    rx->desc[i] = (struct desc){(u64)net_rx[i], NET_BUF, 2, 0};
+    offer(rx, 0, i);
+}
+
+/* Waits for a frame `want` accepts (others are dropped and their buffers offered again);
+ * the frame (after the header) and its length, or 0 after NET_TIMEOUT_TSC. */
+typedef int (*net_match)(const u8 *frame, u32 len);
+static const u8 *net_wait(struct queue *rx, net_match want, u32 *len_out) {
+    for (u64 start = rdtsc(); rdtsc() - start < NET_TIMEOUT_TSC;) {
+        u32 id, len;
+        if (!take_used(rx, &id, &len)) continue;
+        if (id >= NET_BUFS) return 0;
+        net_frames_seen++;
+        static u8 frame[NET_BUF];
+        u32 n = len > NET_HDR ? len - NET_HDR : 0;
+        copy(frame, net_rx[id] + NET_HDR, (int)n);
+        u16 buffers = (u16)(net_rx[id][10] | net_rx[id][11] << 8);
+        net_offer_rx(rx, (u16)id);
+        if (buffers != 1) return 0; /* without MRG_RXBUF the device must say 1 */
+        if (want(frame, n)) {
+            *len_out = n;
+            return frame;
+        }
+    }
+    return 0;
+}
+
+static int is_arp_reply(const u8 *f, u32 n) {
+    return n >= 42 && get16(f + 12) == 0x0806 && get16(f + 20) == 2 && same(f + 28, host_ip, 4) &&
+           same(f + 38, guest_ip, 4);
+}
+static int is_echo_reply(const u8 *f, u32 n) {
+    return n >= 42 && get16(f + 12) == 0x0800 && f[23] == 1 && same(f + 26, host_ip, 4) &&
+           f[34] == 0 && get16(f + 38) == 0x5155 && get16(f + 40) == 1;
+}
+static int is_udp_reply(const u8 *f, u32 n) {
+    return n >= 42 && get16(f + 12) == 0x0800 && f[23] == 17 && same(f + 26, host_ip, 4) &&
+           get16(f + 34) == 5555 && get16(f + 36) == 4444;
+}
+
+static u16 net_status(struct vdev *d) { return mmio_read16(d->device + 6); }
+
+static int use_net(struct vdev *d) {
+    struct queue *rx = &queues[2], *tx = &queues[3], *ctrl = &queues[4];
+    if (negotiate(d, NET_F_MAC | NET_F_STATUS | NET_F_CTRL_VQ | NET_F_CTRL_RX)) return 70;
+    if ((d->features & (NET_F_MAC | NET_F_STATUS | NET_F_CTRL_VQ | NET_F_CTRL_RX)) !=
+        (NET_F_MAC | NET_F_STATUS | NET_F_CTRL_VQ | NET_F_CTRL_RX))
+        return 71;
+    for (int i = 0; i < 6; i++) net_mac[i] = mmio_read8(d->device + i);
+    if (setup_queue(d, 0, rx) || setup_queue(d, 1, tx) || setup_queue(d, 2, ctrl)) return 72;
+    driver_ok(d);
+    puts("virtio-net: mac ");
+    putmac(net_mac);
+    puts(net_status(d) & 1 ? " link up\n" : " link down\n");
+    for (u16 i = 0; i < NET_BUFS; i++) net_offer_rx(rx, i);
+    /* As Linux does when it opens the device: promiscuous mode off. */
+    net_ctrl[0] = 0; net_ctrl[1] = 0; net_ctrl[2] = 0;
+    net_ack = 0xff;
+    ctrl->desc[0] = (struct desc){(u64)net_ctrl, 3, 1, 1};
+    ctrl->desc[1] = (struct desc){(u64)&net_ack, 1, 2, 0};
+    if (submit(ctrl, 2, 2) != 1 || net_ack != 0) return 73;
+    puts("virtio-net: promiscuous mode off\n");
+
+    /* ARP: who has 10.0.2.2? */
+    static const u8 broadcast[6] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
+    u8 *arp = eth(broadcast, 0x0806);
+    put16(arp, 1); put16(arp + 2, 0x0800); arp[4] = 6; arp[5] = 4; put16(arp + 6, 1);
+    copy(arp + 8, net_mac, 6); copy(arp + 14, guest_ip, 4);
+    for (int i = 0; i < 6; i++) arp[18 + i] = 0;
+    copy(arp + 24, host_ip, 4);
+    if (net_send(tx, 42)) return 74;
+    u32 len;
+    const u8 *f = net_wait(rx, is_arp_reply, &len);
+    if (!f) return 75;
+    copy(host_mac, f + 22, 6);
+    puts("virtio-net: arp reply: 10.0.2.2 is at ");
+    putmac(host_mac);
+    puts("\n");
+
+    /* ICMP echo, id 0x5155, sequence 1. */
+    static const char ping_data[] = "qomu ping";
+    u8 *icmp = ipv4(1, 8 + sizeof ping_data);
+    icmp[0] = 8; icmp[1] = 0; put16(icmp + 2, 0); put16(icmp + 4, 0x5155); put16(icmp + 6, 1);
+    copy(icmp + 8, (const u8 *)ping_data, sizeof ping_data);
+    put16(icmp + 2, ip_checksum(icmp, 8 + sizeof ping_data));
+    if (net_send(tx, 14 + 20 + 8 + sizeof ping_data)) return 76;
+    if (!net_wait(rx, is_echo_reply, &len)) return 77;
+    puts("virtio-net: echo reply from 10.0.2.2\n");
+
+    /* UDP 4444 -> 10.0.2.2:5555; the host's listener answers. */
+    static const char udp_data[] = "hello from the qomu guest";
+    u16 udp_len = (u16)(8 + sizeof udp_data - 1);
+    u8 *udp = ipv4(17, udp_len);
+    put16(udp, 4444); put16(udp + 2, 5555); put16(udp + 4, udp_len); put16(udp + 6, 0);
+    copy(udp + 8, (const u8 *)udp_data, sizeof udp_data - 1);
+    if (net_send(tx, 14 + 20 + udp_len)) return 78;
+    f = net_wait(rx, is_udp_reply, &len);
+    if (!f) return 79;
+    static char reply[64];
+    u32 n = get16(f + 38) - 8;
+    if (n > sizeof reply - 1) n = sizeof reply - 1;
+    copy((u8 *)reply, f + 42, (int)n);
+    reply[n] = 0;
+    puts("virtio-net: udp reply: ");
+    puts(reply);
+    puts("\n");
+    puts("virtio-net: sent ");
+    putu(net_frames_sent);
+    puts(" frames\n");
+
+    /* With netlink=1: the host takes the link down, then up again; the status field and
+     * the configuration-change ISR bit show it. */
+    if (net_watch_link) {
+        puts("virtio-net: watching the link\n");
+        for (int want = 0; want < 2; want++) {
+            u64 start = rdtsc();
+            while ((net_status(d) & 1) != want)
+                if (rdtsc() - start > 10 * NET_TIMEOUT_TSC) return 80;
+            u8 isr = 0;
+            for (long spin = 0; spin < 10000000 && !(isr & 2); spin++) isr |= mmio_read8(d->isr);
+            if (!(isr & 2)) return 81;
+            puts(want ? "virtio-net: link up\n" : "virtio-net: link down\n");
+        }
+    }
+    /* Done: the device is reset, so it writes no more frames into these buffers. */
+    mmio_write8(d->common + COMMON_STATUS, 0);
+    puts("virtio-net: ok\n");
     return 0;
 }
 
@@ -620,6 +835,7 @@ static int probe(u8 slot) {
     if (!failed) switch (id >> 16) {
     case 0x1044: failed = use_rng(&d); break;
     case 0x1042: failed = use_blk(&d); break;
+    case 0x1041: failed = use_net(&d); break;
     default: puts("virtio: unknown device\n"); failed = 4;
     }
     if (failed) {
@@ -670,6 +886,7 @@ void guest_main(const u8 *zero_page) {
     write_sector = cmdline_u64(zero_page, "wsector", 1);
     use_msix = (int)cmdline_u64(zero_page, "msix", 0);
     use_event_idx = (int)cmdline_u64(zero_page, "event_idx", 1);
+    net_watch_link = (int)cmdline_u64(zero_page, "netlink", 0);
     int found = 0;
     for (u8 slot = 0; slot < 32; slot++) found += probe(slot);
     puts("virtio: ");
