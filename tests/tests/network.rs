@@ -317,6 +317,48 @@ fn netdevs_from_the_command_line_and_over_dbus() {
         ),
     );
     assert_eq!(e.name, "org.freedesktop.DBus.Error.InvalidArgs", "{e:?}");
+
+    // A NIC on it; SetLink and QueryRxFilter are the machine's methods too.
+    qmp.ok(
+        "device_add",
+        json!({"driver": "virtio-net-pci", "id": "dnic", "netdev": "db0"}),
+    );
+    c.ok(MACHINE, MACHINE_IFACE, "SetLink", &("db0", false));
+    assert_eq!(qmp.qom_get("dnic", "link"), false);
+    assert!(!bool::try_from(c.get(path, "org.qomu.Type.Netdev", "Link")).unwrap());
+    let reply = c.ok(
+        MACHINE,
+        MACHINE_IFACE,
+        "QueryRxFilter",
+        &(HashMap::<&str, Variant<'_>>::from([("name", Variant::from("dnic"))]),),
+    );
+    let infos: Vec<zbus::OwnedVariant> = reply.body().deserialize().expect("av");
+    assert_eq!(infos.len(), 1);
+    let info: HashMap<String, zbus::OwnedVariant> =
+        infos[0].try_clone().unwrap().try_into().expect("a{sv}");
+    assert_eq!(
+        String::try_from(info["main-mac"].try_clone().unwrap()).unwrap(),
+        "52:54:00:12:34:56"
+    );
+    assert!(bool::try_from(info["promiscuous"].try_clone().unwrap()).unwrap());
+    let e = c.err(
+        MACHINE,
+        MACHINE_IFACE,
+        "QueryRxFilter",
+        &(HashMap::<&str, Variant<'_>>::from([("name", Variant::from("db0"))]),),
+    );
+    assert!(e.message.contains("net client(db0) isn't a NIC"), "{e:?}");
+    // A second NIC on the same netdev: busy.
+    let opts: HashMap<&str, Variant<'_>> = HashMap::from([
+        ("id", Variant::from("dnic2")),
+        (
+            "properties",
+            Variant::from(HashMap::from([("netdev", Variant::from("db0"))])),
+        ),
+    ]);
+    let e = c.err(MACHINE, MACHINE_IFACE, "DeviceAdd", &("virtio-net-pci", opts));
+    assert_eq!(e.name, "org.qomu.Error.Busy", "{e:?}");
+    qmp.ok("device_del", json!({"id": "dnic"}));
     c.ok(MACHINE, MACHINE_IFACE, "NetdevDel", &("db0",));
     assert_eq!(netdevs(&mut qmp), ["cli0"]);
 
