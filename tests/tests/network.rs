@@ -745,3 +745,98 @@ fn nic_requests_get_qemus_texts_and_netdev_del_forces_the_link_down() {
     c.ok("netdev_del", json!({"id": "n0"}));
     drop(listener);
 }
+
+/// `migrate` to a file and its end; the final query-migrate.
+fn save_to(c: &mut QmpRaw, file: &std::path::Path) -> serde_json::Value {
+    c.ok("migrate", json!({"uri": format!("file:{}", file.display())}));
+    let mut info = serde_json::Value::Null;
+    wait_until("the save to end", || {
+        info = c.ok("query-migrate", json!({}));
+        matches!(info["status"].as_str(), Some("completed" | "failed"))
+    });
+    info
+}
+
+/// A NIC saved while its driver runs (the driver guest waiting for a link change) and
+/// restored in another qomu goes on: the filter the driver set and the link are kept,
+/// and the restored guest sees `set_link` down and up.
+#[test]
+fn a_nic_saved_and_restored_keeps_its_filter_and_link() {
+    qomu_tests::require_kvm!();
+    if !can_make_taps() {
+        return;
+    }
+    let dir = TempDir::new("nic-snap");
+    let ns = Netns::new("nicsnap");
+    let tap = format!("qs{}", std::process::id() % 1_000_000);
+    let file = dir.path("vm.snap");
+    let args = |incoming: Option<&std::path::Path>| {
+        let mut a: Vec<String> = [
+            "-S",
+            "--kernel",
+            &qomu_guests::path("virtio").display().to_string(),
+            "--append",
+            "netlink=1",
+            "--device",
+            "isa-debug-exit",
+            "--netdev",
+            &format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
+            "--device",
+            "virtio-net-pci,id=nic0,netdev=n0,mac=52:54:00:ab:cd:ef",
+            "--serial",
+            "stdio",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if let Some(f) = incoming {
+            a.extend(["--incoming".into(), format!("file:{}", f.display())]);
+        }
+        a
+    };
+    let spawn = |a: &[String]| {
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        Qomu::spawn_with(&a, |cmd| {
+            cmd.stdout(std::process::Stdio::null());
+        })
+    };
+    let mut first = spawn(&args(None));
+    assert!(ip(&["link", "set", &tap, "netns", &ns.0]));
+    assert!(ip(&["-n", &ns.0, "addr", "add", "10.0.2.2/24", "dev", &tap]));
+    assert!(ip(&["-n", &ns.0, "link", "set", &tap, "up"]));
+    let mut responder = udp_responder(&ns);
+    let mut c = first.session();
+    c.ok(
+        "__org.qomu_subscribe",
+        json!({"path": SERIAL, "notifier": "line"}),
+    );
+    c.ok("cont", json!({}));
+    guest_line(&mut c, "virtio-net: udp reply: ");
+    guest_line(&mut c, "virtio-net: watching the link");
+    let _ = responder.wait();
+    c.ok("stop", json!({}));
+    let info = save_to(&mut c, &file);
+    assert_eq!(info["status"], "completed", "{info}");
+    drop(c);
+    let _ = first.child.kill();
+    first.wait_exit(std::time::Duration::from_secs(10));
+
+    let mut second = spawn(&args(Some(&file)));
+    let mut c = second.session();
+    assert_eq!(c.ok("query-status", json!({}))["status"], "paused");
+    let f = c.ok("query-rx-filter", json!({"name": "nic0"}));
+    assert_eq!(f[0]["promiscuous"], false, "the driver's filter came back");
+    assert_eq!(f[0]["main-mac"], "52:54:00:ab:cd:ef");
+    assert_eq!(c.qom_get("nic0", "link"), true);
+    c.ok(
+        "__org.qomu_subscribe",
+        json!({"path": SERIAL, "notifier": "line"}),
+    );
+    c.ok("set_link", json!({"name": "nic0", "up": false}));
+    c.ok("cont", json!({}));
+    guest_line(&mut c, "virtio-net: link down");
+    c.ok("set_link", json!({"name": "nic0", "up": true}));
+    guest_line(&mut c, "virtio-net: link up");
+    guest_line(&mut c, "virtio-net: ok");
+    assert_eq!(second.wait_exit(std::time::Duration::from_secs(60)), Some(1));
+}

@@ -95,7 +95,11 @@ impl RxFilter {
 
     /// The driver accepted its features: with CTRL_VLAN no VLAN passes until it adds
     /// one, without it every VLAN does.
+    /// A filter restored from a snapshot, or already set for these features, is kept.
     pub fn features_acked(&mut self, ctrl_vlan: bool) {
+        if self.vlan_filtering == ctrl_vlan {
+            return;
+        }
         self.vlan_filtering = ctrl_vlan;
         self.vlans.fill(if ctrl_vlan { 0 } else { u32::MAX });
     }

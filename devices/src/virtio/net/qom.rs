@@ -15,7 +15,9 @@ use super::{
     F_GUEST_ECN, F_GUEST_TSO4, F_GUEST_TSO6, F_HOST_ECN, F_HOST_TSO4, F_HOST_TSO6, F_MAC,
     F_MRG_RXBUF, F_MTU, F_STATUS, IDENTITY, Net, NetEvents, NetState,
 };
+use super::filter::RxFilter;
 use crate::device::get_string;
+use crate::state::SerdeState;
 use crate::net::netdev::Netdev;
 use crate::net::port::{Port, Side};
 use crate::platform::PlatformRef;
@@ -74,6 +76,14 @@ struct Shared {
     rx_notify: Arc<AtomicBool>,
     /// The default MAC this NIC took, given back when it goes.
     default_mac: Mutex<Option<Mac>>,
+}
+
+/// What a snapshot keeps of a NIC beyond its transport: the receive filter (and the MAC
+/// the driver set) and the link. Frames in flight are not kept.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Saved {
+    filter: RxFilter,
+    link: bool,
 }
 
 /// NIC_RX_FILTER_CHANGED and the NIC's own `rx-filter-changed`.
@@ -276,6 +286,39 @@ pub fn rx_filter_info(o: &ObjectRef) -> qom::Result<Value> {
 pub(crate) fn register(platform: &PlatformRef) -> TypeInfo {
     let mut info = virtio_type(TYPE, IDENTITY, platform, || Arc::new(Shared::default()), make_model)
         .description("virtio network card on PCI, on a netdev (tap or stream)")
+        .serde_state(
+            1,
+            |d| {
+                let shared = shared(d).ok();
+                let state = shared.and_then(|s| s.state.lock().clone());
+                let link = match shared.and_then(|s| s.port.lock().clone()) {
+                    Some(p) => p.link().is_up(),
+                    None => state
+                        .as_ref()
+                        .is_none_or(|s| s.own_link.load(Ordering::Acquire)),
+                };
+                Saved {
+                    filter: state.map_or_else(
+                        || RxFilter::new([0; 6]),
+                        |s| s.filter.lock().clone(),
+                    ),
+                    link,
+                }
+            },
+            |d, saved: Saved| {
+                let shared = shared(d).map_err(|_| crate::Error::NotRealized {
+                    path: TYPE.into(),
+                })?;
+                if let Some(s) = shared.state.lock().clone() {
+                    *s.filter.lock() = saved.filter;
+                    s.own_link.store(saved.link, Ordering::Release);
+                }
+                if let Some(p) = shared.port.lock().clone() {
+                    p.link().set(saved.link, None);
+                }
+                Ok(())
+            },
+        )
         .property(
             Property::new("mac", Kind::Str)
                 .policy(PhasePolicy::BeforeRealize)
