@@ -330,7 +330,10 @@ fn netdevs_from_the_command_line_and_over_dbus() {
         MACHINE,
         MACHINE_IFACE,
         "QueryRxFilter",
-        &(HashMap::<&str, Variant<'_>>::from([("name", Variant::from("dnic"))]),),
+        &(HashMap::<&str, Variant<'_>>::from([(
+            "name",
+            Variant::from("dnic"),
+        )]),),
     );
     let infos: Vec<zbus::OwnedVariant> = reply.body().deserialize().expect("av");
     assert_eq!(infos.len(), 1);
@@ -345,7 +348,10 @@ fn netdevs_from_the_command_line_and_over_dbus() {
         MACHINE,
         MACHINE_IFACE,
         "QueryRxFilter",
-        &(HashMap::<&str, Variant<'_>>::from([("name", Variant::from("db0"))]),),
+        &(HashMap::<&str, Variant<'_>>::from([(
+            "name",
+            Variant::from("db0"),
+        )]),),
     );
     assert!(e.message.contains("net client(db0) isn't a NIC"), "{e:?}");
     // A second NIC on the same netdev: busy.
@@ -356,7 +362,12 @@ fn netdevs_from_the_command_line_and_over_dbus() {
             Variant::from(HashMap::from([("netdev", Variant::from("db0"))])),
         ),
     ]);
-    let e = c.err(MACHINE, MACHINE_IFACE, "DeviceAdd", &("virtio-net-pci", opts));
+    let e = c.err(
+        MACHINE,
+        MACHINE_IFACE,
+        "DeviceAdd",
+        &("virtio-net-pci", opts),
+    );
     assert_eq!(e.name, "org.qomu.Error.Busy", "{e:?}");
     qmp.ok("device_del", json!({"id": "dnic"}));
     c.ok(MACHINE, MACHINE_IFACE, "NetdevDel", &("db0",));
@@ -592,8 +603,20 @@ fn the_driver_guest_reaches_a_namespace_through_a_tap_and_sees_its_link() {
             cmd.stdout(std::process::Stdio::null());
         },
     );
-    assert!(ip(&["link", "set", &tap, "netns", &ns.0]), "tap into {}", ns.0);
-    assert!(ip(&["-n", &ns.0, "addr", "add", "10.0.2.2/24", "dev", &tap]));
+    assert!(
+        ip(&["link", "set", &tap, "netns", &ns.0]),
+        "tap into {}",
+        ns.0
+    );
+    assert!(ip(&[
+        "-n",
+        &ns.0,
+        "addr",
+        "add",
+        "10.0.2.2/24",
+        "dev",
+        &tap
+    ]));
     assert!(ip(&["-n", &ns.0, "link", "set", &tap, "up"]));
     let mut responder = udp_responder(&ns);
     let mut c = q.session();
@@ -617,10 +640,7 @@ fn the_driver_guest_reaches_a_namespace_through_a_tap_and_sees_its_link() {
     guest_line(&mut c, "virtio-net: arp reply: 10.0.2.2 is at ");
     guest_line(&mut c, "virtio-net: echo reply from 10.0.2.2");
     let udp = guest_line(&mut c, "virtio-net: udp reply: ");
-    assert!(
-        udp.ends_with("reply: hello from the qomu guest"),
-        "{udp}"
-    );
+    assert!(udp.ends_with("reply: hello from the qomu guest"), "{udp}");
     assert!(guest_line(&mut c, "virtio-net: sent ").ends_with("sent 3 frames"));
     let _ = responder.wait();
 
@@ -665,9 +685,8 @@ fn nic_requests_get_qemus_texts_and_netdev_del_forces_the_link_down() {
     let mut c = q.session();
     let socket = dir.path("peer.socket");
     let listener = UnixListener::bind(&socket).unwrap();
-    let stream = |id: &str| {
-        json!({"type": "stream", "id": id, "addr": {"type": "unix", "path": socket}})
-    };
+    let stream =
+        |id: &str| json!({"type": "stream", "id": id, "addr": {"type": "unix", "path": socket}});
     c.ok("netdev_add", stream("n0"));
     c.ok(
         "device_add",
@@ -727,7 +746,10 @@ fn nic_requests_get_qemus_texts_and_netdev_del_forces_the_link_down() {
     }
     assert_eq!(c.tree(), tree, "nothing changed");
     // QEMU's default MACs count up per NIC; one without a netdev is allowed.
-    c.ok("device_add", json!({"driver": "virtio-net-pci", "id": "nic1"}));
+    c.ok(
+        "device_add",
+        json!({"driver": "virtio-net-pci", "id": "nic1"}),
+    );
     assert_eq!(c.qom_get("nic0", "mac"), "52:54:00:12:34:56");
     assert_eq!(c.qom_get("nic1", "mac"), "52:54:00:12:34:57");
     // Before a driver runs, QEMU's filter: promiscuous, every VLAN.
@@ -740,7 +762,10 @@ fn nic_requests_get_qemus_texts_and_netdev_del_forces_the_link_down() {
     assert_eq!(c.qom_get("nic0", "link"), true);
     c.ok("netdev_del", json!({"id": "n0"}));
     assert_eq!(c.qom_get("nic0", "link"), false);
-    assert!(c.children("/machine/peripheral").contains(&"nic0".to_owned()));
+    assert!(
+        c.children("/machine/peripheral")
+            .contains(&"nic0".to_owned())
+    );
     c.ok("netdev_add", stream("n0"));
     c.ok("netdev_del", json!({"id": "n0"}));
     drop(listener);
@@ -748,7 +773,10 @@ fn nic_requests_get_qemus_texts_and_netdev_del_forces_the_link_down() {
 
 /// `migrate` to a file and its end; the final query-migrate.
 fn save_to(c: &mut QmpRaw, file: &std::path::Path) -> serde_json::Value {
-    c.ok("migrate", json!({"uri": format!("file:{}", file.display())}));
+    c.ok(
+        "migrate",
+        json!({"uri": format!("file:{}", file.display())}),
+    );
     let mut info = serde_json::Value::Null;
     wait_until("the save to end", || {
         info = c.ok("query-migrate", json!({}));
@@ -802,7 +830,15 @@ fn a_nic_saved_and_restored_keeps_its_filter_and_link() {
     };
     let mut first = spawn(&args(None));
     assert!(ip(&["link", "set", &tap, "netns", &ns.0]));
-    assert!(ip(&["-n", &ns.0, "addr", "add", "10.0.2.2/24", "dev", &tap]));
+    assert!(ip(&[
+        "-n",
+        &ns.0,
+        "addr",
+        "add",
+        "10.0.2.2/24",
+        "dev",
+        &tap
+    ]));
     assert!(ip(&["-n", &ns.0, "link", "set", &tap, "up"]));
     let mut responder = udp_responder(&ns);
     let mut c = first.session();
@@ -838,5 +874,84 @@ fn a_nic_saved_and_restored_keeps_its_filter_and_link() {
     c.ok("set_link", json!({"name": "nic0", "up": true}));
     guest_line(&mut c, "virtio-net: link up");
     guest_line(&mut c, "virtio-net: ok");
-    assert_eq!(second.wait_exit(std::time::Duration::from_secs(60)), Some(1));
+    assert_eq!(
+        second.wait_exit(std::time::Duration::from_secs(60)),
+        Some(1)
+    );
+}
+
+/// A NIC hot-plugged into a running guest, on a tap netdev added meanwhile and moved into
+/// the test's namespace: the guest's driver brings it up and its traffic reaches the
+/// namespace; `device_del` (the guest ejects it) and `netdev_del` leave the tree and the
+/// namespace as they were.
+#[test]
+fn a_hot_plugged_nic_carries_traffic_and_leaves_with_its_netdev() {
+    qomu_tests::require_kvm!();
+    if !can_make_taps() {
+        return;
+    }
+    let ns = Netns::new("nichot");
+    let tap = format!("qh{}", std::process::id() % 1_000_000);
+    let mut q = Qomu::spawn_with(
+        &[
+            "-S",
+            "--kernel",
+            &qomu_guests::path("virtio").display().to_string(),
+            "--append",
+            // A second eject that never comes keeps the guest running to the end.
+            "min=0 hotplug=2",
+            "--device",
+            "isa-debug-exit",
+            "--serial",
+            "stdio",
+        ],
+        |cmd| {
+            cmd.stdout(std::process::Stdio::null());
+        },
+    );
+    let mut c = q.session();
+    c.ok(
+        "__org.qomu_subscribe",
+        json!({"path": SERIAL, "notifier": "line"}),
+    );
+    c.ok("cont", json!({}));
+    guest_line(&mut c, "hotplug: ready");
+    let tree = c.tree();
+    c.ok(
+        "netdev_add",
+        json!({"type": "tap", "id": "hn0", "ifname": tap, "script": "no", "downscript": "no"}),
+    );
+    assert!(ip(&["link", "set", &tap, "netns", &ns.0]));
+    assert!(ip(&[
+        "-n",
+        &ns.0,
+        "addr",
+        "add",
+        "10.0.2.2/24",
+        "dev",
+        &tap
+    ]));
+    assert!(ip(&["-n", &ns.0, "link", "set", &tap, "up"]));
+    let mut responder = udp_responder(&ns);
+    c.ok(
+        "device_add",
+        json!({"driver": "virtio-net-pci", "id": "hnic", "netdev": "hn0"}),
+    );
+    guest_line(&mut c, "hotplug: slot ");
+    guest_line(&mut c, "virtio-net: echo reply from 10.0.2.2");
+    assert!(guest_line(&mut c, "virtio-net: udp reply: ").ends_with("hello from the qomu guest"));
+    guest_line(&mut c, "virtio-net: ok");
+    let _ = responder.wait();
+    assert_eq!(c.qom_get("hnic", "tx-packets"), 3);
+    c.ok("device_del", json!({"id": "hnic"}));
+    c.wait_event("DEVICE_DELETED");
+    c.ok("netdev_del", json!({"id": "hn0"}));
+    assert_eq!(c.tree(), tree, "the tree as before the plug");
+    assert!(
+        !ip(&["-n", &ns.0, "link", "show", &tap]),
+        "the tap went with its netdev"
+    );
+    guest_line(&mut c, "hotplug: ejecting slot ");
+    c.ok("quit", json!({}));
+    assert_eq!(q.wait_exit(std::time::Duration::from_secs(60)), Some(0));
 }

@@ -70,8 +70,10 @@ impl Netdev {
                 source,
             }
         })?;
-        port.link()
-            .set(self.initial_link.load(Ordering::Acquire), Some(Side::Netdev));
+        port.link().set(
+            self.initial_link.load(Ordering::Acquire),
+            Some(Side::Netdev),
+        );
         // The link property notifies whoever changes it, the NIC's side included.
         let weak = o.downgrade();
         port.link().watch(
@@ -301,7 +303,6 @@ impl StreamNotifiers {
             ),
         })
     }
-
 }
 
 impl StreamEvents for StreamNotifiers {

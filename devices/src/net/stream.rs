@@ -255,12 +255,12 @@ mod tests {
         while reply.is_none() && Instant::now() < end {
             writer.flush(&mut stream).unwrap();
             let peer = read_from(&mut reader, &mut stream, |f| {
-                    // An ARP reply (op 2) from 192.0.2.1 to the guest's MAC.
-                    if f.len() >= 42 && f[12..14] == [8, 6] && f[20..22] == [0, 2] {
-                        reply = Some(f.to_vec());
-                    }
-                })
-                .unwrap();
+                // An ARP reply (op 2) from 192.0.2.1 to the guest's MAC.
+                if f.len() >= 42 && f[12..14] == [8, 6] && f[20..22] == [0, 2] {
+                    reply = Some(f.to_vec());
+                }
+            })
+            .unwrap();
             assert_eq!(peer, Peer::Open);
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -313,10 +313,10 @@ mod tests {
         let mut count = 0;
         for _ in 0..10_000 {
             read_from(&mut reader, &mut b, |f| {
-                    assert_eq!(f.len(), 60000);
-                    count += 1;
-                })
-                .unwrap();
+                assert_eq!(f.len(), 60000);
+                count += 1;
+            })
+            .unwrap();
             if writer.flush(&mut a).unwrap() && count == queued {
                 break;
             }

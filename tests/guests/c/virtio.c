@@ -35,7 +35,7 @@
  *               sends it a UDP datagram from port 4444 to 5555, waiting for each answer
  *               (other frames are counted and dropped); with `netlink=1` it then waits
  *               for the link to go down and up again (status field and config ISR bit),
- *               and resets the device at the end.
+ *               and resets the device at the end; `nettraffic=0` skips the traffic.
  * With `hotplug=N`, it then serves hotplug as the DSDT's GED _EVT and PCNT methods would,
  * polling the GED: brings up each slot the host adds, ejects each slot the host asks for,
  * and ends after N ejects.
@@ -283,6 +283,7 @@ static void driver_ok(struct vdev *d) { mmio_write8(d->common + COMMON_STATUS, 1
 static u8 entropy[2][32];
 static int use_msix;
 static int net_watch_link;
+static int net_traffic = 1;
 
 /* With msix=1: MSI-X on, the queue on vector 1, whose entry starts masked. */
 struct msix { u64 table, pba; };
@@ -573,6 +574,7 @@ static int use_net(struct vdev *d) {
     ctrl->desc[1] = (struct desc){(u64)&net_ack, 1, 2, 0};
     if (submit(ctrl, 2, 2) != 1 || net_ack != 0) return 73;
     puts("virtio-net: promiscuous mode off\n");
+    if (!net_traffic) goto done;
 
     /* ARP: who has 10.0.2.2? */
     static const u8 broadcast[6] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
@@ -635,6 +637,7 @@ static int use_net(struct vdev *d) {
             puts(want ? "virtio-net: link up\n" : "virtio-net: link down\n");
         }
     }
+done:
     /* Done: the device is reset, so it writes no more frames into these buffers. */
     mmio_write8(d->common + COMMON_STATUS, 0);
     puts("virtio-net: ok\n");
@@ -887,6 +890,7 @@ void guest_main(const u8 *zero_page) {
     use_msix = (int)cmdline_u64(zero_page, "msix", 0);
     use_event_idx = (int)cmdline_u64(zero_page, "event_idx", 1);
     net_watch_link = (int)cmdline_u64(zero_page, "netlink", 0);
+    net_traffic = (int)cmdline_u64(zero_page, "nettraffic", 1);
     int found = 0;
     for (u8 slot = 0; slot < 32; slot++) found += probe(slot);
     puts("virtio: ");

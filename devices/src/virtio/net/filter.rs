@@ -165,7 +165,11 @@ impl RxFilter {
                     return false;
                 };
                 self.uni_overflow = unicast.len() > MAC_TABLE_ENTRIES;
-                self.unicast = if self.uni_overflow { Vec::new() } else { unicast };
+                self.unicast = if self.uni_overflow {
+                    Vec::new()
+                } else {
+                    unicast
+                };
                 self.multi_overflow = self.unicast.len() + multicast.len() > MAC_TABLE_ENTRIES;
                 self.multicast = if self.multi_overflow {
                     Vec::new()
@@ -217,12 +221,17 @@ impl RxFilter {
             if self.nomulti {
                 return false;
             }
-            return self.allmulti || self.multi_overflow || self.multicast.iter().any(|m| m == dest);
+            return self.allmulti
+                || self.multi_overflow
+                || self.multicast.iter().any(|m| m == dest);
         }
         if self.nouni {
             return false;
         }
-        self.alluni || self.uni_overflow || dest == self.mac || self.unicast.iter().any(|m| m == dest)
+        self.alluni
+            || self.uni_overflow
+            || dest == self.mac
+            || self.unicast.iter().any(|m| m == dest)
     }
 }
 
@@ -276,7 +285,13 @@ mod tests {
         assert_eq!(format_mac(&MAC), "52:54:00:12:34:56");
         assert_eq!(parse_mac("52:54:00:12:34:56"), Some(MAC));
         assert_eq!(parse_mac("01:00:5E:00:00:01"), Some([1, 0, 0x5e, 0, 0, 1]));
-        for bad in ["zz", "52:54:00:12:34", "52:54:00:12:34:56:78", "5:54:00:12:34:56", ""] {
+        for bad in [
+            "zz",
+            "52:54:00:12:34",
+            "52:54:00:12:34:56:78",
+            "5:54:00:12:34:56",
+            "",
+        ] {
             assert_eq!(parse_mac(bad), None, "{bad}");
         }
     }
@@ -291,7 +306,10 @@ mod tests {
         assert!(f.accepts(&frame(MAC)));
         assert!(!f.accepts(&frame(other)));
         assert!(f.accepts(&frame([0xff; 6])), "broadcast");
-        assert!(!f.accepts(&frame([1, 0, 0x5e, 0, 0, 1])), "a multicast not in the table");
+        assert!(
+            !f.accepts(&frame([1, 0, 0x5e, 0, 0, 1])),
+            "a multicast not in the table"
+        );
         assert!(f.accepts(&tagged(MAC, 7)), "every VLAN without CTRL_VLAN");
         // The same again changes nothing.
         assert_eq!(f.command(0, 0, &[0]), Outcome::Ok { changed: false });
@@ -314,10 +332,16 @@ mod tests {
             Outcome::Ok { changed: true }
         );
         assert!(f.accepts(&frame(uni)) && f.accepts(&frame(multi)));
-        assert_eq!((f.unicast.clone(), f.multicast.clone()), (vec![uni], vec![multi]));
+        assert_eq!(
+            (f.unicast.clone(), f.multicast.clone()),
+            (vec![uni], vec![multi])
+        );
         // 65 unicast addresses: overflow, every unicast passes.
         let many: Vec<Mac> = (0..65).map(|i| [2, 0, 0, 0, 1, i]).collect();
-        assert_eq!(f.command(1, 0, &table(&many, &[])), Outcome::Ok { changed: true });
+        assert_eq!(
+            f.command(1, 0, &table(&many, &[])),
+            Outcome::Ok { changed: true }
+        );
         assert!(f.uni_overflow && f.unicast.is_empty());
         assert!(f.accepts(&frame([2, 9, 9, 9, 9, 9])));
         // A new address.
@@ -342,7 +366,11 @@ mod tests {
             (2, 7, &[1, 0][..]),
             (9, 0, &[][..]),
         ] {
-            assert_eq!(f.command(class, cmd, data), Outcome::Err, "{class} {cmd} {data:?}");
+            assert_eq!(
+                f.command(class, cmd, data),
+                Outcome::Err,
+                "{class} {cmd} {data:?}"
+            );
             assert_eq!(f, before);
         }
     }
@@ -355,10 +383,16 @@ mod tests {
         assert!(f.vlan_table().is_empty());
         assert!(!f.accepts(&tagged(MAC, 7)));
         assert!(f.accepts(&frame(MAC)), "untagged frames pass");
-        assert_eq!(f.command(2, 0, &7u16.to_le_bytes()), Outcome::Ok { changed: true });
+        assert_eq!(
+            f.command(2, 0, &7u16.to_le_bytes()),
+            Outcome::Ok { changed: true }
+        );
         assert!(f.accepts(&tagged(MAC, 7)));
         assert_eq!(f.vlan_table(), vec![7]);
-        assert_eq!(f.command(2, 1, &7u16.to_le_bytes()), Outcome::Ok { changed: true });
+        assert_eq!(
+            f.command(2, 1, &7u16.to_le_bytes()),
+            Outcome::Ok { changed: true }
+        );
         assert!(!f.accepts(&tagged(MAC, 7)));
         assert_eq!(RxFilter::new(MAC).vlan_table().len(), MAX_VLAN);
     }

@@ -28,16 +28,16 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_ERR, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_F_CTRL_RX,
     VIRTIO_NET_F_CTRL_RX_EXTRA, VIRTIO_NET_F_CTRL_VLAN, VIRTIO_NET_F_CTRL_VQ,
     VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
-    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4,
-    VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU,
-    VIRTIO_NET_F_STATUS, VIRTIO_NET_OK, VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_OK,
+    VIRTIO_NET_S_LINK_UP,
 };
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
-pub use self::qom::{TYPE, rx_filter_info};
-pub(crate) use self::qom::register;
 use self::filter::{Mac, Outcome, RxFilter};
+pub(crate) use self::qom::register;
+pub use self::qom::{TYPE, rx_filter_info};
 use super::worker::Io;
 use super::{Identity, Interest, QueueHandler, VirtioDevice, feature};
 use crate::net::port::{NetCounters, Port};
@@ -324,7 +324,12 @@ impl NetHandler {
                 drop_frame(&self.state);
                 continue;
             }
-            if !self.state.filter.lock().accepts(&self.rx[VNET_HDR_LEN..len]) {
+            if !self
+                .state
+                .filter
+                .lock()
+                .accepts(&self.rx[VNET_HDR_LEN..len])
+            {
                 self.state.rx_filtered.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
@@ -363,11 +368,7 @@ impl NetHandler {
                 io.unpop(RX, chains.len() as u16);
                 return Delivery::NoRoom;
             };
-            let writable: usize = chain
-                .clone()
-                .writable()
-                .map(|d| d.len() as usize)
-                .sum();
+            let writable: usize = chain.clone().writable().map(|d| d.len() as usize).sum();
             room += writable;
             chains.push((chain, writable));
             if !self.mergeable {
@@ -409,7 +410,11 @@ impl NetHandler {
         let mut len = 0;
         for d in chain.readable() {
             let part = (d.len() as usize).min(self.tx.len() - len);
-            if part == 0 || mem.read_slice(&mut self.tx[len..len + part], d.addr()).is_err() {
+            if part == 0
+                || mem
+                    .read_slice(&mut self.tx[len..len + part], d.addr())
+                    .is_err()
+            {
                 break;
             }
             len += part;
@@ -459,24 +464,25 @@ impl NetHandler {
             _ => return 0,
         };
         let mut command = vec![0u8; reader.available_bytes().min(4096)];
-        let ack = if std::io::Read::read_exact(&mut reader, &mut command).is_ok() && command.len() >= 2 {
-            let outcome = self
-                .state
-                .filter
-                .lock()
-                .command(command[0], command[1], &command[2..]);
-            match outcome {
-                Outcome::Ok { changed } => {
-                    if changed {
-                        self.events.rx_filter_changed();
+        let ack =
+            if std::io::Read::read_exact(&mut reader, &mut command).is_ok() && command.len() >= 2 {
+                let outcome =
+                    self.state
+                        .filter
+                        .lock()
+                        .command(command[0], command[1], &command[2..]);
+                match outcome {
+                    Outcome::Ok { changed } => {
+                        if changed {
+                            self.events.rx_filter_changed();
+                        }
+                        VIRTIO_NET_OK as u8
                     }
-                    VIRTIO_NET_OK as u8
+                    Outcome::Err => VIRTIO_NET_ERR as u8,
                 }
-                Outcome::Err => VIRTIO_NET_ERR as u8,
-            }
-        } else {
-            VIRTIO_NET_ERR as u8
-        };
+            } else {
+                VIRTIO_NET_ERR as u8
+            };
         match std::io::Write::write_all(&mut writer, &[ack]) {
             Ok(()) => 1,
             Err(_) => 0,
@@ -530,7 +536,9 @@ impl QueueHandler for NetHandler {
 
     fn source_ready(&mut self, io: &mut Io<'_>) {
         if let Some(port) = &self.port
-            && port.with_backend(|b| b.writable()).is_some_and(|r| r.is_err())
+            && port
+                .with_backend(|b| b.writable())
+                .is_some_and(|r| r.is_err())
         {
             NetCounters::add(&port.counters().errors, 1);
         }

@@ -9,18 +9,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use parking_lot::Mutex;
 use qom::{Field, Kind, Notifier, NotifierDecl, ObjectRef, PhasePolicy, Property, TypeInfo, Value};
 
+use super::filter::RxFilter;
 use super::filter::{Mac, format_mac, parse_mac};
 use super::{
     F_CSUM, F_CTRL_MAC_ADDR, F_CTRL_RX, F_CTRL_RX_EXTRA, F_CTRL_VLAN, F_CTRL_VQ, F_GUEST_CSUM,
     F_GUEST_ECN, F_GUEST_TSO4, F_GUEST_TSO6, F_HOST_ECN, F_HOST_TSO4, F_HOST_TSO6, F_MAC,
     F_MRG_RXBUF, F_MTU, F_STATUS, IDENTITY, Net, NetEvents, NetState,
 };
-use super::filter::RxFilter;
 use crate::device::get_string;
-use crate::state::SerdeState;
 use crate::net::netdev::Netdev;
 use crate::net::port::{Port, Side};
 use crate::platform::PlatformRef;
+use crate::state::SerdeState;
 use crate::virtio::VirtioObject;
 use crate::virtio::qom::virtio_type;
 
@@ -50,20 +50,72 @@ fn mark_mac(mac: &Mac, used: bool) {
 /// QEMU's `status` (VIRTIO_NET_F_STATUS) is not among them: `status` is every virtio
 /// device's status byte here, and the link state is always offered.
 const FEATURE_PROPERTIES: [(&str, u64, &str); 14] = [
-    ("csum", F_CSUM, "Checksum offload of sent frames (VIRTIO_NET_F_CSUM)"),
-    ("guest_csum", F_GUEST_CSUM, "Received frames may carry partial checksums (GUEST_CSUM)"),
-    ("host_tso4", F_HOST_TSO4, "TCPv4 segmentation offload of sent frames (HOST_TSO4)"),
-    ("host_tso6", F_HOST_TSO6, "TCPv6 segmentation offload of sent frames (HOST_TSO6)"),
-    ("host_ecn", F_HOST_ECN, "TSO with ECN of sent frames (HOST_ECN)"),
-    ("guest_tso4", F_GUEST_TSO4, "The guest takes TCPv4 GSO frames (GUEST_TSO4)"),
-    ("guest_tso6", F_GUEST_TSO6, "The guest takes TCPv6 GSO frames (GUEST_TSO6)"),
-    ("guest_ecn", F_GUEST_ECN, "The guest takes GSO frames with ECN (GUEST_ECN)"),
-    ("mrg_rxbuf", F_MRG_RXBUF, "A received frame may span buffers (MRG_RXBUF)"),
+    (
+        "csum",
+        F_CSUM,
+        "Checksum offload of sent frames (VIRTIO_NET_F_CSUM)",
+    ),
+    (
+        "guest_csum",
+        F_GUEST_CSUM,
+        "Received frames may carry partial checksums (GUEST_CSUM)",
+    ),
+    (
+        "host_tso4",
+        F_HOST_TSO4,
+        "TCPv4 segmentation offload of sent frames (HOST_TSO4)",
+    ),
+    (
+        "host_tso6",
+        F_HOST_TSO6,
+        "TCPv6 segmentation offload of sent frames (HOST_TSO6)",
+    ),
+    (
+        "host_ecn",
+        F_HOST_ECN,
+        "TSO with ECN of sent frames (HOST_ECN)",
+    ),
+    (
+        "guest_tso4",
+        F_GUEST_TSO4,
+        "The guest takes TCPv4 GSO frames (GUEST_TSO4)",
+    ),
+    (
+        "guest_tso6",
+        F_GUEST_TSO6,
+        "The guest takes TCPv6 GSO frames (GUEST_TSO6)",
+    ),
+    (
+        "guest_ecn",
+        F_GUEST_ECN,
+        "The guest takes GSO frames with ECN (GUEST_ECN)",
+    ),
+    (
+        "mrg_rxbuf",
+        F_MRG_RXBUF,
+        "A received frame may span buffers (MRG_RXBUF)",
+    ),
     ("ctrl_vq", F_CTRL_VQ, "The control queue (CTRL_VQ)"),
-    ("ctrl_rx", F_CTRL_RX, "RX modes over the control queue (CTRL_RX)"),
-    ("ctrl_vlan", F_CTRL_VLAN, "The VLAN filter over the control queue (CTRL_VLAN)"),
-    ("ctrl_rx_extra", F_CTRL_RX_EXTRA, "More RX modes (CTRL_RX_EXTRA)"),
-    ("ctrl_mac_addr", F_CTRL_MAC_ADDR, "Setting the MAC over the control queue (CTRL_MAC_ADDR)"),
+    (
+        "ctrl_rx",
+        F_CTRL_RX,
+        "RX modes over the control queue (CTRL_RX)",
+    ),
+    (
+        "ctrl_vlan",
+        F_CTRL_VLAN,
+        "The VLAN filter over the control queue (CTRL_VLAN)",
+    ),
+    (
+        "ctrl_rx_extra",
+        F_CTRL_RX_EXTRA,
+        "More RX modes (CTRL_RX_EXTRA)",
+    ),
+    (
+        "ctrl_mac_addr",
+        F_CTRL_MAC_ADDR,
+        "Setting the MAC over the control queue (CTRL_MAC_ADDR)",
+    ),
 ];
 
 /// What the type's properties share with the model.
@@ -97,7 +149,8 @@ struct FilterEvents {
 
 impl NetEvents for FilterEvents {
     fn rx_filter_changed(&self) {
-        self.own.emit_fields(|| [("path", Value::Str(self.path.clone()))]);
+        self.own
+            .emit_fields(|| [("path", Value::Str(self.path.clone()))]);
         if self.armed.swap(false, Ordering::AcqRel)
             && let Some(n) = &self.machine
         {
@@ -140,16 +193,20 @@ fn claim_netdev(o: &ObjectRef, id: &str) -> qom::Result<Arc<Port>> {
             typename: QEMU_DEVICE.into(),
             id: id.to_owned(),
         })?;
-    port.claim(o.path()).map_err(|_| crate::Error::NetdevInUse {
-        typename: QEMU_DEVICE.into(),
-        id: id.to_owned(),
-        nic: port.nic().unwrap_or_else(|| "a NIC".into()),
-    })?;
+    port.claim(o.path())
+        .map_err(|_| crate::Error::NetdevInUse {
+            typename: QEMU_DEVICE.into(),
+            id: id.to_owned(),
+            nic: port.nic().unwrap_or_else(|| "a NIC".into()),
+        })?;
     Ok(port)
 }
 
 /// Builds the model when the object is realized.
-fn make_model(o: &ObjectRef, shared: &Arc<Shared>) -> qom::Result<Arc<dyn crate::virtio::VirtioDevice>> {
+fn make_model(
+    o: &ObjectRef,
+    shared: &Arc<Shared>,
+) -> qom::Result<Arc<dyn crate::virtio::VirtioDevice>> {
     let text = get_string(o, "mac")?;
     let mac = if text.is_empty() {
         let mac = take_default_mac().ok_or_else(|| crate::Error::BadValue {
@@ -249,7 +306,16 @@ pub fn rx_filter_info(o: &ObjectRef) -> qom::Result<Value> {
         |s| s.filter.lock().clone(),
     );
     let mode = |none: bool, all: bool| {
-        Value::Str(if none { "none" } else if all { "all" } else { "normal" }.into())
+        Value::Str(
+            if none {
+                "none"
+            } else if all {
+                "all"
+            } else {
+                "normal"
+            }
+            .into(),
+        )
     };
     let macs = |t: &[Mac]| Value::List(t.iter().map(|m| Value::Str(format_mac(m))).collect());
     // The query re-arms the event (QEMU's once-until-queried rule).
@@ -261,7 +327,14 @@ pub fn rx_filter_info(o: &ObjectRef) -> qom::Result<Value> {
         ("unicast", mode(filter.nouni, filter.alluni)),
         (
             "vlan",
-            Value::Str(if filter.vlan_filtering { "normal" } else { "all" }.into()),
+            Value::Str(
+                if filter.vlan_filtering {
+                    "normal"
+                } else {
+                    "all"
+                }
+                .into(),
+            ),
         ),
         // QEMU reports its `nobcast` flag under this name.
         ("broadcast-allowed", Value::Bool(filter.nobcast)),
@@ -284,163 +357,168 @@ pub fn rx_filter_info(o: &ObjectRef) -> qom::Result<Value> {
 }
 
 pub(crate) fn register(platform: &PlatformRef) -> TypeInfo {
-    let mut info = virtio_type(TYPE, IDENTITY, platform, || Arc::new(Shared::default()), make_model)
-        .description("virtio network card on PCI, on a netdev (tap or stream)")
-        .serde_state(
-            1,
-            |d| {
-                let shared = shared(d).ok();
-                let state = shared.and_then(|s| s.state.lock().clone());
-                let link = match shared.and_then(|s| s.port.lock().clone()) {
-                    Some(p) => p.link().is_up(),
-                    None => state
-                        .as_ref()
-                        .is_none_or(|s| s.own_link.load(Ordering::Acquire)),
-                };
-                Saved {
-                    filter: state.map_or_else(
-                        || RxFilter::new([0; 6]),
-                        |s| s.filter.lock().clone(),
-                    ),
-                    link,
-                }
-            },
-            |d, saved: Saved| {
-                let shared = shared(d).map_err(|_| crate::Error::NotRealized {
-                    path: TYPE.into(),
-                })?;
-                if let Some(s) = shared.state.lock().clone() {
-                    *s.filter.lock() = saved.filter;
-                    s.own_link.store(saved.link, Ordering::Release);
-                }
-                if let Some(p) = shared.port.lock().clone() {
-                    p.link().set(saved.link, None);
-                }
-                Ok(())
-            },
-        )
-        .property(
-            Property::new("mac", Kind::Str)
-                .policy(PhasePolicy::BeforeRealize)
-                .description("The MAC address (default: 52:54:00:12:34:56 and up, per NIC)")
-                .validate(|_, v| {
-                    let text = v.as_str().unwrap_or_default();
-                    if text.is_empty() || parse_mac(text).is_some() {
-                        return Ok(());
-                    }
-                    Err(crate::Error::BadValue {
-                        typename: QEMU_DEVICE.into(),
-                        property: "mac",
-                        value: text.to_owned(),
-                        why: "not a MAC address (six hex pairs, colon-separated)",
-                    }
-                    .into())
-                }),
-        )
-        .property(
-            Property::new("netdev", Kind::Str)
-                .policy(PhasePolicy::BeforeRealize)
-                .description("The netdev's id (netdev_add, --netdev); none: frames go nowhere"),
-        )
-        .property(
-            Property::new("host_mtu", Kind::uint_range(0, 65535))
-                .policy(PhasePolicy::BeforeRealize)
-                .description("The MTU the device advises (VIRTIO_NET_F_MTU); 0: none"),
-        )
-        .accessor(
-            Property::new("link", Kind::Bool)
-                .policy(PhasePolicy::Always)
-                .notifying()
-                .description(
-                    "Whether the link is up (QMP's set_link; with a netdev, its link too); the \
-                     guest sees a change through the configuration interrupt",
-                ),
-            |d, _| {
-                let link = match shared(d)?.port.lock().as_ref() {
-                    Some(p) => p.link().is_up(),
-                    None => state(d)?.is_none_or(|s| s.own_link.load(Ordering::Acquire)),
-                };
-                Ok(Value::Bool(link))
-            },
-            |d, _, v| {
-                let up = v.as_bool().unwrap_or(true);
-                let port = shared(d)?.port.lock().clone();
-                match port {
-                    // The watcher raises the interrupt (and tells the netdev's side).
-                    Some(p) => {
-                        p.link().set(up, Some(Side::Nic));
-                    }
-                    None => {
-                        if let Some(s) = state(d)?
-                            && s.own_link.swap(up, Ordering::AcqRel) != up
-                        {
-                            d.function().config_changed();
-                        }
-                    }
-                }
-                Ok(())
-            },
-        )
-        .try_getter(
-            Property::new("mac-address", Kind::Str)
-                .description("The MAC the guest's driver uses now (it may set another)"),
-            |d, _| {
-                Ok(Value::Str(
-                    state(d)?.map_or_else(String::new, |s| format_mac(&s.filter.lock().mac)),
-                ))
-            },
-        )
-        .try_getter(counter("rx-packets", "Frames given to the guest"), |d, _| {
-            stat(d, |s| s.counters.rx_packets.load(Ordering::Relaxed))
-        })
-        .try_getter(counter("rx-bytes", "Bytes of those frames"), |d, _| {
-            stat(d, |s| s.counters.rx_bytes.load(Ordering::Relaxed))
-        })
-        .try_getter(
-            counter(
-                "rx-dropped",
-                "Frames from the host dropped: link down, or no guest buffer could hold them",
-            ),
-            |d, _| stat(d, |s| s.counters.rx_dropped.load(Ordering::Relaxed)),
-        )
-        .try_getter(
-            counter("rx-filtered", "Frames from the host the guest's receive filter refused"),
-            |d, _| stat(d, |s| s.rx_filtered.load(Ordering::Relaxed)),
-        )
-        .try_getter(counter("tx-packets", "Frames the guest sent"), |d, _| {
-            stat(d, |s| s.counters.tx_packets.load(Ordering::Relaxed))
-        })
-        .try_getter(counter("tx-bytes", "Bytes of those frames"), |d, _| {
-            stat(d, |s| s.counters.tx_bytes.load(Ordering::Relaxed))
-        })
-        .try_getter(
-            counter(
-                "tx-dropped",
-                "Frames the guest sent that went nowhere: link down, no netdev, or refused",
-            ),
-            |d, _| stat(d, |s| s.counters.tx_dropped.load(Ordering::Relaxed)),
-        )
-        .notifier(
-            NotifierDecl::new(
-                "rx-filter-changed",
-                Kind::structure(
-                    "VirtioNetRxFilterChanged",
-                    vec![Field::new("path", Kind::Str, "The NIC's path")],
-                ),
-            )
-            .description(
-                "The guest's driver changed the receive filter (every change; the machine's \
-                 NIC_RX_FILTER_CHANGED goes once until query-rx-filter)",
-            ),
-        )
-        .unrealize(|d, _| {
-            if let Ok(shared) = shared(d) {
-                if let Some(port) = shared.port.lock().take() {
-                    port.release();
-                }
-                release_mac(shared);
+    let mut info = virtio_type(
+        TYPE,
+        IDENTITY,
+        platform,
+        || Arc::new(Shared::default()),
+        make_model,
+    )
+    .description("virtio network card on PCI, on a netdev (tap or stream)")
+    .serde_state(
+        1,
+        |d| {
+            let shared = shared(d).ok();
+            let state = shared.and_then(|s| s.state.lock().clone());
+            let link = match shared.and_then(|s| s.port.lock().clone()) {
+                Some(p) => p.link().is_up(),
+                None => state
+                    .as_ref()
+                    .is_none_or(|s| s.own_link.load(Ordering::Acquire)),
+            };
+            Saved {
+                filter: state.map_or_else(|| RxFilter::new([0; 6]), |s| s.filter.lock().clone()),
+                link,
             }
-        });
+        },
+        |d, saved: Saved| {
+            let shared = shared(d).map_err(|_| crate::Error::NotRealized { path: TYPE.into() })?;
+            if let Some(s) = shared.state.lock().clone() {
+                *s.filter.lock() = saved.filter;
+                s.own_link.store(saved.link, Ordering::Release);
+            }
+            if let Some(p) = shared.port.lock().clone() {
+                p.link().set(saved.link, None);
+            }
+            Ok(())
+        },
+    )
+    .property(
+        Property::new("mac", Kind::Str)
+            .policy(PhasePolicy::BeforeRealize)
+            .description("The MAC address (default: 52:54:00:12:34:56 and up, per NIC)")
+            .validate(|_, v| {
+                let text = v.as_str().unwrap_or_default();
+                if text.is_empty() || parse_mac(text).is_some() {
+                    return Ok(());
+                }
+                Err(crate::Error::BadValue {
+                    typename: QEMU_DEVICE.into(),
+                    property: "mac",
+                    value: text.to_owned(),
+                    why: "not a MAC address (six hex pairs, colon-separated)",
+                }
+                .into())
+            }),
+    )
+    .property(
+        Property::new("netdev", Kind::Str)
+            .policy(PhasePolicy::BeforeRealize)
+            .description("The netdev's id (netdev_add, --netdev); none: frames go nowhere"),
+    )
+    .property(
+        Property::new("host_mtu", Kind::uint_range(0, 65535))
+            .policy(PhasePolicy::BeforeRealize)
+            .description("The MTU the device advises (VIRTIO_NET_F_MTU); 0: none"),
+    )
+    .accessor(
+        Property::new("link", Kind::Bool)
+            .policy(PhasePolicy::Always)
+            .notifying()
+            .description(
+                "Whether the link is up (QMP's set_link; with a netdev, its link too); the \
+                     guest sees a change through the configuration interrupt",
+            ),
+        |d, _| {
+            let link = match shared(d)?.port.lock().as_ref() {
+                Some(p) => p.link().is_up(),
+                None => state(d)?.is_none_or(|s| s.own_link.load(Ordering::Acquire)),
+            };
+            Ok(Value::Bool(link))
+        },
+        |d, _, v| {
+            let up = v.as_bool().unwrap_or(true);
+            let port = shared(d)?.port.lock().clone();
+            match port {
+                // The watcher raises the interrupt (and tells the netdev's side).
+                Some(p) => {
+                    p.link().set(up, Some(Side::Nic));
+                }
+                None => {
+                    if let Some(s) = state(d)?
+                        && s.own_link.swap(up, Ordering::AcqRel) != up
+                    {
+                        d.function().config_changed();
+                    }
+                }
+            }
+            Ok(())
+        },
+    )
+    .try_getter(
+        Property::new("mac-address", Kind::Str)
+            .description("The MAC the guest's driver uses now (it may set another)"),
+        |d, _| {
+            Ok(Value::Str(state(d)?.map_or_else(String::new, |s| {
+                format_mac(&s.filter.lock().mac)
+            })))
+        },
+    )
+    .try_getter(
+        counter("rx-packets", "Frames given to the guest"),
+        |d, _| stat(d, |s| s.counters.rx_packets.load(Ordering::Relaxed)),
+    )
+    .try_getter(counter("rx-bytes", "Bytes of those frames"), |d, _| {
+        stat(d, |s| s.counters.rx_bytes.load(Ordering::Relaxed))
+    })
+    .try_getter(
+        counter(
+            "rx-dropped",
+            "Frames from the host dropped: link down, or no guest buffer could hold them",
+        ),
+        |d, _| stat(d, |s| s.counters.rx_dropped.load(Ordering::Relaxed)),
+    )
+    .try_getter(
+        counter(
+            "rx-filtered",
+            "Frames from the host the guest's receive filter refused",
+        ),
+        |d, _| stat(d, |s| s.rx_filtered.load(Ordering::Relaxed)),
+    )
+    .try_getter(counter("tx-packets", "Frames the guest sent"), |d, _| {
+        stat(d, |s| s.counters.tx_packets.load(Ordering::Relaxed))
+    })
+    .try_getter(counter("tx-bytes", "Bytes of those frames"), |d, _| {
+        stat(d, |s| s.counters.tx_bytes.load(Ordering::Relaxed))
+    })
+    .try_getter(
+        counter(
+            "tx-dropped",
+            "Frames the guest sent that went nowhere: link down, no netdev, or refused",
+        ),
+        |d, _| stat(d, |s| s.counters.tx_dropped.load(Ordering::Relaxed)),
+    )
+    .notifier(
+        NotifierDecl::new(
+            "rx-filter-changed",
+            Kind::structure(
+                "VirtioNetRxFilterChanged",
+                vec![Field::new("path", Kind::Str, "The NIC's path")],
+            ),
+        )
+        .description(
+            "The guest's driver changed the receive filter (every change; the machine's \
+                 NIC_RX_FILTER_CHANGED goes once until query-rx-filter)",
+        ),
+    )
+    .unrealize(|d, _| {
+        if let Ok(shared) = shared(d) {
+            if let Some(port) = shared.port.lock().take() {
+                port.release();
+            }
+            release_mac(shared);
+        }
+    });
     for (name, _, description) in FEATURE_PROPERTIES {
         info = info.property(
             Property::new(name, Kind::Bool)
