@@ -410,6 +410,11 @@ fn send_with_fd(c: &mut QmpRaw, text: &str, fd: std::os::fd::RawFd) {
 
 /// A tap opened here, as a management daemon opens one before handing it over.
 fn open_tap(name: &str) -> std::fs::File {
+    open_tap_with(name, libc::IFF_VNET_HDR)
+}
+
+/// Opens (creating) the tap `name` with `IFF_TAP | IFF_NO_PI | extra`.
+fn open_tap_with(name: &str, extra: libc::c_int) -> std::fs::File {
     #[repr(C)]
     struct IfReq {
         name: [u8; 16],
@@ -423,7 +428,7 @@ fn open_tap(name: &str) -> std::fs::File {
         .expect("open /dev/net/tun");
     let mut req = IfReq {
         name: [0; 16],
-        flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,
+        flags: (libc::IFF_TAP | libc::IFF_NO_PI | extra) as libc::c_int as libc::c_short,
         _pad: [0; 22],
     };
     req.name[..name.len()].copy_from_slice(name.as_bytes());
@@ -656,14 +661,6 @@ fn the_driver_guest_reaches_a_namespace_through_a_tap_and_sees_its_link() {
     assert_eq!(f["vlan-table"].as_array().map(Vec::len), Some(4096));
 
     guest_line(&mut c, "virtio-net: watching the link");
-    c.ok("set_link", json!({"name": "nic0", "up": false}));
-    guest_line(&mut c, "virtio-net: link down");
-    assert_eq!(c.qom_get("/netdev/n0", "link"), false);
-    c.ok("set_link", json!({"name": "n0", "up": true}));
-    guest_line(&mut c, "virtio-net: link up");
-    assert_eq!(c.qom_get("nic0", "link"), true);
-    guest_line(&mut c, "virtio-net: ok");
-
     // Exactly what the guest sent went out; what it took in came from the namespace.
     assert_eq!(c.qom_get("nic0", "tx-packets"), 3);
     assert_eq!(c.qom_get("/netdev/n0", "tx-packets"), 3);
@@ -673,6 +670,14 @@ fn the_driver_guest_reaches_a_namespace_through_a_tap_and_sees_its_link() {
     assert_eq!(c.qom_get("/netdev/n0", "rx-packets"), rx);
     // 42-byte ARP, 14+20+8+10 ICMP, 14+20+8+25 UDP.
     assert_eq!(c.qom_get("nic0", "tx-bytes"), 42 + 52 + 67);
+    c.ok("set_link", json!({"name": "nic0", "up": false}));
+    guest_line(&mut c, "virtio-net: link down");
+    assert_eq!(c.qom_get("/netdev/n0", "link"), false);
+    c.ok("set_link", json!({"name": "n0", "up": true}));
+    guest_line(&mut c, "virtio-net: link up");
+    assert_eq!(c.qom_get("nic0", "link"), true);
+    guest_line(&mut c, "virtio-net: ok");
+
     assert_eq!(q.wait_exit(std::time::Duration::from_secs(60)), Some(1));
 }
 
@@ -954,4 +959,136 @@ fn a_hot_plugged_nic_carries_traffic_and_leaves_with_its_netdev() {
     guest_line(&mut c, "hotplug: ejecting slot ");
     c.ok("quit", json!({}));
     assert_eq!(q.wait_exit(std::time::Duration::from_secs(60)), Some(0));
+}
+
+/// A peer for a stream netdev made of a tap: every frame the netdev sends (length,
+/// frame) goes out of `tap` into its namespace, every frame from there comes back in the
+/// framing. Runs until `stop`, or 60 s; returns the frames it carried each way.
+fn stream_to_tap(
+    listener: UnixListener,
+    tap: std::fs::File,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(u64, u64)> {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    std::thread::spawn(move || {
+        let (mut socket, _) = listener.accept().expect("the netdev connects");
+        let (mut to_tap, mut to_netdev) = (0, 0);
+        let mut pending = Vec::new();
+        let mut buf = vec![0u8; 70000];
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !stop.load(std::sync::atomic::Ordering::Acquire) && std::time::Instant::now() < end
+        {
+            let mut fds = [
+                libc::pollfd {
+                    fd: socket.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: tap.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: two valid pollfds and their count.
+            if unsafe { libc::poll(fds.as_mut_ptr(), 2, 100) } <= 0 {
+                continue;
+            }
+            if fds[0].revents != 0 {
+                let n = socket.read(&mut buf).unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                pending.extend_from_slice(&buf[..n]);
+                while pending.len() >= 4 {
+                    let len = u32::from_be_bytes(pending[..4].try_into().unwrap()) as usize;
+                    if pending.len() < 4 + len {
+                        break;
+                    }
+                    let _ = (&tap).write_all(&pending[4..4 + len]);
+                    pending.drain(..4 + len);
+                    to_tap += 1;
+                }
+            }
+            if fds[1].revents != 0 {
+                let n = (&tap).read(&mut buf).unwrap_or(0);
+                if n > 0 {
+                    socket.write_all(&frame(&buf[..n])).expect("to the netdev");
+                    to_netdev += 1;
+                }
+            }
+        }
+        (to_tap, to_netdev)
+    })
+}
+
+/// The driver guest over a stream netdev (QEMU's framing, no vnet header) to a peer the
+/// test runs, which carries the frames to and from a tap in the test's namespace: the
+/// same ARP, ICMP and UDP exchange as over a tap, and no checksum or segmentation
+/// offload offered (a stream peer has no headers, QEMU's rule).
+#[test]
+fn the_driver_guest_reaches_a_namespace_over_a_stream_netdev() {
+    qomu_tests::require_kvm!();
+    if !can_make_taps() {
+        return;
+    }
+    let dir = TempDir::new("nic-stream");
+    let ns = Netns::new("nicstream");
+    let name = format!("qb{}", std::process::id() % 1_000_000);
+    let tap = open_tap_with(&name, 0);
+    assert!(ip(&["link", "set", &name, "netns", &ns.0]));
+    assert!(ip(&["-n", &ns.0, "addr", "add", "10.0.2.2/24", "dev", &name]));
+    assert!(ip(&["-n", &ns.0, "link", "set", &name, "up"]));
+    let socket = dir.path("peer.socket");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let peer = stream_to_tap(UnixListener::bind(&socket).unwrap(), tap, stop.clone());
+    let mut responder = udp_responder(&ns);
+    let mut q = Qomu::spawn_with(
+        &[
+            "-S",
+            "--kernel",
+            &qomu_guests::path("virtio").display().to_string(),
+            "--append",
+            "netlink=1",
+            "--device",
+            "isa-debug-exit",
+            "--netdev",
+            &format!("stream,id=s0,addr.type=unix,addr.path={}", socket.display()),
+            "--device",
+            "virtio-net-pci,id=nic0,netdev=s0",
+            "--serial",
+            "stdio",
+        ],
+        |cmd| {
+            cmd.stdout(std::process::Stdio::null());
+        },
+    );
+    let mut c = q.session();
+    let offered = c.qom_get("nic0", "host-features").as_u64().unwrap();
+    assert_eq!(offered & 0b11, 0, "no CSUM, GUEST_CSUM over a stream: {offered:#x}");
+    assert_ne!(offered & (1 << 15), 0, "MRG_RXBUF: {offered:#x}");
+    c.ok(
+        "__org.qomu_subscribe",
+        json!({"path": SERIAL, "notifier": "line"}),
+    );
+    c.ok("cont", json!({}));
+    guest_line(&mut c, "virtio-net: arp reply: 10.0.2.2 is at ");
+    guest_line(&mut c, "virtio-net: echo reply from 10.0.2.2");
+    assert!(
+        guest_line(&mut c, "virtio-net: udp reply: ").ends_with("reply: hello from the qomu guest")
+    );
+    // While the guest waits for a link change, it is still there to be asked.
+    guest_line(&mut c, "virtio-net: watching the link");
+    let _ = responder.wait();
+    assert_eq!(c.qom_get("/netdev/s0", "tx-packets"), 3);
+    c.ok("set_link", json!({"name": "s0", "up": false}));
+    guest_line(&mut c, "virtio-net: link down");
+    c.ok("set_link", json!({"name": "s0", "up": true}));
+    guest_line(&mut c, "virtio-net: ok");
+    assert_eq!(q.wait_exit(std::time::Duration::from_secs(60)), Some(1));
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let (to_tap, to_netdev) = peer.join().unwrap();
+    assert_eq!(to_tap, 3, "the guest's three frames went through the stream");
+    assert!(to_netdev >= 3, "{to_netdev} frames back");
 }
