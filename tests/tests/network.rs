@@ -977,8 +977,7 @@ fn stream_to_tap(
         let mut pending = Vec::new();
         let mut buf = vec![0u8; 70000];
         let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while !stop.load(std::sync::atomic::Ordering::Acquire) && std::time::Instant::now() < end
-        {
+        while !stop.load(std::sync::atomic::Ordering::Acquire) && std::time::Instant::now() < end {
             let mut fds = [
                 libc::pollfd {
                     fd: socket.as_raw_fd(),
@@ -1038,7 +1037,15 @@ fn the_driver_guest_reaches_a_namespace_over_a_stream_netdev() {
     let name = format!("qb{}", std::process::id() % 1_000_000);
     let tap = open_tap_with(&name, 0);
     assert!(ip(&["link", "set", &name, "netns", &ns.0]));
-    assert!(ip(&["-n", &ns.0, "addr", "add", "10.0.2.2/24", "dev", &name]));
+    assert!(ip(&[
+        "-n",
+        &ns.0,
+        "addr",
+        "add",
+        "10.0.2.2/24",
+        "dev",
+        &name
+    ]));
     assert!(ip(&["-n", &ns.0, "link", "set", &name, "up"]));
     let socket = dir.path("peer.socket");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1066,7 +1073,11 @@ fn the_driver_guest_reaches_a_namespace_over_a_stream_netdev() {
     );
     let mut c = q.session();
     let offered = c.qom_get("nic0", "host-features").as_u64().unwrap();
-    assert_eq!(offered & 0b11, 0, "no CSUM, GUEST_CSUM over a stream: {offered:#x}");
+    assert_eq!(
+        offered & 0b11,
+        0,
+        "no CSUM, GUEST_CSUM over a stream: {offered:#x}"
+    );
     assert_ne!(offered & (1 << 15), 0, "MRG_RXBUF: {offered:#x}");
     c.ok(
         "__org.qomu_subscribe",
@@ -1089,6 +1100,78 @@ fn the_driver_guest_reaches_a_namespace_over_a_stream_netdev() {
     assert_eq!(q.wait_exit(std::time::Duration::from_secs(60)), Some(1));
     stop.store(true, std::sync::atomic::Ordering::Release);
     let (to_tap, to_netdev) = peer.join().unwrap();
-    assert_eq!(to_tap, 3, "the guest's three frames went through the stream");
+    assert_eq!(
+        to_tap, 3,
+        "the guest's three frames went through the stream"
+    );
     assert!(to_netdev >= 3, "{to_netdev} frames back");
+}
+
+/// examples/netns-nic.py, unchanged, against a running driver guest: it makes its
+/// namespace, a tap netdev there and a NIC, the guest's datagram reaches its responder and
+/// the answer the guest, and it takes the NIC, the netdev and the namespace away again.
+#[test]
+fn the_netns_nic_example_gives_a_guest_a_card_uses_it_and_takes_it_away() {
+    qomu_tests::require_kvm!();
+    if !can_make_taps() || !qomu_tests::python_modules_present(&[("qemu.qmp", "qemu.qmp")]) {
+        return;
+    }
+    let mut q = Qomu::spawn_with(
+        &[
+            "-S",
+            "--kernel",
+            &qomu_guests::path("virtio").display().to_string(),
+            "--append",
+            "min=0 hotplug=2",
+            "--serial",
+            "stdio",
+        ],
+        |cmd| {
+            cmd.stdout(std::process::Stdio::null());
+        },
+    );
+    let mut c = q.session();
+    c.ok(
+        "__org.qomu_subscribe",
+        json!({"path": SERIAL, "notifier": "line"}),
+    );
+    c.ok("cont", json!({}));
+    guest_line(&mut c, "hotplug: ready");
+    let tree = c.tree();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/netns-nic.py");
+    let namespace = format!("qomu-ex-{}", std::process::id());
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(&q.qmp)
+        .args(["--id", "exnic", "--netns", &namespace, "--timeout", "30"])
+        .output()
+        .expect("run the example");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "the example failed:\n{text}");
+    eprintln!("{text}");
+    for line in [
+        "netdev exnic-net: tap ",
+        "exnic (52:54:00:12:34:56): the guest's driver took it after",
+        "datagram from 10.0.2.15: 'hello from the qomu guest', answered",
+        "/machine/peripheral/exnic: tx-packets 3",
+        "/netdev/exnic-net: tx-packets 3",
+        "exnic and exnic-net gone after",
+    ] {
+        assert!(text.contains(line), "no '{line}' in:\n{text}");
+    }
+    guest_line(
+        &mut c,
+        "virtio-net: udp reply: reply: hello from the qomu guest",
+    );
+    assert_eq!(c.tree(), tree, "the tree as before");
+    assert!(
+        !ip(&["netns", "pids", &namespace]),
+        "the example deleted its namespace"
+    );
+    c.ok("quit", json!({}));
+    assert_eq!(q.wait_exit(std::time::Duration::from_secs(60)), Some(0));
 }
