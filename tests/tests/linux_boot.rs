@@ -94,7 +94,7 @@ fn linux_check_on_an_emulated_host_with_svm() {
         "the emulated host has SVM with nested paging:\n{console}\n{stderr}"
     );
     assert!(
-        console.contains("test result: ok. 2 passed"),
+        console.contains("test result: ok. 3 passed"),
         "the Linux boot test ran and passed on the emulated host:\n{console}\n{stderr}"
     );
     assert!(out.status.success(), "{}:\n{console}\n{stderr}", out.status);
@@ -437,4 +437,148 @@ fn linux_goes_on_after_a_snapshot_and_a_restore() {
         "no reboot after the restore:\n{}",
         vm.recent_lines()
     );
+}
+
+/// Runs `ip ARGS` (iproute2's, or busybox's on the emulated host) in this thread's network
+/// namespace; true if it succeeded.
+fn ip(args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Linux's virtio_net on a NIC plugged at start, its tap's other end 10.0.2.2/24 in a
+/// network namespace of this test's thread (`unshare(CLONE_NEWNET)`: the machine, its taps
+/// and the `ip` runs are all in it, nothing outside): it pings 10.0.2.2 and sends it UDP
+/// (a traceroute probe, answered by the namespace's ICMP port unreachable). Then a second
+/// NIC, hot-plugged on a second tap (10.0.3.2/24), is brought up by acpiphp and
+/// virtio_net, pings its end, and is unplugged; the netdev goes with netdev_del.
+#[test]
+fn linux_talks_over_virtio_net_and_hot_plugs_a_second_nic() {
+    if !linux_runs_here() {
+        return;
+    }
+    // SAFETY: unshare has no memory preconditions; it moves only this thread.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        panic!(
+            "a network namespace of the test's own: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    assert!(ip(&["link", "set", "lo", "up"]), "ip link set lo up");
+    let kit = guest_kit();
+    let dir = TempDir::new("linux-net");
+    let disk = disk_image(&dir);
+    let mut config = linux(
+        &kit,
+        &disk,
+        &["virtio-net-pci,id=nic0,netdev=n0"],
+        "qomu.net=1 qomu.nethotplug=1",
+    );
+    config.netdevs = vec![
+        "tap,id=n0,ifname=qlt0,script=no,downscript=no"
+            .parse()
+            .expect("netdev spec"),
+    ];
+    let mut vm = TestVm::with_config(config);
+    assert!(ip(&["addr", "add", "10.0.2.2/24", "dev", "qlt0"]));
+    assert!(ip(&["link", "set", "qlt0", "up"]));
+    for notifier in ["plugged", "driver-ok"] {
+        vm.client
+            .subscribe(
+                Target::Type("virtio-device".into()),
+                notifier,
+                SubscribeOptions::default(),
+            )
+            .expect(notifier);
+    }
+    vm.client
+        .subscribe(
+            Target::Object("/machine".into()),
+            "DEVICE_DELETED",
+            SubscribeOptions::default(),
+        )
+        .expect("DEVICE_DELETED");
+    vm.start();
+    kernel_up(&mut vm);
+    let eth0 = guest_says(&mut vm, "qomu-linux-boot: net eth0 ");
+    assert!(
+        eth0.contains("52:54:00:12:34:56") && eth0.ends_with("carrier 1"),
+        "{eth0}\n{}",
+        vm.recent_lines()
+    );
+    let ping = guest_says(&mut vm, "qomu-linux-boot: net ping ");
+    assert!(
+        ping.ends_with("3 packets received"),
+        "{ping}\n{}",
+        vm.recent_lines()
+    );
+    let udp = guest_says(&mut vm, "qomu-linux-boot: net udp ");
+    assert!(
+        udp.contains("10.0.2.2"),
+        "the UDP probe was answered: {udp}"
+    );
+    let nic = "/machine/peripheral/nic0";
+    let sent = vm.get(nic, "tx-packets").as_u64().unwrap_or(0);
+    assert!(
+        sent >= 5,
+        "ARP, 3 echo requests and the probe: tx-packets {sent}"
+    );
+    assert_eq!(vm.get("/netdev/n0", "tx-packets").as_u64(), Some(sent));
+    // The filter Linux programmed through the control queue: not promiscuous, the IPv4
+    // all-hosts group in its multicast table.
+    let filter = vm
+        .machine
+        .query_rx_filter(Some("nic0"))
+        .expect("query-rx-filter");
+    eprintln!("qomu-linux-boot: rx filter {filter:?}");
+    let Value::List(infos) = &filter else {
+        panic!("{filter:?}")
+    };
+    assert_eq!(infos[0].field("promiscuous"), Some(&Value::Bool(false)));
+    assert!(
+        matches!(infos[0].field("multicast-table"), Some(Value::List(t))
+            if t.contains(&Value::Str("01:00:5e:00:00:01".into()))),
+        "{filter:?}"
+    );
+    let features = vm.get(nic, "guest-features").as_u64().unwrap_or(0);
+    eprintln!("qomu-linux-boot: virtio_net took features {features:#x}");
+
+    guest_says(&mut vm, "qomu-linux-boot: nethotplug ready");
+    vm.machine
+        .netdev_add(
+            "tap",
+            Some("n1"),
+            vec![("ifname".into(), Value::Str("qlt1".into()))],
+        )
+        .expect("netdev_add");
+    assert!(ip(&["addr", "add", "10.0.3.2/24", "dev", "qlt1"]));
+    assert!(ip(&["link", "set", "qlt1", "up"]));
+    vm.machine
+        .device_add(
+            "virtio-net-pci",
+            Some("nic1"),
+            None,
+            &Value::map([("netdev", Value::Str("n1".into()))]),
+        )
+        .expect("device_add");
+    vm.wait_event("plugged");
+    vm.wait_event("driver-ok");
+    let eth1 = guest_says(&mut vm, "qomu-linux-boot: nethotplug eth1 ");
+    assert!(
+        eth1.contains("52:54:00:12:34:57") && eth1.ends_with("3 packets received"),
+        "{eth1}\n{}",
+        vm.recent_lines()
+    );
+    vm.machine.device_del("nic1").expect("device_del");
+    vm.wait_event("DEVICE_DELETED");
+    guest_says(&mut vm, "qomu-linux-boot: nethotplug eth1 removed");
+    vm.machine.netdev_del("n1").expect("netdev_del");
+    assert!(
+        !ip(&["link", "show", "qlt1"]),
+        "the tap went with its netdev"
+    );
+    powers_off(&mut vm);
 }
