@@ -19,7 +19,7 @@
 //! is in (it is written before either pass).
 
 mod common;
-use common::{Client, start_qomu};
+use common::{Client, line, start_qomu};
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -44,38 +44,6 @@ const ROUNDS: usize = 5;
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
-}
-
-fn timestamp(e: &Json) -> Duration {
-    let t = &e["timestamp"];
-    Duration::from_secs(t["seconds"].as_u64().expect("seconds"))
-        + Duration::from_micros(t["microseconds"].as_u64().expect("microseconds"))
-}
-
-/// The next console line and when qomu saw it.
-fn next_line(c: &mut Client) -> (String, Duration) {
-    loop {
-        while let Some(e) = c.events.pop_front() {
-            if e["event"] == "__org.qomu_NOTIFY" && e["data"]["notifier"] == "line" {
-                let line = e["data"]["data"]["line"].as_str().unwrap_or("").to_owned();
-                return (line, timestamp(&e));
-            }
-        }
-        c.pump();
-    }
-}
-
-/// Waits for the console line starting with `prefix`; the line and its time stamp.
-fn line(c: &mut Client, prefix: &str) -> (String, Duration) {
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let (l, at) = next_line(c);
-        assert!(!l.contains("failed at step"), "the bench guest failed: {l}");
-        if l.starts_with(prefix) {
-            return (l, at);
-        }
-        assert!(Instant::now() < deadline, "no '{prefix}' line");
-    }
 }
 
 fn mib_per_s(bytes: u64, took: Duration) -> f64 {

@@ -85,9 +85,14 @@ impl NetBackend for Tap {
     }
 
     fn send(&mut self, parts: &[&[u8]]) -> io::Result<bool> {
-        let slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
+        // Two parts at most (header, frame): no allocation per frame.
+        let mut slices = [IoSlice::new(&[]), IoSlice::new(&[])];
+        let n = parts.len().min(slices.len());
+        for (slice, part) in slices.iter_mut().zip(parts) {
+            *slice = IoSlice::new(part);
+        }
         loop {
-            match self.write_frame(&slices) {
+            match self.write_frame(&slices[..n]) {
                 Ok(_) => return Ok(true),
                 // The tap's queue is full: the frame goes, as a switch port would drop it.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),

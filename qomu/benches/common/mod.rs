@@ -136,3 +136,36 @@ pub fn start_qomu(args: &[&str], sock: PathBuf) -> Server {
 pub fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e6
 }
+
+/// The serial console's lines, subscribed to as `line` notifications.
+pub fn timestamp(e: &Json) -> Duration {
+    let t = &e["timestamp"];
+    Duration::from_secs(t["seconds"].as_u64().expect("seconds"))
+        + Duration::from_micros(t["microseconds"].as_u64().expect("microseconds"))
+}
+
+/// The next console line and when qomu saw it.
+pub fn next_line(c: &mut Client) -> (String, Duration) {
+    loop {
+        while let Some(e) = c.events.pop_front() {
+            if e["event"] == "__org.qomu_NOTIFY" && e["data"]["notifier"] == "line" {
+                let line = e["data"]["data"]["line"].as_str().unwrap_or("").to_owned();
+                return (line, timestamp(&e));
+            }
+        }
+        c.pump();
+    }
+}
+
+/// Waits for the console line starting with `prefix`; the line and its time stamp.
+pub fn line(c: &mut Client, prefix: &str) -> (String, Duration) {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let (l, at) = next_line(c);
+        assert!(!l.contains("failed at step"), "the bench guest failed: {l}");
+        if l.starts_with(prefix) {
+            return (l, at);
+        }
+        assert!(Instant::now() < deadline, "no '{prefix}' line");
+    }
+}

@@ -36,6 +36,9 @@
  *               (other frames are counted and dropped); with `netlink=1` it then waits
  *               for the link to go down and up again (status field and config ISR bit),
  *               and resets the device at the end; `nettraffic=0` skips the traffic.
+ *               With `netbench=N` (scripts/bench net), after the echo reply: N frames
+ *               sent, frames counted as the host sends them, and the median round trip
+ *               of 101 pings, each printed with its time stamp counter ticks.
  * With `hotplug=N`, it then serves hotplug as the DSDT's GED _EVT and PCNT methods would,
  * polling the GED: brings up each slot the host adds, ejects each slot the host asks for,
  * and ends after N ejects.
@@ -284,6 +287,7 @@ static u8 entropy[2][32];
 static int use_msix;
 static int net_watch_link;
 static int net_traffic = 1;
+static u64 net_bench;
 
 /* With msix=1: MSI-X on, the queue on vector 1, whose entry starts masked. */
 struct msix { u64 table, pba; };
@@ -554,6 +558,153 @@ static int is_udp_reply(const u8 *f, u32 n) {
 
 static u16 net_status(struct vdev *d) { return mmio_read16(d->device + 6); }
 
+/* ---- netbench=N (scripts/bench net): frames each way and the round trip ---- */
+
+#define BENCH_TYPE 0x88b5 /* IEEE 802 local experimental ethertype */
+#define BENCH_FRAME 1514
+
+/* Makes the chains at `heads` available at once and notifies the device if it asks to
+ * be, as a driver batching under load does (Linux's xmit_more). */
+static void offer_batch(struct queue *q, u16 qindex, const u16 *heads, u16 n) {
+    u16 old = q->avail.idx, now = (u16)(old + n);
+    for (u16 i = 0; i < n; i++) q->avail.ring[(u16)(old + i) % QSIZE] = heads[i];
+    q->avail.used_event = q->last_used;
+    barrier();
+    q->avail.idx = now;
+    full_barrier();
+    int kick;
+    if (q->event_idx) {
+        u16 event = *(volatile u16 *)&q->used.avail_event;
+        kick = (u16)(now - event - 1) < (u16)(now - old);
+    } else {
+        kick = !(*(volatile u16 *)&q->used.flags & 1);
+    }
+    if (kick) w16(q->notify_at, qindex);
+}
+
+/* N frames of BENCH_FRAME bytes to a MAC nobody has (the host's kernel drops them at
+ * once), 8 in flight, offered in batches as slots free up; the time stamp counter ticks
+ * from the first to the last. */
+static int bench_tx(struct queue *tx, u64 n, u64 *ticks) {
+    static const u8 nobody[6] = {0x02, 0, 0, 0, 0, 0x01};
+    u8 *payload = eth(nobody, BENCH_TYPE);
+    for (int i = 0; i < BENCH_FRAME - 14; i++) payload[i] = (u8)i;
+    for (int i = 0; i < NET_HDR; i++) net_tx[i] = 0;
+    for (u16 i = 0; i < 8; i++) tx->desc[i] = (struct desc){(u64)net_tx, NET_HDR + BENCH_FRAME, 0, 0};
+    u64 sent = 0, done = 0, start = rdtsc();
+    u32 free_slots = 0xff;
+    u16 heads[8];
+    while (done < n) {
+        u16 k = 0;
+        while (sent < n && free_slots) {
+            u16 slot = (u16)__builtin_ctz(free_slots);
+            free_slots &= ~(1u << slot);
+            heads[k++] = slot;
+            sent++;
+        }
+        if (k) offer_batch(tx, 1, heads, k);
+        u32 id, len;
+        for (u64 t = rdtsc(); !take_used(tx, &id, &len);)
+            if (rdtsc() - t > REQUEST_TIMEOUT_TSC) return 90;
+        do {
+            free_slots |= 1u << (id & 7);
+            done++;
+        } while (take_used(tx, &id, &len));
+    }
+    *ticks = rdtsc() - start;
+    return 0;
+}
+
+/* Counts BENCH_TYPE frames until one whose first payload byte is 0xff, or 2 s without
+ * any, giving the buffers back in batches; the ticks from the first to the last counted. */
+static int bench_rx(struct queue *rx, u64 *count, u64 *ticks) {
+    u64 first = 0, last = 0, n = 0;
+    const u64 idle = NET_TIMEOUT_TSC / 5;
+    int end = 0;
+    for (u64 seen = rdtsc(); !end && rdtsc() - seen < (n ? idle : 5 * NET_TIMEOUT_TSC);) {
+        u32 id, len;
+        u16 heads[NET_BUFS], k = 0;
+        while (k < NET_BUFS && take_used(rx, &id, &len)) {
+            if (id >= NET_BUFS) return 91;
+            seen = rdtsc();
+            const u8 *f = net_rx[id] + NET_HDR;
+            int ours = len >= NET_HDR + 15 && get16(f + 12) == BENCH_TYPE;
+            if (ours && f[14] == 0xff) end = 1;
+            else if (ours) {
+                if (!n) first = seen;
+                last = seen;
+                n++;
+            }
+            heads[k++] = (u16)id;
+        }
+        if (!k) continue;
+        net_frames_seen += k;
+        for (u16 i = 0; i < k; i++)
+            rx->desc[heads[i]] = (struct desc){(u64)net_rx[heads[i]], NET_BUF, 2, 0};
+        offer_batch(rx, 0, heads, k);
+    }
+    *count = n;
+    *ticks = last - first;
+    return 0;
+}
+
+static int is_any_echo_reply(const u8 *f, u32 n) {
+    return n >= 42 && get16(f + 12) == 0x0800 && f[23] == 1 && f[34] == 0 && get16(f + 38) == 0x5155;
+}
+
+/* One ICMP echo at a time, `k` times: the median ticks from the notify write to the reply
+ * seen. */
+static u64 rtt[256];
+static int bench_rtt(struct queue *rx, struct queue *tx, u64 k, u64 *median) {
+    if (k > 256) k = 256;
+    for (u64 i = 0; i < k; i++) {
+        u8 *icmp = ipv4(1, 8);
+        icmp[0] = 8; icmp[1] = 0; put16(icmp + 2, 0); put16(icmp + 4, 0x5155); put16(icmp + 6, (u16)i);
+        put16(icmp + 2, ip_checksum(icmp, 8));
+        for (int j = 0; j < NET_HDR; j++) net_tx[j] = 0;
+        tx->desc[0] = (struct desc){(u64)net_tx, NET_HDR + 14 + 20 + 8, 0, 0};
+        u64 at = rdtsc();
+        offer(tx, 1, 0);
+        u32 len;
+        if (!net_wait(rx, is_any_echo_reply, &len)) return 92;
+        rtt[i] = rdtsc() - at;
+        u32 id;
+        while (!take_used(tx, &id, &len)) {
+        }
+    }
+    for (u64 i = 1; i < k; i++)
+        for (u64 j = i; j > 0 && rtt[j - 1] > rtt[j]; j--) {
+            u64 t = rtt[j]; rtt[j] = rtt[j - 1]; rtt[j - 1] = t;
+        }
+    *median = rtt[k / 2];
+    return 0;
+}
+
+static int run_net_bench(struct queue *rx, struct queue *tx) {
+    u64 ticks, count;
+    puts("netbench: tx start\n");
+    int failed = bench_tx(tx, net_bench, &ticks);
+    if (failed) return failed;
+    puts("netbench: tx done ");
+    putu(net_bench);
+    puts(" frames in ");
+    putu(ticks);
+    puts(" tsc\n");
+    puts("netbench: rx ready\n");
+    if ((failed = bench_rx(rx, &count, &ticks))) return failed;
+    puts("netbench: rx done ");
+    putu(count);
+    puts(" frames in ");
+    putu(ticks);
+    puts(" tsc\n");
+    u64 median;
+    if ((failed = bench_rtt(rx, tx, 101, &median))) return failed;
+    puts("netbench: rtt ");
+    putu(median);
+    puts(" tsc\n");
+    return 0;
+}
+
 static int use_net(struct vdev *d) {
     struct queue *rx = &queues[2], *tx = &queues[3], *ctrl = &queues[4];
     if (negotiate(d, NET_F_MAC | NET_F_STATUS | NET_F_CTRL_VQ | NET_F_CTRL_RX)) return 70;
@@ -601,6 +752,11 @@ static int use_net(struct vdev *d) {
     if (net_send(tx, 14 + 20 + 8 + sizeof ping_data)) return 76;
     if (!net_wait(rx, is_echo_reply, &len)) return 77;
     puts("virtio-net: echo reply from 10.0.2.2\n");
+    if (net_bench) {
+        int failed = run_net_bench(rx, tx);
+        if (failed) return failed;
+        goto done;
+    }
 
     /* UDP 4444 -> 10.0.2.2:5555; the host's listener answers. */
     static const char udp_data[] = "hello from the qomu guest";
@@ -891,6 +1047,7 @@ void guest_main(const u8 *zero_page) {
     use_event_idx = (int)cmdline_u64(zero_page, "event_idx", 1);
     net_watch_link = (int)cmdline_u64(zero_page, "netlink", 0);
     net_traffic = (int)cmdline_u64(zero_page, "nettraffic", 1);
+    net_bench = cmdline_u64(zero_page, "netbench", 0);
     int found = 0;
     for (u8 slot = 0; slot < 32; slot++) found += probe(slot);
     puts("virtio: ");

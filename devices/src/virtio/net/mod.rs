@@ -219,6 +219,7 @@ impl VirtioDevice for Net {
         Box::new(NetHandler {
             state: self.state.clone(),
             port: self.port.clone(),
+            port_counters: self.port.as_ref().map(|p| p.counters().clone()),
             mergeable: features & F_MRG_RXBUF != 0,
             header_in_backend,
             rx: vec![0; VNET_HDR_LEN + FRAME_MAX].into_boxed_slice(),
@@ -238,6 +239,8 @@ impl VirtioDevice for Net {
 struct NetHandler {
     state: Arc<NetState>,
     port: Option<Arc<Port>>,
+    /// The netdev's counters, counted beside the NIC's own.
+    port_counters: Option<Arc<NetCounters>>,
     mergeable: bool,
     /// Whether the backend's frames carry the vnet header (a tap), or it is added and
     /// taken off here (a stream).
@@ -262,6 +265,14 @@ impl Drop for NetHandler {
 }
 
 impl NetHandler {
+    /// Adds `n` to a counter of the NIC's and the same of its netdev's.
+    fn count(&self, field: fn(&NetCounters) -> &std::sync::atomic::AtomicU64, n: u64) {
+        NetCounters::add(field(&self.state.counters), n);
+        if let Some(c) = &self.port_counters {
+            NetCounters::add(field(c), n);
+        }
+    }
+
     fn link_up(&self) -> bool {
         match &self.port {
             Some(p) => p.link().is_up(),
@@ -289,8 +300,7 @@ impl NetHandler {
             }
             Ok(Some(_)) => {
                 // Too long for any buffer, or shorter than its own header.
-                NetCounters::add(&port.counters().rx_dropped, 1);
-                NetCounters::add(&self.state.counters.rx_dropped, 1);
+                self.count(|c| &c.rx_dropped, 1);
                 Some(0)
             }
             Ok(None) => None,
@@ -313,15 +323,8 @@ impl NetHandler {
                     None => break,
                 },
             };
-            let port_counters = self.port.as_ref().map(|p| p.counters().clone());
-            let drop_frame = |state: &NetState| {
-                NetCounters::add(&state.counters.rx_dropped, 1);
-                if let Some(c) = &port_counters {
-                    NetCounters::add(&c.rx_dropped, 1);
-                }
-            };
             if !self.link_up() {
-                drop_frame(&self.state);
+                self.count(|c| &c.rx_dropped, 1);
                 continue;
             }
             if !self
@@ -335,11 +338,8 @@ impl NetHandler {
             }
             match self.deliver(io, len) {
                 Delivery::Done => {
-                    let bytes = (len - VNET_HDR_LEN) as u64;
-                    for c in std::iter::once(&self.state.counters).chain(port_counters.as_ref()) {
-                        NetCounters::add(&c.rx_packets, 1);
-                        NetCounters::add(&c.rx_bytes, bytes);
-                    }
+                    self.count(|c| &c.rx_packets, 1);
+                    self.count(|c| &c.rx_bytes, (len - VNET_HDR_LEN) as u64);
                 }
                 Delivery::NoRoom => {
                     // Wait for the driver's buffers, asking it to say when it adds some
@@ -352,7 +352,7 @@ impl NetHandler {
                     self.rx_blocked = true;
                     break;
                 }
-                Delivery::TooSmall => drop_frame(&self.state),
+                Delivery::TooSmall => self.count(|c| &c.rx_dropped, 1),
             }
         }
     }
@@ -419,15 +419,8 @@ impl NetHandler {
             }
             len += part;
         }
-        let counters = self.port.as_ref().map(|p| p.counters().clone());
-        let dropped = |state: &NetState| {
-            NetCounters::add(&state.counters.tx_dropped, 1);
-            if let Some(c) = &counters {
-                NetCounters::add(&c.tx_dropped, 1);
-            }
-        };
         if len <= VNET_HDR_LEN || !self.link_up() {
-            dropped(&self.state);
+            self.count(|c| &c.tx_dropped, 1);
             return;
         }
         let frame = if self.header_in_backend {
@@ -441,19 +434,16 @@ impl NetHandler {
             .and_then(|p| p.with_backend(|b| b.send(&[frame])));
         match sent {
             Some(Ok(true)) => {
-                let bytes = (len - VNET_HDR_LEN) as u64;
-                for c in std::iter::once(&self.state.counters).chain(counters.as_ref()) {
-                    NetCounters::add(&c.tx_packets, 1);
-                    NetCounters::add(&c.tx_bytes, bytes);
-                }
+                self.count(|c| &c.tx_packets, 1);
+                self.count(|c| &c.tx_bytes, (len - VNET_HDR_LEN) as u64);
             }
             Some(Err(_)) => {
-                if let Some(c) = &counters {
+                if let Some(c) = &self.port_counters {
                     NetCounters::add(&c.errors, 1);
                 }
-                dropped(&self.state);
+                self.count(|c| &c.tx_dropped, 1);
             }
-            _ => dropped(&self.state),
+            _ => self.count(|c| &c.tx_dropped, 1),
         }
     }
 
