@@ -8,19 +8,31 @@
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
 static TABLE: Mutex<Option<HashMap<String, OwnedFd>>> = Mutex::new(None);
-static NEXT: AtomicU64 = AtomicU64::new(1);
 
 /// The prefix of every token, so an object can tell a token from a name a user typed.
 pub const TOKEN_PREFIX: &str = "handover:";
 
-/// Keeps `fd` until [`take`] with the returned token.
+/// Keeps `fd` until [`take`] with the returned token: 128 random bits, so a client that
+/// types a token as a property value cannot take a descriptor another client handed over.
 pub fn deposit(fd: OwnedFd) -> String {
-    let token = format!("{TOKEN_PREFIX}{}", NEXT.fetch_add(1, Ordering::Relaxed));
+    let mut bytes = [0u8; 16];
+    if getrandom::fill(&mut bytes).is_err() {
+        // Without the kernel's random bytes (never seen): a counter and the clock, still
+        // unique, only guessable.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        bytes[..8].copy_from_slice(&n.to_le_bytes());
+        bytes[8..].copy_from_slice(&t.to_le_bytes());
+    }
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let token = format!("{TOKEN_PREFIX}{hex}");
     TABLE
         .lock()
         .get_or_insert_with(HashMap::new)
@@ -38,6 +50,17 @@ pub fn discard(token: &str) {
     drop(take(token));
 }
 
+/// Discards every token in `value` (a front end's arguments after the call that had them:
+/// what the call did not take is closed).
+pub fn discard_in(value: &crate::Value) {
+    match value {
+        crate::Value::Str(s) if s.starts_with(TOKEN_PREFIX) => discard(s),
+        crate::Value::List(items) => items.iter().for_each(discard_in),
+        crate::Value::Map(fields) => fields.iter().for_each(|(_, v)| discard_in(v)),
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -48,6 +71,7 @@ mod tests {
         let token = deposit(fd);
         assert!(token.starts_with(TOKEN_PREFIX));
         assert!(take("handover:0").is_none());
+        assert_eq!(token.len(), TOKEN_PREFIX.len() + 32, "128 random bits");
         assert!(take(&token).is_some());
         assert!(take(&token).is_none(), "once");
     }

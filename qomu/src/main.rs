@@ -292,10 +292,65 @@ fn init_logging() {
         .init();
 }
 
+/// The descriptors qomu was started with beyond stdin, stdout and stderr (a tap a
+/// manager opened for it, as libvirt hands QEMU `-netdev tap,fd=N`), before qomu opens any
+/// of its own.
+fn inherited_fds() -> std::collections::BTreeSet<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return Default::default();
+    };
+    let listed: Vec<i32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    // The directory's own descriptor is listed too, and closed by now.
+    // SAFETY: F_GETFD only asks whether a descriptor number is open.
+    listed
+        .into_iter()
+        .filter(|&fd| unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0)
+        .collect()
+}
+
+/// `--netdev tap,fd=N`: descriptor N, inherited, is handed to the tap through qom's
+/// handover table (the token replaces the number, as QMP's `getfd` names do).
+fn take_netdev_fds(
+    netdevs: &mut [DeviceSpec],
+    inherited: &mut std::collections::BTreeSet<i32>,
+) -> Result<(), String> {
+    use std::os::fd::FromRawFd;
+    for spec in netdevs.iter_mut().filter(|s| s.driver == "tap") {
+        for (key, value) in spec.props.iter_mut().filter(|(k, _)| k == "fd") {
+            let Ok(fd) = value.parse::<i32>() else {
+                return Err(format!(
+                    "--netdev tap,{key}={value}: a descriptor number qomu was started with"
+                ));
+            };
+            if !inherited.remove(&fd) {
+                return Err(format!(
+                    "--netdev tap,fd={fd}: qomu was not started with descriptor {fd} open"
+                ));
+            }
+            // SAFETY: an inherited descriptor nothing in qomu uses, taken once (removed
+            // from the set above); it is not inherited further.
+            let owned = unsafe {
+                libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+                std::os::fd::OwnedFd::from_raw_fd(fd)
+            };
+            *value = qom::handover::deposit(owned);
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut inherited = inherited_fds();
+    let mut cli = Cli::parse();
     init_logging();
     block_stop_signals();
+    if let Err(e) = take_netdev_fds(&mut cli.netdevs, &mut inherited) {
+        say!("qomu: {e}");
+        return ExitCode::FAILURE;
+    }
     let config = MachineConfig {
         memory: cli.memory,
         cpus: cli.cpus,

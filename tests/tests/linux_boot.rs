@@ -474,7 +474,7 @@ fn linux_talks_over_virtio_net_and_hot_plugs_a_second_nic() {
     let mut config = linux(
         &kit,
         &disk,
-        &["virtio-net-pci,id=nic0,netdev=n0"],
+        &["virtio-net-pci,id=nic0,netdev=n0,rx_queue_size=1024"],
         "qomu.net=1 qomu.nethotplug=1",
     );
     config.netdevs = vec![

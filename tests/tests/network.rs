@@ -714,6 +714,21 @@ fn nic_requests_get_qemus_texts_and_netdev_del_forces_the_link_down() {
             "GenericError",
             "Property 'virtio-net-device.mac' doesn't take value 'zz'",
         ),
+        (
+            json!({"driver": "virtio-net-pci", "id": "nic1", "rx_queue_size": 100}),
+            "GenericError",
+            "Invalid rx_queue_size (= 100), must be a power of 2 between 256 and 1024.",
+        ),
+        (
+            json!({"driver": "virtio-net-pci", "id": "nic1", "rx_queue_size": 2048}),
+            "GenericError",
+            "Invalid rx_queue_size (= 2048), must be a power of 2 between 256 and 1024.",
+        ),
+        (
+            json!({"driver": "virtio-net-pci", "id": "nic1", "tx_queue_size": 100}),
+            "GenericError",
+            "Invalid tx_queue_size (= 100), must be a power of 2 between 256 and 1024",
+        ),
     ] {
         let r = c.execute("device_add", args.clone());
         assert_eq!(r["error"]["class"], class, "{args}: {r}");
@@ -750,11 +765,14 @@ fn nic_requests_get_qemus_texts_and_netdev_del_forces_the_link_down() {
         assert_eq!(r["error"]["desc"], text, "{command} {args}");
     }
     assert_eq!(c.tree(), tree, "nothing changed");
-    // QEMU's default MACs count up per NIC; one without a netdev is allowed.
+    // QEMU's default MACs count up per NIC; one without a netdev is allowed. Queue sizes
+    // as asked (the control queue is QEMU's 64).
     c.ok(
         "device_add",
-        json!({"driver": "virtio-net-pci", "id": "nic1"}),
+        json!({"driver": "virtio-net-pci", "id": "nic1", "rx_queue_size": 1024, "tx_queue_size": 512}),
     );
+    assert_eq!(c.qom_get("nic1", "queue-sizes"), json!([1024, 512, 64]));
+    assert_eq!(c.qom_get("nic0", "queue-sizes"), json!([256, 256, 64]));
     assert_eq!(c.qom_get("nic0", "mac"), "52:54:00:12:34:56");
     assert_eq!(c.qom_get("nic1", "mac"), "52:54:00:12:34:57");
     // Before a driver runs, QEMU's filter: promiscuous, every VLAN.
@@ -1174,4 +1192,90 @@ fn the_netns_nic_example_gives_a_guest_a_card_uses_it_and_takes_it_away() {
     );
     c.ok("quit", json!({}));
     assert_eq!(q.wait_exit(std::time::Duration::from_secs(60)), Some(0));
+}
+
+/// A tap opened by the test handed over on the command line (`--netdev tap,fd=N`, a
+/// descriptor qomu inherits, as libvirt starts QEMU) and over D-Bus (`NetdevAdd` with the
+/// descriptor as an `h` in its properties): each becomes a netdev under the tap's name and
+/// closes with `netdev_del` (the tap goes, nobody else holds it). A number qomu did not
+/// inherit stops it, saying so; a name over D-Bus is refused.
+#[test]
+fn taps_handed_over_on_the_command_line_and_over_dbus() {
+    require_dbus!();
+    if !can_make_taps() {
+        return;
+    }
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let cli_tap = format!("qc{}", std::process::id() % 100_000);
+    let tap = open_tap(&cli_tap);
+    let raw = tap.as_raw_fd();
+    let bus = SessionBus::start();
+    let q = Qomu::spawn_with(
+        &["-S", "--netdev", "tap,id=c0,fd=10", "--dbus", "session"],
+        |cmd| {
+            cmd.env("DBUS_SESSION_BUS_ADDRESS", &bus.address);
+            // SAFETY: dup2 between two descriptors, in the child before exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::dup2(raw, 10) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        },
+    );
+    drop(tap);
+    bus.wait_for_name(NAME);
+    let mut c = q.session();
+    assert_eq!(c.qom_get("/netdev/c0", "ifname"), cli_tap.as_str());
+    c.ok("netdev_del", json!({"id": "c0"}));
+    assert!(
+        !ip(&["link", "show", &cli_tap]),
+        "the tap closed with its netdev"
+    );
+
+    let dbus_tap = format!("qd{}", std::process::id() % 100_000);
+    let tap = open_tap(&dbus_tap);
+    let d = bus.client();
+    let props: HashMap<&str, Variant<'_>> =
+        HashMap::from([("fd", Variant::from(zbus::zvariant::Fd::from(&tap)))]);
+    let opts: HashMap<&str, Variant<'_>> = HashMap::from([
+        ("id", Variant::from("d0")),
+        ("properties", Variant::from(props)),
+    ]);
+    d.ok(MACHINE, MACHINE_IFACE, "NetdevAdd", &("tap", opts));
+    drop(tap);
+    assert_eq!(c.qom_get("/netdev/d0", "ifname"), dbus_tap.as_str());
+    d.ok(MACHINE, MACHINE_IFACE, "NetdevDel", &("d0",));
+    assert!(
+        !ip(&["link", "show", &dbus_tap]),
+        "the tap closed with its netdev"
+    );
+    // A name is no descriptor over D-Bus.
+    let props: HashMap<&str, Variant<'_>> = HashMap::from([("fd", Variant::from("3"))]);
+    let opts: HashMap<&str, Variant<'_>> = HashMap::from([
+        ("id", Variant::from("d1")),
+        ("properties", Variant::from(props)),
+    ]);
+    let e = d.err(MACHINE, MACHINE_IFACE, "NetdevAdd", &("tap", opts));
+    assert!(
+        e.message
+            .contains("File descriptor named '3' has not been found"),
+        "{e:?}"
+    );
+    assert!(netdevs(&mut c).is_empty());
+
+    // A number qomu did not inherit.
+    let out = Command::new(qomu_tests::qomu_binary())
+        .args(["-S", "--dbus", "none", "--netdev", "tap,id=x,fd=57"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("qomu was not started with descriptor 57 open"),
+        "{said}"
+    );
 }

@@ -274,7 +274,15 @@ impl Bridge {
                 zruntime::spawn(async move {
                     let hdr = msg.header();
                     let name = iface.methods[method].qom.clone();
-                    let result = zruntime::unblock(move || object.call(&name, args)).await;
+                    let result = zruntime::unblock(move || {
+                        let result = object.call(&name, args.clone());
+                        // Descriptors the message carried that the call did not take.
+                        for (_, v) in args.iter() {
+                            qom::handover::discard_in(v);
+                        }
+                        result
+                    })
+                    .await;
                     let reply = bridge.action_reply(&hdr, &iface, method, result);
                     if wants_reply {
                         send_reply(&conn, &hdr, reply).await;

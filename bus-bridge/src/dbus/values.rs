@@ -297,6 +297,12 @@ impl Codec {
                 }
                 Value::Map(out)
             }
+            // A descriptor (`h`): handed over as a token (qom::handover) the receiving
+            // object takes; what the call does not take is closed after it.
+            Variant::Fd(fd) => {
+                let fd = std::os::fd::AsFd::as_fd(fd).try_clone_to_owned().ok()?;
+                Value::Str(qom::handover::deposit(fd))
+            }
             other => integer(other)?,
         })
     }

@@ -81,6 +81,10 @@ pub trait VirtioDevice: Send + Sync {
     fn features(&self) -> u64 {
         0
     }
+    /// The largest size of queue `queue` (a power of 2, at most 32768).
+    fn queue_max(&self, _queue: usize) -> u16 {
+        QUEUE_MAX
+    }
     /// Reads the device-specific configuration structure at `offset`.
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         data.fill(0);

@@ -219,6 +219,11 @@ impl VirtioPci {
         self.use_ioeventfd.store(ioeventfd, Ordering::Release);
         let mut inner = self.inner.lock();
         inner.transport.offer(model.features());
+        inner.transport.set_queue_maxes(
+            (0..self.identity.queues)
+                .map(|i| model.queue_max(i))
+                .collect(),
+        );
         inner.model = Some(model);
         inner.events = Some(events);
         inner.name = thread_name;
@@ -258,6 +263,14 @@ impl VirtioPci {
         self.published.driver_features.load(Ordering::Acquire)
     }
 
+    /// Each queue's largest size, as the driver reads it before choosing.
+    pub fn queue_maxes(&self) -> Vec<u16> {
+        let inner = self.inner.lock();
+        (0..self.identity.queues)
+            .map(|i| inner.transport.queue_max(i))
+            .collect()
+    }
+
     /// The features offered.
     pub fn offered(&self) -> u64 {
         self.inner.lock().transport.offered()
@@ -293,10 +306,16 @@ impl VirtioPci {
             .is_some_and(|p| p.pci_bus().io_paused())
     }
 
-    /// A queue as its driver set it up, the device side at `position`.
-    fn queue(config: &QueueConfig, event_idx: bool, position: QueuePosition) -> Option<Queue> {
+    /// A queue of at most `max` entries as its driver set it up, the device side at
+    /// `position`.
+    fn queue(
+        config: &QueueConfig,
+        max: u16,
+        event_idx: bool,
+        position: QueuePosition,
+    ) -> Option<Queue> {
         Queue::try_from(QueueState {
-            max_size: QUEUE_MAX,
+            max_size: max,
             next_avail: position.next_avail,
             next_used: position.next_used,
             event_idx_enabled: event_idx,
@@ -316,10 +335,11 @@ impl VirtioPci {
             return;
         };
         let event_idx = features & F_EVENT_IDX != 0;
-        let queues = inner
-            .transport
+        let transport = &inner.transport;
+        let queues = transport
             .queues()
             .iter()
+            .enumerate()
             .zip(
                 positions
                     .iter()
@@ -329,9 +349,12 @@ impl VirtioPci {
                         next_used: 0,
                     })),
             )
-            .map(|(config, position)| {
-                Self::queue(config, event_idx, position).unwrap_or_else(|| {
-                    Queue::new(QUEUE_MAX).unwrap_or_else(|_| unreachable!("a valid size"))
+            .map(|((i, config), position)| {
+                let max = transport.queue_max(i);
+                Self::queue(config, max, event_idx, position).unwrap_or_else(|| {
+                    Queue::new(max)
+                        .or_else(|_| Queue::new(QUEUE_MAX))
+                        .unwrap_or_else(|_| unreachable!("a valid size"))
                 })
             })
             .collect();
@@ -374,9 +397,11 @@ impl VirtioPci {
             Effect::VectorsChanged => self.signals.follow(&inner.transport),
             Effect::QueueEnabled(index) => {
                 let event_idx = inner.transport.event_idx();
+                let max = inner.transport.queue_max(index);
                 let valid = match (inner.transport.queues().get(index), self.memory()) {
                     (Some(config), Some(mem)) => Self::queue(
                         config,
+                        max,
                         event_idx,
                         QueuePosition {
                             next_avail: 0,
@@ -531,6 +556,14 @@ impl VirtioPci {
                 "the saved device offered features {:#x}, this one {offered:#x}",
                 saved.transport.offered()
             ));
+        }
+        for i in 0..queues {
+            let (was, is) = (saved.transport.queue_max(i), inner.transport.queue_max(i));
+            if was != is {
+                return Err(format!(
+                    "the saved device's queue {i} held at most {was} entries, this one {is}"
+                ));
+            }
         }
         self.signals
             .msix

@@ -118,6 +118,19 @@ pub(crate) fn base_type() -> TypeInfo {
             |d| Value::UInt(d.function.status().into()),
         )
         .getter(
+            Property::new("queue-sizes", Kind::list(Kind::uint16()))
+                .description("Each queue's largest size, as the driver reads it"),
+            |d| {
+                Value::List(
+                    d.function
+                        .queue_maxes()
+                        .into_iter()
+                        .map(|m| Value::UInt(m.into()))
+                        .collect(),
+                )
+            },
+        )
+        .getter(
             counter("host-features", "Feature bits the device offers"),
             |d| Value::UInt(d.function.offered()),
         )

@@ -65,6 +65,10 @@ pub struct Transport {
     status: u8,
     queue_select: u16,
     queue_max: u16,
+    /// Each queue's largest size where a model sets them (empty: `queue_max` for all;
+    /// snapshots from before per-queue sizes have none).
+    #[serde(default)]
+    queue_maxes: Vec<u16>,
     queues: Vec<QueueConfig>,
     config_vector: u16,
     /// Vectors the MSI-X table has (choices past it read back as NO_VECTOR).
@@ -96,11 +100,30 @@ impl Transport {
             status: 0,
             queue_select: 0,
             queue_max,
+            queue_maxes: Vec::new(),
             queues: vec![fresh_queue(queue_max); queues],
             config_vector: NO_VECTOR,
             msix_vectors,
             generation: 0,
         }
+    }
+
+    /// The largest size of queue `index` (what the driver reads before choosing).
+    pub fn queue_max(&self, index: usize) -> u16 {
+        self.queue_maxes
+            .get(index)
+            .copied()
+            .unwrap_or(self.queue_max)
+    }
+
+    /// The model's largest size for each queue (before a driver runs).
+    pub fn set_queue_maxes(&mut self, maxes: Vec<u16>) {
+        for (q, &max) in self.queues.iter_mut().zip(&maxes) {
+            if !q.ready {
+                q.size = max;
+            }
+        }
+        self.queue_maxes = maxes;
     }
 
     /// Offers the model's `features` besides the transport's.
@@ -154,7 +177,8 @@ impl Transport {
 
     /// Back to the state after power-on: what a status write of 0 does.
     pub fn reset(&mut self) {
-        let fresh = Transport::new(self.queues.len(), self.queue_max, self.msix_vectors);
+        let mut fresh = Transport::new(self.queues.len(), self.queue_max, self.msix_vectors);
+        fresh.set_queue_maxes(std::mem::take(&mut self.queue_maxes));
         *self = Transport {
             offered: self.offered,
             generation: self.generation,
@@ -252,7 +276,7 @@ impl Transport {
             (0x16, 2) => self.queue_select = low as u16,
             (0x18, 2) => {
                 let size = low as u16;
-                let max = self.queue_max;
+                let max = self.queue_max(usize::from(self.queue_select));
                 if let Some(q) = self.selected_mut()
                     && !q.ready
                     && size.is_power_of_two()

@@ -133,24 +133,33 @@ impl NetState {
     }
 }
 
+/// The queue sizes QEMU allows a NIC (`rx_queue_size`, `tx_queue_size`): a power of 2
+/// in this range; 256 by default.
+pub const QUEUE_SIZES: std::ops::RangeInclusive<u16> = 256..=1024;
+/// The control queue's size (QEMU's).
+const CTRL_QUEUE_SIZE: u16 = 64;
+
 /// The network device's model.
 pub struct Net {
     state: Arc<NetState>,
     port: Option<Arc<Port>>,
     offered: u64,
     mtu: u16,
+    /// The receive and transmit queues' sizes.
+    sizes: (u16, u16),
     events: Arc<dyn NetEvents>,
 }
 
 impl Net {
     /// A NIC on `port` (None: a NIC with no netdev, whose frames go nowhere), offering
     /// `features` (those needing vnet headers are dropped for a backend without them),
-    /// with MTU `mtu` (0: none offered).
+    /// with MTU `mtu` (0: none offered) and receive and transmit queues of `sizes`.
     pub fn new(
         state: Arc<NetState>,
         port: Option<Arc<Port>>,
         mut features: u64,
         mtu: u16,
+        sizes: (u16, u16),
         events: Arc<dyn NetEvents>,
     ) -> Self {
         let vnet_hdr = port
@@ -171,6 +180,7 @@ impl Net {
             port,
             offered: features,
             mtu,
+            sizes,
             events,
         }
     }
@@ -186,6 +196,14 @@ impl Net {
 impl VirtioDevice for Net {
     fn features(&self) -> u64 {
         self.offered
+    }
+
+    fn queue_max(&self, queue: usize) -> u16 {
+        match queue {
+            RX => self.sizes.0,
+            TX => self.sizes.1,
+            _ => CTRL_QUEUE_SIZE,
+        }
     }
 
     /// `virtio_net_config`: mac, status, max_virtqueue_pairs, mtu (speed and duplex

@@ -248,6 +248,8 @@ fn make_model(
     if mtu != 0 {
         features |= F_MTU;
     }
+    let size = |name| o.get(name).ok().and_then(|v| v.as_u64()).unwrap_or(256) as u16;
+    let sizes = (size("rx_queue_size"), size("tx_queue_size"));
     let state = Arc::new(NetState::new(mac));
     let events = Arc::new(FilterEvents {
         own: o.notifier("rx-filter-changed")?,
@@ -285,7 +287,9 @@ fn make_model(
     }
     *shared.state.lock() = Some(state.clone());
     *shared.port.lock() = port.clone();
-    Ok(Arc::new(Net::new(state, port, features, mtu, events)))
+    Ok(Arc::new(Net::new(
+        state, port, features, mtu, sizes, events,
+    )))
 }
 
 fn release_mac(shared: &Shared) {
@@ -356,6 +360,30 @@ pub fn rx_filter_info(o: &ObjectRef) -> qom::Result<Value> {
     ]))
 }
 
+/// `rx_queue_size` or `tx_queue_size`: a power of 2 from 256 to 1024, refused otherwise
+/// with QEMU's text (which ends in `end`: QEMU's has a full stop for one and not the other).
+fn queue_size(name: &'static str, what: &str, end: &'static str) -> Property {
+    Property::new(name, Kind::uint16())
+        .default(256u32)
+        .policy(PhasePolicy::BeforeRealize)
+        .description(&format!(
+            "{what}: a power of 2 from 256 to 1024 (QEMU's; qomu honours it with every backend)"
+        ))
+        .validate(move |_, v| {
+            let size = v.as_u64().unwrap_or(0);
+            let ok = u16::try_from(size)
+                .is_ok_and(|s| s.is_power_of_two() && super::QUEUE_SIZES.contains(&s));
+            if ok {
+                return Ok(());
+            }
+            Err(qom::Error::failed(format!(
+                "Invalid {name} (= {size}), must be a power of 2 between {} and {}{end}",
+                super::QUEUE_SIZES.start(),
+                super::QUEUE_SIZES.end()
+            )))
+        })
+}
+
 pub(crate) fn register(platform: &PlatformRef) -> TypeInfo {
     let mut info = virtio_type(
         TYPE,
@@ -416,6 +444,8 @@ pub(crate) fn register(platform: &PlatformRef) -> TypeInfo {
             .policy(PhasePolicy::BeforeRealize)
             .description("The netdev's id (netdev_add, --netdev); none: frames go nowhere"),
     )
+    .property(queue_size("rx_queue_size", "The receive queue's size", "."))
+    .property(queue_size("tx_queue_size", "The transmit queue's size", ""))
     .property(
         Property::new("host_mtu", Kind::uint_range(0, 65535))
             .policy(PhasePolicy::BeforeRealize)
