@@ -1240,7 +1240,7 @@ fn taps_handed_over_on_the_command_line_and_over_dbus() {
     let tap = open_tap(&dbus_tap);
     let d = bus.client();
     let props: HashMap<&str, Variant<'_>> =
-        HashMap::from([("fd", Variant::from(zbus::zvariant::Fd::from(&tap)))]);
+        HashMap::from([("fd", Variant::from(zbus::Fd::from(&tap)))]);
     let opts: HashMap<&str, Variant<'_>> = HashMap::from([
         ("id", Variant::from("d0")),
         ("properties", Variant::from(props)),
