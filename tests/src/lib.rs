@@ -691,6 +691,12 @@ impl QmpRaw {
         out
     }
 
+    /// How many events named `name` were read and are queued (everything sent before the
+    /// last message read has been).
+    pub fn queued_events(&self, name: &str) -> usize {
+        self.events.iter().filter(|e| e["event"] == name).count()
+    }
+
     /// The next event named `name` (others stay queued).
     pub fn wait_event(&mut self, name: &str) -> serde_json::Value {
         self.wait_for(name, |e| e["event"] == name)

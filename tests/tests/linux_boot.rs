@@ -449,7 +449,8 @@ fn ip(args: &[&str]) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// Linux's virtio_net on a NIC plugged at start, its tap's other end 10.0.2.2/24 in a
+/// Linux's virtio_net on a NIC plugged at start (1024-entry receive queue, MTU 1400
+/// advised), its tap's other end 10.0.2.2/24 in a
 /// network namespace of this test's thread (`unshare(CLONE_NEWNET)`: the machine, its taps
 /// and the `ip` runs are all in it, nothing outside): it pings 10.0.2.2 and sends it UDP
 /// (a traceroute probe, answered by the namespace's ICMP port unreachable). Then a second
@@ -474,7 +475,7 @@ fn linux_talks_over_virtio_net_and_hot_plugs_a_second_nic() {
     let mut config = linux(
         &kit,
         &disk,
-        &["virtio-net-pci,id=nic0,netdev=n0,rx_queue_size=1024"],
+        &["virtio-net-pci,id=nic0,netdev=n0,rx_queue_size=1024,host_mtu=1400"],
         "qomu.net=1 qomu.nethotplug=1",
     );
     config.netdevs = vec![
@@ -505,7 +506,8 @@ fn linux_talks_over_virtio_net_and_hot_plugs_a_second_nic() {
     kernel_up(&mut vm);
     let eth0 = guest_says(&mut vm, "qomu-linux-boot: net eth0 ");
     assert!(
-        eth0.contains("52:54:00:12:34:56") && eth0.ends_with("carrier 1"),
+        // The MTU the device advised (VIRTIO_NET_F_MTU) is the one Linux took.
+        eth0.contains("52:54:00:12:34:56 mtu 1400") && eth0.ends_with("carrier 1"),
         "{eth0}\n{}",
         vm.recent_lines()
     );

@@ -30,12 +30,12 @@
  * stamp counter ticks from its notify write to seeing the used element.
  * With `slow=1`, it starts vCPU 1 counting in RAM (printing the counter's address), waits
  * for a byte of serial input, reads a sector, and checks vCPU 1 counted on meanwhile.
- *   virtio-net: takes MAC, STATUS, CTRL_VQ and CTRL_RX, turns promiscuous mode off over the
- *               control queue, then as 10.0.2.15 asks for 10.0.2.2 by ARP, pings it and
+ *   virtio-net: takes MAC, STATUS, CTRL_VQ and CTRL_RX, turns promiscuous mode off and
+ *               all-multicast on over the control queue, then as 10.0.2.15 asks for 10.0.2.2 by ARP, pings it and
  *               sends it a UDP datagram from port 4444 to 5555, waiting for each answer
  *               (other frames are counted and dropped); with `netlink=1` it then waits
  *               for the link to go down and up again (status field and config ISR bit),
- *               and resets the device at the end; `nettraffic=0` skips the traffic.
+ *               turns all-multicast off, and resets the device at the end; `nettraffic=0` skips the traffic.
  *               With `netbench=N` (scripts/bench net), after the echo reply: N frames
  *               sent, frames counted as the host sends them, and the median round trip
  *               of 101 pings, each printed with its time stamp counter ticks.
@@ -558,6 +558,16 @@ static int is_udp_reply(const u8 *f, u32 n) {
 
 static u16 net_status(struct vdev *d) { return mmio_read16(d->device + 6); }
 
+/* VIRTIO_NET_CTRL_RX command `cmd` (0 promiscuous, 1 all-multicast, ...) set to `on`
+ * over the control queue; 0 if the device acked it. */
+static int net_rx_mode(struct queue *ctrl, u8 cmd, u8 on) {
+    net_ctrl[0] = 0; net_ctrl[1] = cmd; net_ctrl[2] = on;
+    net_ack = 0xff;
+    ctrl->desc[0] = (struct desc){(u64)net_ctrl, 3, 1, 1};
+    ctrl->desc[1] = (struct desc){(u64)&net_ack, 1, 2, 0};
+    return submit(ctrl, 2, 2) == 1 && net_ack == 0 ? 0 : 1;
+}
+
 /* ---- netbench=N (scripts/bench net): frames each way and the round trip ---- */
 
 #define BENCH_TYPE 0x88b5 /* IEEE 802 local experimental ethertype */
@@ -718,13 +728,12 @@ static int use_net(struct vdev *d) {
     putmac(net_mac);
     puts(net_status(d) & 1 ? " link up\n" : " link down\n");
     for (u16 i = 0; i < NET_BUFS; i++) net_offer_rx(rx, i);
-    /* As Linux does when it opens the device: promiscuous mode off. */
-    net_ctrl[0] = 0; net_ctrl[1] = 0; net_ctrl[2] = 0;
-    net_ack = 0xff;
-    ctrl->desc[0] = (struct desc){(u64)net_ctrl, 3, 1, 1};
-    ctrl->desc[1] = (struct desc){(u64)&net_ack, 1, 2, 0};
-    if (submit(ctrl, 2, 2) != 1 || net_ack != 0) return 73;
+    /* As Linux does when it opens the device: promiscuous mode off; then all-multicast
+     * on (a second change of the filter). */
+    if (net_rx_mode(ctrl, 0, 0)) return 73;
     puts("virtio-net: promiscuous mode off\n");
+    if (net_rx_mode(ctrl, 1, 1)) return 73;
+    puts("virtio-net: all-multicast on\n");
     if (!net_traffic) goto done;
 
     /* ARP: who has 10.0.2.2? */
@@ -792,6 +801,9 @@ static int use_net(struct vdev *d) {
             if (!(isr & 2)) return 81;
             puts(want ? "virtio-net: link up\n" : "virtio-net: link down\n");
         }
+        /* One more change of the filter, after the host asked for it meanwhile. */
+        if (net_rx_mode(ctrl, 1, 0)) return 82;
+        puts("virtio-net: all-multicast off\n");
     }
 done:
     /* Done: the device is reset, so it writes no more frames into these buffers. */
