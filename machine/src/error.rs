@@ -92,10 +92,14 @@ pub enum Error {
     Migrating { command: String },
     #[error("a snapshot or migration is under way already")]
     MigrationRunning,
-    #[error("qomu saves to files only: '{scheme}:' is not supported, use file:PATH")]
-    UnsupportedScheme { scheme: String },
-    #[error("Invalid migration URI '{uri}': use file:PATH")]
+    #[error(
+        "'{uri}' is not a migration URI qomu takes: file:PATH, unix:PATH, tcp:HOST:PORT, exec:COMMAND or fd:NAME"
+    )]
     BadUri { uri: String },
+    #[error("this qomu was not started with --incoming defer")]
+    NotDeferred,
+    #[error("the incoming migration has been started already")]
+    IncomingStarted,
     #[error("file: needs a path (file:PATH)")]
     NoPath,
     /// A guest address range that is not all memory.
@@ -167,6 +171,8 @@ impl Error {
                 command: command.clone(),
             },
             Error::MigrationRunning => Fault::MigrationRunning,
+            Error::BadUri { .. } => Fault::BadMigrationUri,
+            Error::NotDeferred => Fault::NoDeferredIncoming,
             Error::BadAddress { addr, size } => Fault::BadAddress {
                 addr: *addr,
                 size: *size,

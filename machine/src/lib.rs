@@ -27,6 +27,7 @@ pub mod layout;
 mod lifecycle;
 mod machine;
 mod migration;
+pub mod migration_uri;
 mod netdevs;
 mod peripherals;
 mod platform;

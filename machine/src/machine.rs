@@ -103,6 +103,9 @@ pub struct Machine {
     /// yet, and a save sees one set of devices.
     pub(crate) configuration: Mutex<()>,
     pub(crate) anon_devices: AtomicU64,
+    /// `--incoming defer`: waiting for `migrate-incoming` (whether the guest then runs), or
+    /// `Some(None)` once it came.
+    pub(crate) deferred_incoming: Mutex<Option<Option<bool>>>,
 }
 
 impl Machine {
@@ -166,6 +169,7 @@ impl Machine {
                 hotplug: OnceLock::new(),
                 configuration: Mutex::new(()),
                 anon_devices: AtomicU64::new(0),
+                deferred_incoming: Mutex::new(None),
             }
         });
         if let Some(e) = failure {

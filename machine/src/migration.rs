@@ -1,5 +1,7 @@
-//! Snapshot to a file (`migrate file:PATH`) and restore (`qomu --incoming file:PATH`), with
-//! QEMU's migration statuses, MIGRATION events and run states (docs/snapshot.md).
+//! Snapshot to a file (`migrate file:PATH`) and restore (`qomu --incoming file:PATH`), and
+//! the same stream between two qomu processes over QEMU's other URIs (`unix:`, `tcp:`,
+//! `exec:`, `fd:`; machine/src/migration_uri.rs), with QEMU's migration statuses, MIGRATION
+//! events and run states (docs/snapshot.md, docs/migration.md).
 //!
 //! Saving runs on its own thread, as QEMU's migration does: `migrate` answers at once and
 //! the client follows `query-migrate` or the MIGRATION events. The thread takes the
@@ -19,6 +21,7 @@ use crate::error::{Error, Result};
 use crate::launch::Launched;
 use crate::lifecycle::pause_all;
 use crate::machine::{Machine, State, empty};
+use crate::migration_uri::{self, Uri};
 use crate::runstate::RunState;
 use crate::snapshot::{self, Fingerprint, Reader, Writer};
 use crate::vm::{ChipState, VcpuState};
@@ -96,25 +99,6 @@ fn failed(e: impl std::fmt::Display) -> Error {
     Error::Snapshot(e.to_string())
 }
 
-/// The file of a `file:PATH` URI.
-///
-/// # Errors
-/// Another scheme, or no path.
-pub fn file_uri(uri: &str) -> Result<PathBuf> {
-    match uri.split_once(':') {
-        Some(("file", path)) if !path.is_empty() => Ok(PathBuf::from(path)),
-        Some(("file", _)) => Err(Error::NoPath),
-        Some((scheme @ ("tcp" | "unix" | "exec" | "fd" | "rdma" | "vsock"), _)) => {
-            Err(Error::UnsupportedScheme {
-                scheme: scheme.to_owned(),
-            })
-        }
-        _ => Err(Error::BadUri {
-            uri: uri.to_owned(),
-        }),
-    }
-}
-
 /// Every object whose type levels carry state, in tree order.
 pub fn stateful_objects(root: &ObjectRef) -> Vec<ObjectRef> {
     let mut out = Vec::new();
@@ -174,14 +158,15 @@ impl Machine {
         )
     }
 
-    /// `migrate {"uri": "file:PATH"}`: starts saving the machine to PATH and returns; the
-    /// MIGRATION events and `query-migrate` tell how it goes.
+    /// `migrate {"uri": URI}`: starts saving the machine to a file, or sending it to a
+    /// destination qomu, and returns; the MIGRATION events and `query-migrate` tell how it
+    /// goes (a destination that cannot be reached fails the migration, as in QEMU).
     ///
     /// # Errors
-    /// Not a file URI, a save already under way, or a machine that is not running or
-    /// paused.
+    /// Not a migration URI, a migration already under way, or a machine that is not
+    /// running or paused.
     pub fn migrate(self: &Arc<Self>, uri: &str) -> Result<()> {
-        let path = file_uri(uri)?;
+        let target = Uri::parse(uri)?;
         {
             let st = self.state.lock();
             if st.launched.is_none() || !matches!(st.run, RunState::Running | RunState::Paused) {
@@ -197,7 +182,7 @@ impl Machine {
         let machine = self.clone();
         std::thread::Builder::new()
             .name("qomu-migrate".into())
-            .spawn(move || machine.save_thread(&path))
+            .spawn(move || machine.save_thread(&target))
             .map(drop)
             .map_err(|source| {
                 let e = Error::Host {
@@ -212,8 +197,23 @@ impl Machine {
             })
     }
 
-    fn save_thread(&self, path: &Path) {
+    fn save_thread(&self, target: &Uri) {
         let started = Instant::now();
+        // A peer is reached before anything stops (QEMU's setup phase).
+        let outgoing = match target {
+            Uri::File(_) => None,
+            uri => match migration_uri::connect(uri) {
+                Ok(o) => Some(o),
+                Err(e) => {
+                    self.set_migration(|i| {
+                        i.status = Some(Status::Failed);
+                        i.error = Some(e.to_string());
+                        i.total_ms = started.elapsed().as_millis() as u64;
+                    });
+                    return;
+                }
+            },
+        };
         let _configuration = self.configuration.lock();
         let mut st = self.state.lock();
         let before = st.run;
@@ -222,7 +222,7 @@ impl Machine {
             i.status = Some(Status::Active);
             i.setup_ms = setup_ms;
         });
-        let result = self.save_locked(&mut st, path, started);
+        let result = self.save_locked(&mut st, target, outgoing, started);
         match result {
             Ok((bytes, downtime_ms)) => {
                 let _ = self.transition(&mut st, RunState::Postmigrate);
@@ -235,7 +235,7 @@ impl Machine {
                 });
             }
             Err(e) => {
-                tracing::warn!("migration to '{}' failed: {e}", path.display());
+                tracing::warn!("migration to {target} failed: {e}");
                 if st.run == RunState::FinishMigrate {
                     let _ = if before == RunState::Running {
                         self.run_guest(&mut st)
@@ -254,9 +254,15 @@ impl Machine {
     }
 
     /// Stops the guest and writes the file (through a temporary name, renamed at the end, so
-    /// a failed save leaves no partial file and spares an older one). Returns the bytes
-    /// written and how long the guest was stopped.
-    fn save_locked(&self, st: &mut State, path: &Path, started: Instant) -> Result<(u64, u64)> {
+    /// a failed save leaves no partial file and spares an older one), or the stream to the
+    /// destination. Returns the bytes written and how long the guest was stopped.
+    fn save_locked(
+        &self,
+        st: &mut State,
+        target: &Uri,
+        outgoing: Option<migration_uri::Outgoing>,
+        started: Instant,
+    ) -> Result<(u64, u64)> {
         let was_running = st.run == RunState::Running;
         let stopped = Instant::now();
         if was_running {
@@ -266,7 +272,7 @@ impl Machine {
         if was_running {
             self.notifiers.stop.emit(empty);
         }
-        // No device request half-served in the file: each device's I/O thread finishes
+        // No device request half-served in the stream: each device's I/O thread finishes
         // the one it serves, and its state is read after.
         self.pci.pause_io(true);
         let l = st
@@ -274,33 +280,57 @@ impl Machine {
             .as_ref()
             .ok_or_else(|| failed("the machine has no VM"))?;
         let run_state = if was_running { "running" } else { "paused" };
-        let partial = partial_path(path);
-        let written = self.write_file(l, &partial, run_state).and_then(|bytes| {
-            std::fs::rename(&partial, path).map_err(|source| Error::Write {
-                path: partial.clone(),
-                source,
-            })?;
-            Ok(bytes)
-        });
-        if written.is_err() {
-            let _ = std::fs::remove_file(&partial);
-        }
-        let bytes = written?;
-        tracing::info!(
-            "saved {} bytes to '{}' in {:?}",
-            bytes,
-            path.display(),
-            started.elapsed()
-        );
+        let bytes = match (target, outgoing) {
+            (Uri::File(path), _) => {
+                let partial = partial_path(path);
+                let io = |source: std::io::Error| Error::Write {
+                    path: partial.clone(),
+                    source,
+                };
+                let written = Writer::create(&partial)
+                    .map_err(io)
+                    .and_then(|w| self.write_sections(l, w, run_state, &io))
+                    .and_then(|bytes| {
+                        std::fs::rename(&partial, path).map_err(io)?;
+                        Ok(bytes)
+                    });
+                if written.is_err() {
+                    let _ = std::fs::remove_file(&partial);
+                }
+                written?
+            }
+            (uri, Some(mut out)) => {
+                let io = |source: std::io::Error| {
+                    failed(format!(
+                        "the destination stopped taking the stream: {source}"
+                    ))
+                };
+                let sent = Writer::stream(out.stream)
+                    .map_err(io)
+                    .and_then(|w| self.write_sections(l, w, run_state, &io));
+                // exec: the command has all the stream once it ends well.
+                if let (Ok(_), Some(child)) = (&sent, out.child.as_mut()) {
+                    let status = child.wait().map_err(io)?;
+                    if !status.success() {
+                        return Err(failed(format!("{uri}: the command ended with {status}")));
+                    }
+                }
+                sent?
+            }
+            (uri, None) => return Err(failed(format!("{uri}: no stream"))),
+        };
+        tracing::info!("saved {bytes} bytes to {target} in {:?}", started.elapsed());
         Ok((bytes, stopped.elapsed().as_millis() as u64))
     }
 
-    fn write_file(&self, l: &Launched, path: &Path, run_state: &str) -> Result<u64> {
-        let io = |source: std::io::Error| Error::Write {
-            path: path.to_owned(),
-            source,
-        };
-        let mut w = Writer::create(path).map_err(io)?;
+    /// Writes every section to `w`; the bytes written. `io` words a write's failure.
+    fn write_sections(
+        &self,
+        l: &Launched,
+        mut w: Writer,
+        run_state: &str,
+        io: &dyn Fn(std::io::Error) -> Error,
+    ) -> Result<u64> {
         let objects = stateful_objects(&self.tree().root());
         let fingerprint = self.fingerprint(&objects, run_state)?;
         w.section("config", &[&json(&fingerprint)?]).map_err(io)?;
@@ -339,40 +369,157 @@ impl Machine {
         w.finish().map_err(io)
     }
 
-    /// `--incoming file:PATH`: loads a snapshot into this machine, which must be in
-    /// prelaunch and configured as the saved one was. The guest then runs if it was running
-    /// when saved and `start` is true, else it stays paused.
+    /// `--incoming URI`: `file:PATH` loads a snapshot into this machine, which must be in
+    /// prelaunch and configured as the saved one was; the guest then runs if it was running
+    /// when saved and `start` is true, else it stays paused. Any other URI starts listening
+    /// there (`inmigrate`) and returns; a thread of its own takes the stream when the source
+    /// sends it ([`Machine::migrate`] in the other qomu), and a stream that fails ends this
+    /// qomu with the reason (exit status 1), as a QEMU destination does.
     ///
     /// # Errors
-    /// The file is unreadable, damaged, of another version or of another configuration;
-    /// the guest has not run (the machine stops in internal-error, with the reason).
-    pub fn incoming(&self, uri: &str, start: bool) -> Result<()> {
-        let path = file_uri(uri)?;
+    /// The file is unreadable, damaged, of another version or of another configuration (the
+    /// guest has not run: the machine stops in internal-error, with the reason); the address
+    /// cannot be listened on.
+    pub fn incoming(self: &Arc<Self>, uri: &str, start: bool) -> Result<()> {
+        let source = Uri::parse(uri)?;
+        let Uri::File(path) = &source else {
+            return self.listen_incoming(&source, start);
+        };
         self.give_the_demo_its_exit_port()?;
-        let mut r = Reader::open(&path)?;
-        let (name, payload) = r.next("header")?;
-        if name != "config" {
-            return Err(r.unexpected(&name, "config").into());
-        }
-        let saved: Fingerprint = serde_json::from_slice(&payload).map_err(|e| {
-            failed(format!(
-                "'{}': its config section does not parse: {e}",
-                path.display()
-            ))
-        })?;
-        let here = self.fingerprint(&stateful_objects(&self.tree().root()), "")?;
-        if let Some(why) = saved.mismatch(&here) {
-            return Err(failed(format!(
-                "'{}' does not fit this machine: {why}",
-                path.display()
-            )));
-        }
-        let _configuration = self.configuration.lock();
+        let r = Reader::open(path)?;
+        let name = path.display().to_string();
+        self.load_stream(r, &name, start)
+    }
+
+    /// `--incoming defer`: the machine waits in `inmigrate` for `migrate-incoming`.
+    ///
+    /// # Errors
+    /// The machine is past prelaunch.
+    pub fn defer_incoming(&self, start: bool) -> Result<()> {
         let mut st = self.state.lock();
         if st.run != RunState::Prelaunch || st.launched.is_some() {
             return Err(Error::NotRestorable { state: st.run });
         }
         self.transition(&mut st, RunState::Inmigrate)?;
+        *self.deferred_incoming.lock() = Some(Some(start));
+        Ok(())
+    }
+
+    /// `migrate-incoming {uri}`: where a machine started with `--incoming defer` listens.
+    ///
+    /// # Errors
+    /// No `--incoming defer` (QEMU's text), one already given, a bad URI, or the address
+    /// cannot be listened on (the machine goes on waiting for another try).
+    pub fn migrate_incoming(self: &Arc<Self>, uri: &str) -> Result<()> {
+        let source = Uri::parse(uri)?;
+        let mut deferred = self.deferred_incoming.lock();
+        let start = match *deferred {
+            None => return Err(Error::NotDeferred),
+            Some(None) => return Err(Error::IncomingStarted),
+            Some(Some(start)) => start,
+        };
+        if matches!(source, Uri::File(_)) {
+            return Err(Error::BadUri {
+                uri: uri.to_owned(),
+            });
+        }
+        self.give_the_demo_its_exit_port()?;
+        let listening = migration_uri::listen(&source)?;
+        *deferred = Some(None);
+        drop(deferred);
+        self.set_migration(|i| {
+            *i = Info {
+                status: Some(Status::Setup),
+                ..Info::default()
+            }
+        });
+        self.load_on_thread(listening, source.to_string(), start)
+    }
+
+    /// Listens at `source` for a migration stream, loaded on its own thread.
+    fn listen_incoming(self: &Arc<Self>, source: &Uri, start: bool) -> Result<()> {
+        {
+            let st = self.state.lock();
+            if st.run != RunState::Prelaunch || st.launched.is_some() {
+                return Err(Error::NotRestorable { state: st.run });
+            }
+        }
+        self.give_the_demo_its_exit_port()?;
+        let listening = migration_uri::listen(source)?;
+        {
+            let mut st = self.state.lock();
+            self.transition(&mut st, RunState::Inmigrate)?;
+        }
+        self.set_migration(|i| {
+            *i = Info {
+                status: Some(Status::Setup),
+                ..Info::default()
+            }
+        });
+        self.load_on_thread(listening, source.to_string(), start)
+    }
+
+    /// Takes the stream the source sends to `listening` and loads it, on a thread of its
+    /// own; a stream that fails ends this qomu with the reason.
+    fn load_on_thread(
+        self: &Arc<Self>,
+        listening: migration_uri::Listening,
+        name: String,
+        start: bool,
+    ) -> Result<()> {
+        let machine = self.clone();
+        std::thread::Builder::new()
+            .name("qomu-incoming".into())
+            .spawn(move || {
+                let loaded = listening.accept().and_then(|(input, child)| {
+                    drop(listening);
+                    let r = Reader::stream(&name, input)?;
+                    let loaded = machine.load_stream(r, &name, start);
+                    if let Some(mut child) = child {
+                        let _ = child.wait();
+                    }
+                    loaded
+                });
+                if let Err(e) = loaded {
+                    // Nothing of the guest ran: this qomu ends, saying why.
+                    tracing::error!("incoming migration failed: {e}");
+                    eprintln!("qomu: incoming migration failed: {e}");
+                    machine.shutdown(crate::ShutdownCause::HostError, Some(1));
+                }
+            })
+            .map(drop)
+            .map_err(|source| Error::Host {
+                what: "the incoming migration thread",
+                source,
+            })
+    }
+
+    /// Checks a snapshot's `config` section against this machine, then loads the rest.
+    fn load_stream(&self, mut r: Reader, name: &str, start: bool) -> Result<()> {
+        let (section, payload) = r.next("header")?;
+        if section != "config" {
+            return Err(r.unexpected(&section, "config").into());
+        }
+        let saved: Fingerprint = serde_json::from_slice(&payload)
+            .map_err(|e| failed(format!("'{name}': its config section does not parse: {e}")))?;
+        let here = self.fingerprint(&stateful_objects(&self.tree().root()), "")?;
+        if let Some(why) = saved.mismatch(&here) {
+            let e = failed(format!("'{name}' does not fit this machine: {why}"));
+            self.set_migration(|i| {
+                i.status = Some(Status::Failed);
+                i.error = Some(e.to_string());
+            });
+            return Err(e);
+        }
+        let _configuration = self.configuration.lock();
+        let mut st = self.state.lock();
+        match st.run {
+            RunState::Prelaunch if st.launched.is_none() => {
+                self.transition(&mut st, RunState::Inmigrate)?;
+            }
+            RunState::Inmigrate if st.launched.is_none() => {}
+            _ => return Err(Error::NotRestorable { state: st.run }),
+        }
         self.set_migration(|i| {
             *i = Info {
                 status: Some(Status::Active),
@@ -385,11 +532,11 @@ impl Machine {
             st.launched = Some(l);
             result
         });
-        let bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
+        let bytes = r.bytes_read();
         match loaded {
             Ok(()) => {}
             Err(e) => {
-                let e = failed(format!("cannot restore '{}': {e}", path.display()));
+                let e = failed(format!("cannot restore '{name}': {e}"));
                 self.published.set_error(Some(&e.to_string()));
                 let _ = self.transition(&mut st, RunState::InternalError);
                 drop(st);

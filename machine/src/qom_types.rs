@@ -217,10 +217,18 @@ pub(crate) fn register(builder: &TreeBuilder, weak: &Weak<Machine>) -> Result<()
                 }
                 Ok(upgrade(&weak)?.migrate(str_arg(&a, "uri")).map(|()| None)?)
             })
-            .description("Save the whole VM to a file (uri file:PATH); follow it with query-migrate or the MIGRATION events")
-            .arg(Field::new("uri", Kind::Str, "Where to save: file:PATH"))
+            .description("Save the whole VM to a file (file:PATH) or send it to another qomu (unix:, tcp:, exec:, fd:); follow it with query-migrate or the MIGRATION events")
+            .arg(Field::new("uri", Kind::Str, "Where to: file:PATH, unix:PATH, tcp:HOST:PORT, exec:COMMAND, fd:NAME"))
             .arg(Field::optional("detach", Kind::Bool, "Ignored, as in QEMU (the command always returns at once)"))
             .arg(Field::optional("resume", Kind::Bool, "Resume a paused migration: not supported"))
+        })
+        .action({
+            let weak = weak.clone();
+            Action::new("migrate-incoming", move |_, a| {
+                Ok(upgrade(&weak)?.migrate_incoming(str_arg(&a, "uri")).map(|()| None)?)
+            })
+            .description("Where a qomu started with --incoming defer takes the migration stream (unix:, tcp:, exec:, fd:)")
+            .arg(Field::new("uri", Kind::Str, "Where to listen"))
         })
         .action(
             machine_action(weak, "query-migrate", |m, _| Ok(Some(m.query_migrate())))

@@ -10,6 +10,10 @@
 //! Sections, in order: `config` (what the file was saved from, JSON), `cpu:N` and `chips`
 //! (KVM state, JSON), `state:PATH:LEVEL:VERSION` (one per device type level, JSON), then
 //! `ram:ADDRESS` (each guest RAM region, raw) and `end`.
+//!
+//! The same stream goes over a socket or a pipe for a migration between processes
+//! (machine/src/migration.rs): a reader of a stream knows no length ahead, so a stream that
+//! ends early is found truncated where it ends.
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -103,9 +107,11 @@ pub enum FormatError {
     Corrupted { path: PathBuf, what: String },
 }
 
-/// Writes a snapshot file section by section.
+/// Writes a snapshot, to a file or a stream, section by section.
 pub struct Writer {
-    out: BufWriter<File>,
+    out: BufWriter<Box<dyn Write + Send>>,
+    /// The file, to sync at the end (none for a stream).
+    file: Option<File>,
     written: u64,
 }
 
@@ -116,8 +122,22 @@ impl Writer {
     /// The file cannot be created or written.
     pub fn create(path: &Path) -> std::io::Result<Writer> {
         let file = File::create(path)?;
+        let sync = file.try_clone()?;
+        Writer::start(Box::new(file), Some(sync))
+    }
+
+    /// Writes the header to `out`, a socket or a pipe.
+    ///
+    /// # Errors
+    /// The write fails.
+    pub fn stream(out: Box<dyn Write + Send>) -> std::io::Result<Writer> {
+        Writer::start(out, None)
+    }
+
+    fn start(out: Box<dyn Write + Send>, file: Option<File>) -> std::io::Result<Writer> {
         let mut w = Writer {
-            out: BufWriter::with_capacity(1 << 20, file),
+            out: BufWriter::with_capacity(1 << 20, out),
+            file,
             written: 0,
         };
         let mut header = Vec::with_capacity(16);
@@ -155,14 +175,16 @@ impl Writer {
         self.put(&crc.finalize().to_le_bytes())
     }
 
-    /// Writes `end`, flushes and syncs the file to disk. Returns the file's size.
+    /// Writes `end`, flushes, and syncs a file to disk. Returns the bytes written.
     ///
     /// # Errors
     /// A write or the sync fails.
     pub fn finish(mut self) -> std::io::Result<u64> {
         self.section("end", &[])?;
-        let file = self.out.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
+        self.out.flush()?;
+        if let Some(file) = &self.file {
+            file.sync_all()?;
+        }
         Ok(self.written)
     }
 }
@@ -183,11 +205,15 @@ impl std::fmt::Debug for SectionHead {
     }
 }
 
-/// Reads a snapshot file section by section, checking each.
+/// Reads a snapshot, from a file or a stream, section by section, checking each.
 pub struct Reader {
+    /// The file, or the stream's URI, as errors name it.
     path: PathBuf,
-    input: BufReader<File>,
-    remaining: u64,
+    input: BufReader<Box<dyn Read + Send>>,
+    /// Bytes left in a file (a stream's length is not known ahead).
+    remaining: Option<u64>,
+    /// Bytes read so far.
+    read: u64,
 }
 
 impl Reader {
@@ -202,24 +228,51 @@ impl Reader {
         };
         let file = File::open(path).map_err(io)?;
         let size = file.metadata().map_err(io)?.len();
-        let mut r = Reader {
-            path: path.to_owned(),
-            input: BufReader::with_capacity(1 << 20, file),
-            remaining: size,
-        };
-        let mut header = [0u8; 16];
-        if size < 16 || r.input.read_exact(&mut header).is_err() || &header[..8] != MAGIC {
+        if size < 16 {
             return Err(FormatError::NotSnapshot(path.to_owned()));
         }
-        r.remaining -= 16;
+        Reader::start(path.to_owned(), Box::new(file), Some(size))
+    }
+
+    /// Reads the header from `input`, a socket or a pipe named `name` in errors.
+    ///
+    /// # Errors
+    /// It ends before a header, is not a snapshot, or has another format version.
+    pub fn stream(name: &str, input: Box<dyn Read + Send>) -> Result<Reader, FormatError> {
+        Reader::start(PathBuf::from(name), input, None)
+    }
+
+    fn start(
+        path: PathBuf,
+        input: Box<dyn Read + Send>,
+        size: Option<u64>,
+    ) -> Result<Reader, FormatError> {
+        let mut r = Reader {
+            path,
+            input: BufReader::with_capacity(1 << 20, input),
+            remaining: size,
+            read: 0,
+        };
+        let mut header = [0u8; 16];
+        if r.input.read_exact(&mut header).is_err() || &header[..8] != MAGIC {
+            return Err(FormatError::NotSnapshot(r.path.clone()));
+        }
+        r.count(16);
         let version = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
         if version != VERSION {
             return Err(FormatError::Version {
-                path: path.to_owned(),
+                path: r.path.clone(),
                 found: version,
             });
         }
         Ok(r)
+    }
+
+    fn count(&mut self, n: u64) {
+        self.read += n;
+        if let Some(r) = &mut self.remaining {
+            *r -= n;
+        }
     }
 
     fn truncated(&self, section: &str) -> FormatError {
@@ -237,14 +290,18 @@ impl Reader {
     }
 
     fn take(&mut self, buf: &mut [u8], section: &str) -> Result<(), FormatError> {
-        if (buf.len() as u64) > self.remaining {
+        if self.remaining.is_some_and(|r| buf.len() as u64 > r) {
             return Err(self.truncated(section));
         }
-        self.input.read_exact(buf).map_err(|e| FormatError::Io {
-            path: self.path.clone(),
-            source: e,
+        self.input.read_exact(buf).map_err(|e| match e.kind() {
+            // A stream that ends early (a file's length is checked above).
+            std::io::ErrorKind::UnexpectedEof => self.truncated(section),
+            _ => FormatError::Io {
+                path: self.path.clone(),
+                source: e,
+            },
         })?;
-        self.remaining -= buf.len() as u64;
+        self.count(buf.len() as u64);
         Ok(())
     }
 
@@ -266,7 +323,7 @@ impl Reader {
         let name = String::from_utf8(name)
             .map_err(|_| self.corrupted(format!("a section after '{after}' has no valid name")))?;
         let len = u64::from_le_bytes(size);
-        if len > self.remaining {
+        if self.remaining.is_some_and(|r| len > r) {
             return Err(self.truncated(&name));
         }
         Ok(SectionHead { name, len, crc })
@@ -357,9 +414,14 @@ impl Reader {
         self.corrupted(format!("found section '{found}' where '{wanted}' belongs"))
     }
 
-    /// Bytes not read yet.
+    /// Bytes of a file not read yet (0 for a stream).
     pub fn remaining(&self) -> u64 {
-        self.remaining
+        self.remaining.unwrap_or(0)
+    }
+
+    /// Bytes read so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.read
     }
 }
 

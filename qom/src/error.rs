@@ -78,6 +78,10 @@ pub enum Fault {
     Migrating { command: String },
     /// A migration or snapshot is under way already.
     MigrationRunning,
+    /// Not a migration URI.
+    BadMigrationUri,
+    /// `migrate-incoming` without `--incoming defer`.
+    NoDeferredIncoming,
     /// A file cannot be opened; `reason` is the host's.
     OpenFailed { path: String, reason: String },
     /// A file cannot be written; `reason` is the host's.

@@ -55,10 +55,12 @@ struct Cli {
     /// stream,id=ID,addr.type=unix,addr.path=PATH[,server=on] (repeatable), as QEMU's -netdev.
     #[arg(long = "netdev", value_name = "SPEC")]
     netdevs: Vec<DeviceSpec>,
-    /// Restore a snapshot saved by `migrate file:PATH` into this machine (which must be
-    /// configured as the saved one: same memory, vCPUs, devices and objects). The guest
-    /// continues as it was saved, running or paused (-S keeps it paused).
-    #[arg(long, value_name = "file:PATH")]
+    /// Restore a snapshot saved by `migrate file:PATH` into this machine, or wait for a
+    /// migration from another qomu at unix:PATH, tcp:HOST:PORT, exec:COMMAND, or `defer`
+    /// (then QMP's migrate-incoming says where). The machine must be configured as the
+    /// source is: same memory, vCPUs, devices and objects. The guest continues as it was
+    /// saved, running or paused (-S keeps it paused).
+    #[arg(long, value_name = "URI")]
     incoming: Option<String>,
     /// Where the first serial port's output goes: stdio, file:PATH or none.
     #[arg(long, value_name = "BACKEND", default_value = "stdio")]
@@ -378,6 +380,7 @@ fn main() -> ExitCode {
     // only once the VM has started: a client that connects as soon as it can sees the
     // state it asked for on the command line, never a passing prelaunch.
     let started = match &cli.incoming {
+        Some(uri) if uri == "defer" => machine.defer_incoming(!cli.paused),
         Some(uri) => machine.incoming(uri, !cli.paused),
         None if !cli.paused => machine.cont(),
         None => Ok(()),

@@ -563,3 +563,274 @@ fn missing_unexpected_slow_or_oversized_helpers_fail_the_save_and_the_vm_runs_on
         "the limit is 1048576",
     );
 }
+
+/// Runs `migrate {uri}` and waits for its end; the final query-migrate.
+fn migrate_to(c: &mut QmpRaw, uri: &str) -> Json {
+    let r = c.cmd(&json!({"execute": "migrate", "arguments": {"uri": uri}}).to_string());
+    assert_eq!(r, json!({"return": {}}), "migrate {uri}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let info = c.cmd(r#"{"execute": "query-migrate"}"#)["return"].clone();
+        if matches!(info["status"].as_str(), Some("completed" | "failed")) {
+            return info;
+        }
+        assert!(Instant::now() < deadline, "migration never ended: {info}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A TCP port on loopback nobody listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The counter guest, running, sent from one qomu to another waiting with `incoming`
+/// (`--incoming URI`, or `defer` then `migrate-incoming`): the destination goes on
+/// counting where the source was, RAM and disk agreeing, without starting over; the
+/// source ends in postmigrate.
+fn migrate_between_processes(dir: &TempDir, uri: &str, defer: bool) {
+    let (console1, console2) = (dir.path("c1"), dir.path("c2"));
+    let mut args = machine_args(dir, &console2, &[]);
+    args.extend([
+        "--incoming".into(),
+        if defer {
+            "defer".into()
+        } else {
+            uri.to_owned()
+        },
+    ]);
+    let mut second = spawn(&args);
+    let mut d = second.connect();
+    d.negotiate();
+    assert_eq!(status(&mut d), "inmigrate");
+    if defer {
+        let r =
+            d.cmd(&json!({"execute": "migrate-incoming", "arguments": {"uri": uri}}).to_string());
+        assert_eq!(r, json!({"return": {}}));
+        let r =
+            d.cmd(&json!({"execute": "migrate-incoming", "arguments": {"uri": uri}}).to_string());
+        assert!(
+            r["error"]["desc"].is_string(),
+            "a second migrate-incoming: {r}"
+        );
+    }
+    let mut first = spawn(&machine_args(dir, &console1, &[]));
+    let mut c = first.connect();
+    c.negotiate();
+    wait_console(&console1, "counter: 300");
+    let info = migrate_to(&mut c, uri);
+    assert_eq!(info["status"], "completed", "{info}");
+    assert_eq!(status(&mut c), "postmigrate");
+    let saved_at = *counts(&std::fs::read_to_string(&console1).unwrap())
+        .last()
+        .unwrap();
+    first.child.kill().unwrap();
+    first.wait_exit(Duration::from_secs(10));
+    // The source is done once it has sent everything; the destination may still load.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let done = d.cmd(r#"{"execute": "query-migrate"}"#)["return"].clone();
+        if done["status"] == "completed" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "on the destination: {done}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        second.wait_exit(Duration::from_secs(120)),
+        Some(1),
+        "the guest's verdict (0: every count agreed): {}",
+        std::fs::read_to_string(&console2).unwrap_or_default()
+    );
+    let out = std::fs::read_to_string(&console2).unwrap();
+    assert!(
+        !out.contains("counter: start"),
+        "the guest started over:\n{out}"
+    );
+    assert!(out.contains(&format!("counter: done {COUNT}")), "{out}");
+    assert!(
+        counts(&out).first().is_some_and(|&n| n > saved_at),
+        "the destination went on from {saved_at}: {out}"
+    );
+}
+
+#[test]
+fn a_running_guest_migrates_to_another_qomu_over_unix() {
+    require_kvm!();
+    let dir = TempDir::new("mig-unix");
+    let uri = format!("unix:{}", dir.path("mig.sock").display());
+    migrate_between_processes(&dir, &uri, false);
+}
+
+#[test]
+fn a_running_guest_migrates_to_another_qomu_over_tcp_with_migrate_incoming() {
+    require_kvm!();
+    let dir = TempDir::new("mig-tcp");
+    migrate_between_processes(&dir, &format!("tcp:127.0.0.1:{}", free_port()), true);
+}
+
+#[test]
+fn a_running_guest_migrates_through_exec_commands() {
+    require_kvm!();
+    let dir = TempDir::new("mig-exec");
+    // The source's command writes the stream into a fifo the destination's command reads:
+    // what `exec:ssh host qomu ...` does across hosts, on this one.
+    let fifo = dir.path("mig.fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a valid path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let (console1, console2) = (dir.path("c1"), dir.path("c2"));
+    let mut args = machine_args(&dir, &console2, &[]);
+    args.extend(["--incoming".into(), format!("exec:cat {}", fifo.display())]);
+    let mut second = spawn(&args);
+    let mut first = spawn(&machine_args(&dir, &console1, &[]));
+    let mut c = first.connect();
+    c.negotiate();
+    wait_console(&console1, "counter: 300");
+    let info = migrate_to(&mut c, &format!("exec:cat > {}", fifo.display()));
+    assert_eq!(info["status"], "completed", "{info}");
+    first.child.kill().unwrap();
+    first.wait_exit(Duration::from_secs(10));
+    assert_eq!(
+        second.wait_exit(Duration::from_secs(120)),
+        Some(1),
+        "{}",
+        std::fs::read_to_string(&console2).unwrap_or_default()
+    );
+    let out = std::fs::read_to_string(&console2).unwrap();
+    assert!(
+        !out.contains("counter: start") && out.contains(&format!("counter: done {COUNT}")),
+        "{out}"
+    );
+}
+
+/// A destination that dies in the middle of the RAM (a peer of the test's that takes
+/// 64 KiB and closes), and one of another configuration (which refuses the stream and
+/// ends with the reason): each time the source goes on running, counting, its tree as it
+/// was; a migration to a real destination afterwards succeeds.
+#[test]
+fn a_failed_migration_leaves_the_source_running_and_a_second_one_succeeds() {
+    require_kvm!();
+    let dir = TempDir::new("mig-fault");
+    let (console1, console2, console3) = (dir.path("c1"), dir.path("c2"), dir.path("c3"));
+    let mut first = spawn(&machine_args(&dir, &console1, &[]));
+    let mut c = first.connect();
+    c.negotiate();
+    wait_console(&console1, "counter: 200");
+    let tree = c.tree();
+
+    // 1. The peer goes after 64 KiB.
+    let sock = dir.path("dying.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let peer = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 64 << 10];
+        std::io::Read::read_exact(&mut s, &mut buf).unwrap();
+    });
+    let info = migrate_to(&mut c, &format!("unix:{}", sock.display()));
+    peer.join().unwrap();
+    assert_eq!(info["status"], "failed", "{info}");
+    assert!(
+        info["error-desc"]
+            .as_str()
+            .is_some_and(|e| e.contains("the destination stopped taking the stream")),
+        "{info}"
+    );
+    assert_eq!(status(&mut c), "running");
+    let before = counts(&std::fs::read_to_string(&console1).unwrap())
+        .last()
+        .copied();
+    wait_console(
+        &console1,
+        &format!("counter: {}", before.unwrap_or(0) + 100),
+    );
+
+    // 2. A destination with another device: it says why and ends; the source goes on.
+    let uri = format!("unix:{}", dir.path("other.sock").display());
+    let mut args = machine_args(&dir, &console2, &["--device", "virtio-rng-pci,id=extra"]);
+    args.extend(["--incoming".into(), uri.clone()]);
+    let mut other = spawn(&args);
+    let info = migrate_to(&mut c, &uri);
+    assert_eq!(info["status"], "failed", "{info}");
+    assert_eq!(other.wait_exit(Duration::from_secs(30)), Some(1));
+    assert_eq!(
+        std::fs::read_to_string(&console2).unwrap_or_default(),
+        "",
+        "nothing ran there"
+    );
+    assert_eq!(status(&mut c), "running");
+    assert_eq!(c.tree(), tree, "the source's tree as it was");
+
+    // 3. A real destination: the migration succeeds and the count goes on there.
+    let uri = format!("unix:{}", dir.path("good.sock").display());
+    let mut args = machine_args(&dir, &console3, &[]);
+    args.extend(["--incoming".into(), uri.clone()]);
+    let mut second = spawn(&args);
+    let info = migrate_to(&mut c, &uri);
+    assert_eq!(info["status"], "completed", "{info}");
+    first.child.kill().unwrap();
+    first.wait_exit(Duration::from_secs(10));
+    assert_eq!(
+        second.wait_exit(Duration::from_secs(120)),
+        Some(1),
+        "{}",
+        std::fs::read_to_string(&console3).unwrap_or_default()
+    );
+    let out = std::fs::read_to_string(&console3).unwrap();
+    assert!(
+        !out.contains("counter: start") && out.contains(&format!("counter: done {COUNT}")),
+        "{out}"
+    );
+}
+
+/// Mistakes with QEMU's texts, nothing started: a bad URI, migrate-incoming without
+/// `--incoming defer`, a truncated stream at a destination (which ends saying so).
+#[test]
+fn migration_mistakes_get_qemus_texts_and_start_nothing() {
+    let dir = TempDir::new("mig-bad");
+    let q = Qomu::spawn(&["-S"]);
+    let mut c = q.session();
+    for uri in ["bogus:x", "nothing", "tcp:host"] {
+        let r = c.execute("migrate", json!({"uri": uri}));
+        assert_eq!(
+            r["error"]["desc"], "Parameter 'uri' expects a valid migration protocol",
+            "{uri}: {r}"
+        );
+    }
+    let r = c.execute("migrate-incoming", json!({"uri": "unix:/tmp/x"}));
+    assert_eq!(
+        r["error"]["desc"],
+        "'-incoming' was not specified on the command line"
+    );
+    let r = c.execute("migrate", json!({"uri": "fd:nope"}));
+    assert_eq!(
+        r["error"]["desc"],
+        "File descriptor named 'nope' has not been found"
+    );
+
+    // A stream cut short: the destination ends, saying where it broke.
+    let sock = dir.path("cut.sock");
+    let console = dir.path("c");
+    let mut args = machine_args(&dir, &console, &[]);
+    args.extend(["--incoming".into(), format!("unix:{}", sock.display())]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut dest = Qomu::spawn_with(&args, |cmd| {
+        cmd.stderr(Stdio::piped());
+    });
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    std::io::Write::write_all(
+        &mut s,
+        b"QOMUSNAP\x01\x00\x00\x00\x00\x00\x00\x00\x06\x00conf",
+    )
+    .unwrap();
+    drop(s);
+    assert_eq!(dest.wait_exit(Duration::from_secs(30)), Some(1));
+    let mut err = String::new();
+    std::io::Read::read_to_string(dest.child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(err.contains("truncated"), "{err}");
+    assert_eq!(std::fs::read_to_string(&console).unwrap_or_default(), "");
+}

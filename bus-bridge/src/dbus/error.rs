@@ -152,8 +152,9 @@ fn fault_name(fault: &Fault) -> &'static str {
         | Fault::PropertyNotSet { .. }
         | Fault::TooLong { .. }
         | Fault::BadAddress { .. }
+        | Fault::BadMigrationUri
         | Fault::NoSuchCpu { .. } => INVALID_ARGS,
-        Fault::WrongState => INVALID_STATE,
+        Fault::WrongState | Fault::NoDeferredIncoming => INVALID_STATE,
         _ => QOMU_FAILED,
     }
 }

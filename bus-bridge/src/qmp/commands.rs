@@ -51,7 +51,6 @@ pub const ACTIONS: &[(&str, &str)] = &[
     ("memsave", "memsave"),
     ("query-cpus-fast", "query-cpus-fast"),
     ("device_del", "device-del"),
-    ("migrate", "migrate"),
     ("query-migrate", "query-migrate"),
 ];
 
@@ -204,6 +203,24 @@ pub const BUILTINS: &[Builtin] = &[
         args: || vec![s("id")],
         extra: false,
         run: Run::Value(netdev_del),
+    },
+    Builtin {
+        name: "migrate",
+        args: || {
+            vec![
+                s("uri"),
+                opt("detach", ArgType::Bool),
+                opt("resume", ArgType::Bool),
+            ]
+        },
+        extra: false,
+        run: Run::Value(migrate),
+    },
+    Builtin {
+        name: "migrate-incoming",
+        args: || vec![s("uri")],
+        extra: false,
+        run: Run::Value(migrate_incoming),
     },
     Builtin {
         name: "set_link",
@@ -718,6 +735,47 @@ fn netdev_del(session: &mut Session, args: &Args) -> Result<Json, QmpError> {
     let mut action_args = Map::new();
     action_args.insert("id".into(), Json::String(str_arg(args, "id").to_owned()));
     call_action(session, "netdev-del", &action_args)
+}
+
+/// A migration URI with `fd:NAME` (a descriptor `getfd` named on this connection) made
+/// into `fd:TOKEN` for the machine (qom::handover); the token, to discard after the call.
+fn with_fd_token(session: &mut Session, args: &Args) -> Result<(Args, Option<String>), QmpError> {
+    let mut args = args.clone();
+    let uri = str_arg(&args, "uri").to_owned();
+    let Some(name) = uri.strip_prefix("fd:").filter(|n| !n.is_empty()) else {
+        return Ok((args, None));
+    };
+    let Some(fd) = session.fds.remove(name) else {
+        return Err(QmpError::generic(format!(
+            "File descriptor named '{name}' has not been found"
+        )));
+    };
+    let token = qom::handover::deposit(fd);
+    args.insert("uri".into(), Json::String(format!("fd:{token}")));
+    Ok((args, Some(token)))
+}
+
+/// `migrate {uri}`: the machine's `migrate`, an `fd:` name turned into the descriptor.
+fn migrate(session: &mut Session, args: &Args) -> Result<Json, QmpError> {
+    let (args, token) = with_fd_token(session, args)?;
+    let result = call_action(session, "migrate", &args);
+    // The migration thread takes the descriptor when it starts; if it never does, closed.
+    if result.is_err()
+        && let Some(t) = token
+    {
+        qom::handover::discard(&t);
+    }
+    result
+}
+
+/// `migrate-incoming {uri}`: the machine's `migrate-incoming`, likewise.
+fn migrate_incoming(session: &mut Session, args: &Args) -> Result<Json, QmpError> {
+    let (args, token) = with_fd_token(session, args)?;
+    let result = call_action(session, "migrate-incoming", &args);
+    if let Some(t) = token {
+        qom::handover::discard(&t);
+    }
+    result
 }
 
 /// `set_link {name, up}`: the machine's `set-link`.

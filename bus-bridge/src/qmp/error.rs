@@ -198,6 +198,8 @@ fn qemu_text(fault: &Fault) -> Option<String> {
         Fault::UnplugPending { id } => format!("Device {id} is already in the process of unplug"),
         Fault::Migrating { command } => format!("{command} not allowed while migrating"),
         Fault::MigrationRunning => "There's a migration process in progress".into(),
+        Fault::BadMigrationUri => "Parameter 'uri' expects a valid migration protocol".into(),
+        Fault::NoDeferredIncoming => "'-incoming' was not specified on the command line".into(),
         Fault::OpenFailed { path, reason } => format!("Could not open '{path}': {reason}"),
         Fault::WriteFailed { path, reason } => format!("Error writing '{path}': {reason}"),
         Fault::BadAddress {
