@@ -834,3 +834,40 @@ fn migration_mistakes_get_qemus_texts_and_start_nothing() {
     assert!(err.contains("truncated"), "{err}");
     assert_eq!(std::fs::read_to_string(&console).unwrap_or_default(), "");
 }
+
+/// The same operations over D-Bus: `MigrateIncoming` without `--incoming defer` is refused
+/// (InvalidState), and with it accepted; `Migrate` with a bad URI is InvalidArgs.
+#[test]
+fn migrate_and_migrate_incoming_over_dbus() {
+    use qomu_tests::dbus::{MACHINE, MACHINE_IFACE};
+    use std::collections::HashMap;
+    use zbus::Variant;
+    require_dbus!();
+    let dir = TempDir::new("mig-dbus");
+    let bus = SessionBus::start();
+    let q = bus.qomu(&["-S"]);
+    let c = bus.client();
+    let e = c.err(
+        MACHINE,
+        MACHINE_IFACE,
+        "MigrateIncoming",
+        &("unix:/tmp/nowhere",),
+    );
+    assert_eq!(e.name, "org.qomu.Error.InvalidState", "{e:?}");
+    let none: HashMap<&str, Variant<'_>> = HashMap::new();
+    let e = c.err(MACHINE, MACHINE_IFACE, "Migrate", &("bogus:x", none));
+    assert_eq!(e.name, "org.freedesktop.DBus.Error.InvalidArgs", "{e:?}");
+    drop(q);
+
+    let sock = dir.path("d.sock");
+    let q = bus.qomu(&["-S", "--incoming", "defer"]);
+    let mut qmp = q.session();
+    assert_eq!(status(&mut qmp), "inmigrate");
+    c.ok(
+        MACHINE,
+        MACHINE_IFACE,
+        "MigrateIncoming",
+        &(format!("unix:{}", sock.display()),),
+    );
+    assert!(sock.exists(), "listening there");
+}
