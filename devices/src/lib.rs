@@ -17,6 +17,7 @@
 //! | `pci-host` | PCI host bridge: root bus `pci.0`, ports 0xcf8/0xcfc, ECAM |
 //! | `virtio-rng-pci` | virtio entropy device (modern virtio-pci) |
 //! | `virtio-blk-pci` | virtio block device on a raw image file |
+//! | `virtio-net-pci` | virtio network card on a `tap` or `stream` netdev |
 //! | `pci-hotplug` | ACPI PCI hotplug controller (PCIU, PCID, B0EJ) |
 //!
 //! and the entropy backends `rng-builtin` and `rng-random` (user-creatable objects).
@@ -40,6 +41,13 @@ pub mod state;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, RangeInfo};
+
+/// Guest RAM as devices and the machine see it: vm-memory's mmap backend with an atomic
+/// dirty bitmap, so that every write a device makes through it (virtio rings, disk reads,
+/// received frames) is marked for a live migration, which KVM's dirty log cannot see
+/// (docs/migration.md). Writes that bypass it (a `preadv` into guest buffers) mark their
+/// ranges themselves.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
 pub use device::{DEVICE, USER_DEVICE};
 pub use error::{Error, Result};
 pub use interrupt::IrqLine;

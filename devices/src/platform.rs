@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, Weak};
 
-use vm_memory::GuestMemoryMmap;
+use crate::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::Bus;

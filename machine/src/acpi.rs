@@ -10,10 +10,11 @@ use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
+use devices::GuestMemoryMmap;
 use devices::pci::bus::{INTX_GSI_BASE, INTX_GSIS};
 use devices::pci::{self, hotplug, intx_gsi};
 use devices::{acpi_pm, ged};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::*;
 

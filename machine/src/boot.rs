@@ -7,11 +7,12 @@ use std::fs::File;
 use std::io::{Cursor, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+use devices::GuestMemoryMmap;
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::{self, KernelLoader, bzimage::BzImage, elf::Elf};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, ReadVolatile};
+use vm_memory::{Bytes, GuestAddress, ReadVolatile};
 
 use crate::layout::*;
 

@@ -6,8 +6,9 @@ use std::fs::File;
 use std::io::Write;
 use std::path::Path;
 
+use devices::GuestMemoryMmap;
 use qom::Value;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::error::{Error, Result};
 use crate::launch::Launched;

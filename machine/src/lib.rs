@@ -31,6 +31,7 @@ pub mod migration_uri;
 mod netdevs;
 mod peripherals;
 mod platform;
+mod precopy;
 mod qom_types;
 pub mod runstate;
 pub mod snapshot;

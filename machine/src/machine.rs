@@ -30,13 +30,13 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
+use devices::GuestMemoryMmap;
 use devices::ged::Ged;
 use devices::pci::PciBus;
 use devices::pci::hotplug::Hotplug;
 use devices::{Bus, IrqLine, MachineRequest, PlatformRef, ShutdownCause};
 use parking_lot::{Condvar, Mutex};
 use qom::{Notifier, ObjectRef, Tree, Value};
-use vm_memory::GuestMemoryMmap;
 
 use crate::config::MachineConfig;
 use crate::error::{Error, Result};
@@ -55,6 +55,7 @@ pub const MACHINE_TYPE: &str = "qomu-x86-machine";
 /// The `/machine` notifiers, QEMU's lifecycle events.
 pub(crate) struct Notifiers {
     pub(crate) migration: Notifier,
+    pub(crate) migration_pass: Notifier,
     pub(crate) stop: Notifier,
     pub(crate) resume: Notifier,
     pub(crate) reset: Notifier,
@@ -139,6 +140,7 @@ impl Machine {
                         shutdown: n.clone(),
                         powerdown: n.clone(),
                         migration: n.clone(),
+                        migration_pass: n.clone(),
                         device_deleted: n,
                     };
                     (tree, object, notifiers)
@@ -390,6 +392,7 @@ fn build_tree(weak: &Weak<Machine>) -> Result<(Tree, ObjectRef, Notifiers)> {
         shutdown: n("SHUTDOWN")?,
         powerdown: n("POWERDOWN")?,
         migration: n("MIGRATION")?,
+        migration_pass: n("MIGRATION_PASS")?,
         device_deleted: n("DEVICE_DELETED")?,
     };
     Ok((tree, object, notifiers))

@@ -22,6 +22,7 @@ use crate::launch::Launched;
 use crate::lifecycle::pause_all;
 use crate::machine::{Machine, State, empty};
 use crate::migration_uri::{self, Uri};
+use crate::precopy;
 use crate::runstate::RunState;
 use crate::snapshot::{self, Fingerprint, Reader, Writer};
 use crate::vm::{ChipState, VcpuState};
@@ -54,9 +55,17 @@ pub struct Info {
     pub total_ms: u64,
     /// How long the guest was stopped for it.
     pub downtime_ms: u64,
-    /// Bytes of the file, once written (or read): the whole file goes in one pass, so
-    /// they are both what was transferred and the total.
+    /// Bytes of the file, once written (or read), or of RAM pages sent so far in a live
+    /// migration.
     pub bytes: u64,
+    /// A live migration's figures (zero for a file): guest RAM, pages sent and skipped as
+    /// zero, what the last pass left dirty, passes made, and the downtime expected.
+    pub ram_total: u64,
+    pub normal_pages: u64,
+    pub zero_pages: u64,
+    pub remaining: u64,
+    pub passes: u64,
+    pub expected_downtime_ms: u64,
     pub error: Option<String>,
 }
 
@@ -69,19 +78,37 @@ impl Info {
         let mut fields = vec![("status", Value::Enum(status.name().to_owned()))];
         if matches!(status, Status::Active | Status::Completed) {
             let ms = self.total_ms.max(1);
+            let live = self.passes > 0;
+            let (total, normal, normal_bytes) = if live {
+                (self.ram_total, self.normal_pages, self.normal_pages * 4096)
+            } else {
+                (self.bytes, self.bytes / 4096, self.bytes)
+            };
+            // Every member of QEMU's MigrationStats (all are required there).
             let ram = Value::map([
                 ("transferred", Value::UInt(self.bytes)),
-                ("remaining", Value::UInt(0)),
-                ("total", Value::UInt(self.bytes)),
-                ("duplicate", Value::UInt(0)),
-                ("normal", Value::UInt(self.bytes / 4096)),
-                ("normal-bytes", Value::UInt(self.bytes)),
+                ("remaining", Value::UInt(self.remaining)),
+                ("total", Value::UInt(total)),
+                ("duplicate", Value::UInt(self.zero_pages)),
+                ("normal", Value::UInt(normal)),
+                ("normal-bytes", Value::UInt(normal_bytes)),
+                ("dirty-pages-rate", Value::UInt(0)),
                 ("page-size", Value::UInt(4096)),
-                ("dirty-sync-count", Value::UInt(1)),
+                ("dirty-sync-count", Value::UInt(self.passes.max(1))),
                 ("mbps", Value::UInt(self.bytes * 8 / 1000 / ms)),
+                ("postcopy-requests", Value::UInt(0)),
+                ("multifd-bytes", Value::UInt(0)),
+                ("pages-per-second", Value::UInt(normal * 1000 / ms)),
+                ("precopy-bytes", Value::UInt(self.bytes)),
+                ("downtime-bytes", Value::UInt(0)),
+                ("postcopy-bytes", Value::UInt(0)),
+                ("dirty-sync-missed-zero-copy", Value::UInt(0)),
             ]);
             fields.push(("ram", ram));
             fields.push(("setup-time", Value::UInt(self.setup_ms)));
+            if status == Status::Active && live {
+                fields.push(("expected-downtime", Value::UInt(self.expected_downtime_ms)));
+            }
         }
         if status == Status::Completed {
             fields.push(("total-time", Value::UInt(self.total_ms)));
@@ -93,6 +120,13 @@ impl Info {
         Value::map(fields)
     }
 }
+
+/// The downtime a live migration aims for (QEMU's default `downtime-limit`).
+const DOWNTIME_LIMIT_MS: f64 = 300.0;
+/// Passes before a live migration stops the guest whatever remains (a guest that writes
+/// faster than the stream carries would never converge; QEMU's auto-converge slows it
+/// instead, which qomu does not do).
+const MAX_PASSES: u32 = 30;
 
 /// A snapshot that does not fit or does not load, in a sentence.
 fn failed(e: impl std::fmt::Display) -> Error {
@@ -215,35 +249,33 @@ impl Machine {
             },
         };
         let _configuration = self.configuration.lock();
-        let mut st = self.state.lock();
-        let before = st.run;
         let setup_ms = started.elapsed().as_millis() as u64;
         self.set_migration(|i| {
             i.status = Some(Status::Active);
             i.setup_ms = setup_ms;
         });
-        let result = self.save_locked(&mut st, target, outgoing, started);
+        let result = match outgoing {
+            None => {
+                let mut st = self.state.lock();
+                let before = st.run;
+                let result = self.save_locked(&mut st, target, None, started);
+                self.finish_save(&mut st, before, result.is_ok());
+                result
+            }
+            Some(out) => self.save_live(target, out, started),
+        };
         match result {
             Ok((bytes, downtime_ms)) => {
-                let _ = self.transition(&mut st, RunState::Postmigrate);
-                drop(st);
                 self.set_migration(|i| {
                     i.status = Some(Status::Completed);
                     i.bytes = bytes;
+                    i.remaining = 0;
                     i.total_ms = started.elapsed().as_millis() as u64;
                     i.downtime_ms = downtime_ms;
                 });
             }
             Err(e) => {
                 tracing::warn!("migration to {target} failed: {e}");
-                if st.run == RunState::FinishMigrate {
-                    let _ = if before == RunState::Running {
-                        self.run_guest(&mut st)
-                    } else {
-                        self.transition(&mut st, before)
-                    };
-                }
-                drop(st);
                 self.set_migration(|i| {
                     i.status = Some(Status::Failed);
                     i.error = Some(e.to_string());
@@ -253,9 +285,182 @@ impl Machine {
         }
     }
 
+    /// After a save: `postmigrate` if it went well; else the guest back as it was before
+    /// (running again, or paused).
+    fn finish_save(&self, st: &mut State, before: RunState, ok: bool) {
+        if ok {
+            let _ = self.transition(st, RunState::Postmigrate);
+        } else if st.run == RunState::FinishMigrate {
+            let _ = if before == RunState::Running {
+                self.run_guest(st)
+            } else {
+                self.transition(st, before)
+            };
+        }
+    }
+
+    /// A live (pre-copy) migration to a stream: the config first, so the destination can
+    /// refuse before anything else comes; then RAM in passes while the guest runs, each
+    /// sending what the one before left dirty (KVM's log and the devices' bitmap), until
+    /// what remains would take less than the downtime limit at the last pass's rate; then
+    /// the guest stops for the rest and the device and vCPU state. Returns the bytes sent and
+    /// how long the guest was stopped.
+    fn save_live(
+        &self,
+        target: &Uri,
+        out: migration_uri::Outgoing,
+        started: Instant,
+    ) -> Result<(u64, u64)> {
+        let io = |source: std::io::Error| {
+            failed(format!(
+                "the destination stopped taking the stream: {source}"
+            ))
+        };
+        let (tracker, fingerprint) = {
+            let st = self.state.lock();
+            let l = st
+                .launched
+                .as_ref()
+                .ok_or_else(|| failed("the machine has no VM"))?;
+            let run_state = if st.run == RunState::Running {
+                "running"
+            } else {
+                "paused"
+            };
+            let objects = stateful_objects(&self.tree().root());
+            (l.vm.dirty_tracker(), self.fingerprint(&objects, run_state)?)
+        };
+        let mut child = out.child;
+        let mut back = out.back;
+        let mut w = Writer::stream(out.stream).map_err(io)?;
+        w.section("config", &[&json(&fingerprint)?]).map_err(io)?;
+        tracker.set_dirty_logging(true)?;
+        // Logging goes off whatever happens next.
+        struct LoggingOff<'a>(&'a crate::vm::DirtyTracker);
+        impl Drop for LoggingOff<'_> {
+            fn drop(&mut self) {
+                if let Err(e) = self.0.set_dirty_logging(false) {
+                    tracing::warn!("migration: dirty logging stays on: {e}");
+                }
+            }
+        }
+        let _off = LoggingOff(&tracker);
+        let ram_total = tracker.memory().iter().map(|r| r.len()).sum::<u64>();
+        let mut dirty: Option<Vec<Vec<u64>>> = None;
+        let mut pass = 1u32;
+        loop {
+            self.notifiers
+                .migration_pass
+                .emit_fields(|| [("pass", Value::UInt(pass.into()))]);
+            let t = Instant::now();
+            let sent =
+                precopy::send(&mut w, tracker.memory(), dirty.as_deref(), pass).map_err(io)?;
+            let ms = t.elapsed().as_secs_f64() * 1000.0;
+            let next = tracker.take_dirty()?;
+            let left = precopy::count(&next) * precopy::PAGE as u64;
+            // Bytes per ms the stream took in this pass.
+            let rate = (sent.bytes as f64 / ms.max(0.001)).max(1.0);
+            let expected = left as f64 / rate;
+            self.set_migration(|i| {
+                i.bytes += sent.bytes;
+                i.ram_total = ram_total;
+                i.normal_pages += sent.pages;
+                i.zero_pages += sent.zero_pages;
+                i.remaining = left;
+                i.passes = pass.into();
+                i.expected_downtime_ms = expected as u64;
+                i.total_ms = started.elapsed().as_millis() as u64;
+            });
+            dirty = Some(next);
+            if expected <= DOWNTIME_LIMIT_MS || pass >= MAX_PASSES {
+                break;
+            }
+            pass += 1;
+        }
+        let mut st = self.state.lock();
+        let before = st.run;
+        let result = self.switch_over(
+            &mut st,
+            w,
+            &tracker,
+            dirty,
+            pass + 1,
+            child.as_mut(),
+            back.as_mut(),
+            &io,
+        );
+        self.finish_save(&mut st, before, result.is_ok());
+        if result.is_ok() {
+            tracing::info!("migrated to {target} in {:?}", started.elapsed());
+        }
+        result
+    }
+
+    /// The end of a live migration: the guest stops, the last dirty pages and the state go,
+    /// and the destination has everything (an `exec:` command, once it exits well).
+    #[allow(clippy::too_many_arguments)]
+    fn switch_over(
+        &self,
+        st: &mut State,
+        mut w: Writer,
+        tracker: &crate::vm::DirtyTracker,
+        dirty: Option<Vec<Vec<u64>>>,
+        pass: u32,
+        child: Option<&mut std::process::Child>,
+        back: Option<&mut Box<dyn std::io::Read + Send>>,
+        io: &dyn Fn(std::io::Error) -> Error,
+    ) -> Result<(u64, u64)> {
+        let was_running = st.run == RunState::Running;
+        let stopped = Instant::now();
+        if was_running {
+            pause_all(st);
+        }
+        self.transition(st, RunState::FinishMigrate)?;
+        if was_running {
+            self.notifiers.stop.emit(empty);
+        }
+        self.pci.pause_io(true);
+        let mut rest = tracker.take_dirty()?;
+        if let Some(d) = &dirty {
+            precopy::merge(&mut rest, d);
+        }
+        let sent = precopy::send(&mut w, tracker.memory(), Some(&rest), pass).map_err(io)?;
+        self.set_migration(|i| {
+            i.bytes += sent.bytes;
+            i.normal_pages += sent.pages;
+            i.remaining = 0;
+        });
+        let l = st
+            .launched
+            .as_ref()
+            .ok_or_else(|| failed("the machine has no VM"))?;
+        self.write_device_state(l, &mut w, io)?;
+        let run_state = if was_running { "running" } else { "paused" };
+        w.section("run", &[run_state.as_bytes()]).map_err(io)?;
+        let bytes = w.finish().map_err(io)?;
+        if let Some(back) = back {
+            let mut word = [0u8; 8];
+            back.read_exact(&mut word).map_err(|e| {
+                failed(format!(
+                    "the destination did not confirm it loaded the stream: {e}"
+                ))
+            })?;
+            if &word != migration_uri::LOADED {
+                return Err(failed("the destination answered something else"));
+            }
+        }
+        if let Some(child) = child {
+            let status = child.wait().map_err(io)?;
+            if !status.success() {
+                return Err(failed(format!("the command ended with {status}")));
+            }
+        }
+        Ok((bytes, stopped.elapsed().as_millis() as u64))
+    }
+
     /// Stops the guest and writes the file (through a temporary name, renamed at the end, so
-    /// a failed save leaves no partial file and spares an older one), or the stream to the
-    /// destination. Returns the bytes written and how long the guest was stopped.
+    /// a failed save leaves no partial file and spares an older one). Returns the bytes
+    /// written and how long the guest was stopped.
     fn save_locked(
         &self,
         st: &mut State,
@@ -299,25 +504,8 @@ impl Machine {
                 }
                 written?
             }
-            (uri, Some(mut out)) => {
-                let io = |source: std::io::Error| {
-                    failed(format!(
-                        "the destination stopped taking the stream: {source}"
-                    ))
-                };
-                let sent = Writer::stream(out.stream)
-                    .map_err(io)
-                    .and_then(|w| self.write_sections(l, w, run_state, &io));
-                // exec: the command has all the stream once it ends well.
-                if let (Ok(_), Some(child)) = (&sent, out.child.as_mut()) {
-                    let status = child.wait().map_err(io)?;
-                    if !status.success() {
-                        return Err(failed(format!("{uri}: the command ended with {status}")));
-                    }
-                }
-                sent?
-            }
-            (uri, None) => return Err(failed(format!("{uri}: no stream"))),
+            // Streams go live (save_live).
+            (uri, _) => return Err(failed(format!("{uri}: not a file"))),
         };
         tracing::info!("saved {bytes} bytes to {target} in {:?}", started.elapsed());
         Ok((bytes, stopped.elapsed().as_millis() as u64))
@@ -334,26 +522,7 @@ impl Machine {
         let objects = stateful_objects(&self.tree().root());
         let fingerprint = self.fingerprint(&objects, run_state)?;
         w.section("config", &[&json(&fingerprint)?]).map_err(io)?;
-        for v in &l.vcpus {
-            let state =
-                l.vm.save_vcpu(&mut v.fd().lock())
-                    .map_err(|e| failed(format!("vCPU {}: {e}", v.index())))?;
-            w.section(&format!("cpu:{}", v.index()), &[&json(&state)?])
-                .map_err(io)?;
-        }
-        let mut chips = l.vm.save_chips()?;
-        // The clock as the guest stopped, not as it has counted on since.
-        if let Some(ns) = l.stopped_clock {
-            chips = chips.with_clock(ns);
-        }
-        w.section("chips", &[&json(&chips)?]).map_err(io)?;
-        for obj in objects {
-            for level in obj.class().state_hooks() {
-                let bytes = (level.save)(&obj)?;
-                let name = snapshot::state_section(obj.path(), &level.level, level.version);
-                w.section(&name, &[&bytes]).map_err(io)?;
-            }
-        }
+        self.write_device_state(l, &mut w, io)?;
         let memory = l.vm.memory();
         for region in memory.iter() {
             let start = region.start_addr();
@@ -367,6 +536,36 @@ impl Machine {
                 .map_err(io)?;
         }
         w.finish().map_err(io)
+    }
+
+    /// Writes the vCPUs', the chips' and every object's state (the guest is stopped).
+    fn write_device_state(
+        &self,
+        l: &Launched,
+        w: &mut Writer,
+        io: &dyn Fn(std::io::Error) -> Error,
+    ) -> Result<()> {
+        for v in &l.vcpus {
+            let state =
+                l.vm.save_vcpu(&mut v.fd().lock())
+                    .map_err(|e| failed(format!("vCPU {}: {e}", v.index())))?;
+            w.section(&format!("cpu:{}", v.index()), &[&json(&state)?])
+                .map_err(io)?;
+        }
+        let mut chips = l.vm.save_chips()?;
+        // The clock as the guest stopped, not as it has counted on since.
+        if let Some(ns) = l.stopped_clock {
+            chips = chips.with_clock(ns);
+        }
+        w.section("chips", &[&json(&chips)?]).map_err(io)?;
+        for obj in stateful_objects(&self.tree().root()) {
+            for level in obj.class().state_hooks() {
+                let bytes = (level.save)(&obj)?;
+                let name = snapshot::state_section(obj.path(), &level.level, level.version);
+                w.section(&name, &[&bytes]).map_err(io)?;
+            }
+        }
+        Ok(())
     }
 
     /// `--incoming URI`: `file:PATH` loads a snapshot into this machine, which must be in
@@ -388,7 +587,7 @@ impl Machine {
         self.give_the_demo_its_exit_port()?;
         let r = Reader::open(path)?;
         let name = path.display().to_string();
-        self.load_stream(r, &name, start)
+        self.load_stream(r, &name, start, None)
     }
 
     /// `--incoming defer`: the machine waits in `inmigrate` for `migrate-incoming`.
@@ -471,11 +670,11 @@ impl Machine {
         std::thread::Builder::new()
             .name("qomu-incoming".into())
             .spawn(move || {
-                let loaded = listening.accept().and_then(|(input, child)| {
+                let loaded = listening.accept().and_then(|accepted| {
                     drop(listening);
-                    let r = Reader::stream(&name, input)?;
-                    let loaded = machine.load_stream(r, &name, start);
-                    if let Some(mut child) = child {
+                    let r = Reader::stream(&name, accepted.stream)?;
+                    let loaded = machine.load_stream(r, &name, start, accepted.back);
+                    if let Some(mut child) = accepted.child {
                         let _ = child.wait();
                     }
                     loaded
@@ -494,8 +693,16 @@ impl Machine {
             })
     }
 
-    /// Checks a snapshot's `config` section against this machine, then loads the rest.
-    fn load_stream(&self, mut r: Reader, name: &str, start: bool) -> Result<()> {
+    /// Checks a snapshot's `config` section against this machine, then loads the rest;
+    /// with a way `back` to a source, says it has everything before the guest goes on
+    /// (the source keeps its VM until then).
+    fn load_stream(
+        &self,
+        mut r: Reader,
+        name: &str,
+        start: bool,
+        back: Option<Box<dyn std::io::Write + Send>>,
+    ) -> Result<()> {
         let (section, payload) = r.next("header")?;
         if section != "config" {
             return Err(r.unexpected(&section, "config").into());
@@ -533,8 +740,13 @@ impl Machine {
             result
         });
         let bytes = r.bytes_read();
+        let mut run_state = saved.run_state.clone();
         match loaded {
-            Ok(()) => {}
+            Ok(run) => {
+                if let Some(run) = run {
+                    run_state = run;
+                }
+            }
             Err(e) => {
                 let e = failed(format!("cannot restore '{name}': {e}"));
                 self.published.set_error(Some(&e.to_string()));
@@ -547,7 +759,18 @@ impl Machine {
                 return Err(e);
             }
         }
-        let run = start && saved.run_state == "running";
+        if let Some(mut back) = back {
+            let told = back
+                .write_all(migration_uri::LOADED)
+                .and_then(|()| back.flush());
+            if let Err(e) = told {
+                // The source may have given up meanwhile: this copy must not run too.
+                let e = failed(format!("cannot tell the source the stream arrived: {e}"));
+                let _ = self.transition(&mut st, RunState::InternalError);
+                return Err(e);
+            }
+        }
+        let run = start && run_state == "running";
         if run {
             self.run_guest(&mut st)?;
         } else {
@@ -567,7 +790,12 @@ impl Machine {
     /// The vCPUs' state (their TSCs among it) and kvmclock go in last, after the RAM: both
     /// count from the moment they are set, so the time the load takes would otherwise
     /// show in the guest's clocks.
-    fn load_sections(&self, l: &Launched, r: &mut Reader, here: &Fingerprint) -> Result<()> {
+    fn load_sections(
+        &self,
+        l: &Launched,
+        r: &mut Reader,
+        here: &Fingerprint,
+    ) -> Result<Option<String>> {
         let json_err = |name: &str, e: serde_json::Error| {
             failed(format!("section '{name}' does not parse: {e}"))
         };
@@ -586,6 +814,9 @@ impl Machine {
         let mut seen = std::collections::HashSet::new();
         let mut cpus = Vec::new();
         let mut chips = None;
+        // A live migration's stream: RAM in `pages:` passes, the run state at the switch.
+        let mut paged = false;
+        let mut run = None;
         let mut last = String::from("config");
         loop {
             let head = r.head(&last)?;
@@ -606,6 +837,14 @@ impl Machine {
                 let state: VcpuState =
                     serde_json::from_slice(&payload).map_err(|e| json_err(&name, e))?;
                 cpus.push((v, state));
+            } else if name.starts_with("pages:") {
+                let payload = r.payload(head)?;
+                precopy::load(memory, &payload)
+                    .map_err(|why| failed(format!("section '{name}': {why}")))?;
+                paged = true;
+            } else if name == "run" {
+                let payload = r.payload(head)?;
+                run = Some(String::from_utf8_lossy(&payload).into_owned());
             } else if name == "chips" {
                 let payload = r.payload(head)?;
                 let state: ChipState =
@@ -650,7 +889,11 @@ impl Machine {
             }
             last = name;
         }
-        if let Some(missing) = wanted.iter().find(|w| !seen.contains(*w)) {
+        if let Some(missing) = wanted
+            .iter()
+            .filter(|w| !(paged && w.starts_with("ram:")))
+            .find(|w| !seen.contains(*w))
+        {
             return Err(failed(format!("the file has no section '{missing}'")));
         }
         if r.remaining() != 0 {
@@ -666,7 +909,7 @@ impl Machine {
         if let Some(chips) = &chips {
             l.vm.load_chips(chips)?;
         }
-        Ok(())
+        Ok(run)
     }
 }
 

@@ -81,9 +81,15 @@ impl std::fmt::Display for Uri {
     }
 }
 
-/// Where a source writes: the stream, and a child to wait for (`exec:`).
+/// What a destination sends back on a two-way stream (unix, tcp) once it has loaded
+/// everything, before its guest runs: until it comes, the source keeps its VM.
+pub const LOADED: &[u8; 8] = b"QOMUDONE";
+
+/// Where a source writes: the stream, the way back for the destination's [`LOADED`] (a
+/// socket's other direction), and a child to wait for (`exec:`).
 pub struct Outgoing {
     pub stream: Box<dyn Write + Send>,
+    pub back: Option<Box<dyn Read + Send>>,
     pub child: Option<Child>,
 }
 
@@ -98,14 +104,19 @@ fn failed(what: String) -> Error {
 /// The peer cannot be reached (QEMU's `Failed to connect to '...': ...`), the command does
 /// not start, or the descriptor is not there.
 pub fn connect(uri: &Uri) -> Result<Outgoing> {
-    let stream: Box<dyn Write + Send> = match uri {
-        Uri::Unix(path) => Box::new(UnixStream::connect(path).map_err(|e| {
-            failed(format!(
-                "Failed to connect to '{}': {}",
-                path.display(),
-                reason(&e)
-            ))
-        })?),
+    let io = |e: std::io::Error| failed(format!("the migration socket: {}", reason(&e)));
+    let (stream, back): (Box<dyn Write + Send>, Option<Box<dyn Read + Send>>) = match uri {
+        Uri::Unix(path) => {
+            let s = UnixStream::connect(path).map_err(|e| {
+                failed(format!(
+                    "Failed to connect to '{}': {}",
+                    path.display(),
+                    reason(&e)
+                ))
+            })?;
+            let back = s.try_clone().map_err(io)?;
+            (Box::new(s), Some(Box::new(back)))
+        }
         Uri::Tcp { host, port } => {
             let addr = Uri::tcp_addr(host, *port);
             let s = addr
@@ -119,7 +130,8 @@ pub fn connect(uri: &Uri) -> Result<Outgoing> {
                     failed(format!("Failed to connect to '{addr}': {e}"))
                 })?;
             let _ = s.set_nodelay(true);
-            Box::new(s)
+            let back = s.try_clone().map_err(io)?;
+            (Box::new(s), Some(Box::new(back)))
         }
         Uri::Exec(cmd) => {
             let mut child = Command::new("sh")
@@ -133,16 +145,26 @@ pub fn connect(uri: &Uri) -> Result<Outgoing> {
                 .ok_or_else(|| failed(format!("'{cmd}' has no stdin")))?;
             return Ok(Outgoing {
                 stream: Box::new(stdin),
+                back: None,
                 child: Some(child),
             });
         }
-        Uri::Fd(token) => Box::new(std::fs::File::from(take_fd(token)?)),
+        // A descriptor's kind is the client's: a one-way pipe or file has no way back.
+        Uri::Fd(token) => (Box::new(std::fs::File::from(take_fd(token)?)), None),
         Uri::File(_) => unreachable!("files are written by the snapshot path"),
     };
     Ok(Outgoing {
         stream,
+        back,
         child: None,
     })
+}
+
+/// What a destination reads, and its way back to the source (unix, tcp).
+pub struct Accepted {
+    pub stream: Box<dyn Read + Send>,
+    pub back: Option<Box<dyn Write + Send>>,
+    pub child: Option<Child>,
 }
 
 /// A destination's listener, before the source connects.
@@ -202,11 +224,27 @@ impl Listening {
     ///
     /// # Errors
     /// The accept or the command fails.
-    pub fn accept(&self) -> Result<(Box<dyn Read + Send>, Option<Child>)> {
+    pub fn accept(&self) -> Result<Accepted> {
         let io = |e: std::io::Error| failed(format!("incoming migration: {}", reason(&e)));
         Ok(match self {
-            Listening::Unix(l, _) => (Box::new(l.accept().map_err(io)?.0), None),
-            Listening::Tcp(l) => (Box::new(l.accept().map_err(io)?.0), None),
+            Listening::Unix(l, _) => {
+                let s = l.accept().map_err(io)?.0;
+                let back = s.try_clone().map_err(io)?;
+                Accepted {
+                    stream: Box::new(s),
+                    back: Some(Box::new(back)),
+                    child: None,
+                }
+            }
+            Listening::Tcp(l) => {
+                let s = l.accept().map_err(io)?.0;
+                let back = s.try_clone().map_err(io)?;
+                Accepted {
+                    stream: Box::new(s),
+                    back: Some(Box::new(back)),
+                    child: None,
+                }
+            }
             Listening::Exec(cmd) => {
                 let mut child = Command::new("sh")
                     .args(["-c", cmd])
@@ -217,12 +255,17 @@ impl Listening {
                     .stdout
                     .take()
                     .ok_or_else(|| failed(format!("'{cmd}' has no stdout")))?;
-                (Box::new(out), Some(child))
+                Accepted {
+                    stream: Box::new(out),
+                    back: None,
+                    child: Some(child),
+                }
             }
-            Listening::Fd(fd) => (
-                Box::new(std::fs::File::from(fd.try_clone().map_err(io)?)),
-                None,
-            ),
+            Listening::Fd(fd) => Accepted {
+                stream: Box::new(std::fs::File::from(fd.try_clone().map_err(io)?)),
+                back: None,
+                child: None,
+            },
         })
     }
 }

@@ -5,11 +5,11 @@
 
 use std::sync::Arc;
 
+use devices::GuestMemoryMmap;
 use devices::ged::Ged;
 use devices::pci::PciBus;
 use devices::pci::hotplug::Hotplug;
 use devices::{Bus, IrqLine, MachineRequest, Platform};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::layout::IOAPIC_PINS;

@@ -181,6 +181,16 @@ pub(crate) fn register(builder: &TreeBuilder, weak: &Weak<Machine>) -> Result<()
         )
         .notifier(
             NotifierDecl::new(
+                "MIGRATION_PASS",
+                Kind::structure(
+                    "MigrationPass",
+                    vec![Field::new("pass", Kind::uint64(), "The pass that starts, from 1")],
+                ),
+            )
+            .description("A live migration starts a pass over the guest's RAM (QEMU's MIGRATION_PASS)"),
+        )
+        .notifier(
+            NotifierDecl::new(
                 "NIC_RX_FILTER_CHANGED",
                 Kind::structure(
                     "NicRxFilterChanged",

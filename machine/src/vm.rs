@@ -4,13 +4,14 @@
 
 use std::sync::Arc;
 
+use devices::GuestMemoryMmap;
 use devices::IrqLine;
 use devices::pci::{IrqChip, MsiChip};
 use kvm_bindings::{
     CpuId, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_IRQCHIP_IOAPIC,
-    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE,
-    KVM_MP_STATE_UNINITIALIZED, KVM_PIT_SPEAKER_DUMMY, KvmIrqRouting, Msrs, kvm_fpu,
-    kvm_irq_routing_entry, kvm_irq_routing_irqchip, kvm_irq_routing_msi, kvm_irqchip,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED, KVM_PIT_SPEAKER_DUMMY, KvmIrqRouting, Msrs,
+    kvm_fpu, kvm_irq_routing_entry, kvm_irq_routing_irqchip, kvm_irq_routing_msi, kvm_irqchip,
     kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_config, kvm_pit_state2, kvm_regs,
     kvm_userspace_memory_region, kvm_vcpu_events,
 };
@@ -18,7 +19,7 @@ use kvm_bindings::{
     KVM_MAX_MSR_ENTRIES, Xsave, kvm_clock_data, kvm_debugregs, kvm_sregs, kvm_xcrs, kvm_xsave,
 };
 use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuFd, VmFd};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootEntry};
@@ -254,6 +255,15 @@ impl Vm {
 
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.memory
+    }
+
+    /// What a live migration needs of the VM, usable without the machine lock.
+    pub fn dirty_tracker(&self) -> DirtyTracker {
+        DirtyTracker {
+            fd: self.fd.clone(),
+            memory: self.memory.clone(),
+            ram_size: self.ram_size,
+        }
     }
 
     pub fn ram_size(&self) -> u64 {
@@ -650,5 +660,75 @@ fn set_lvt(lapic: &mut kvm_lapic_state, offset: usize, mode: u32) {
     let value = (u32::from_le_bytes(raw) & !0x700) | (mode << 8);
     for (i, b) in value.to_le_bytes().iter().enumerate() {
         lapic.regs[offset + i] = *b as _;
+    }
+}
+
+/// KVM's dirty log of a VM's RAM slots and the devices' dirty bitmap, for a live
+/// migration's passes.
+pub struct DirtyTracker {
+    fd: Arc<VmFd>,
+    memory: GuestMemoryMmap,
+    ram_size: u64,
+}
+
+impl DirtyTracker {
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    /// Registers every RAM slot again with KVM's dirty logging on or off (the flags alone
+    /// change; KVM splits huge pages while it logs, so it is on only for a migration).
+    /// Turning it on also clears the devices' dirty bitmap: from now on both say what
+    /// changed.
+    ///
+    /// # Errors
+    /// KVM refuses a slot (the ones before it stay as they are now).
+    pub fn set_dirty_logging(&self, on: bool) -> Result<(), VmError> {
+        for (slot, region) in self.memory.iter().enumerate() {
+            let host = self
+                .memory
+                .get_host_address(region.start_addr())
+                .map_err(|e| VmError::Memory {
+                    size: self.ram_size,
+                    reason: e.to_string(),
+                })?;
+            let mr = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+                flags: if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+            };
+            // SAFETY: the same slot, mapping and size as registered at creation; only the
+            // flags change.
+            unsafe { self.fd.set_user_memory_region(mr) }
+                .map_err(kvm_err("change dirty logging"))?;
+            if on {
+                (**region).bitmap().reset();
+            }
+        }
+        Ok(())
+    }
+
+    /// The pages written since the last call (or since logging went on), per RAM region in
+    /// order: KVM's log of the vCPUs' writes ORed with the devices' bitmap, one bit per
+    /// 4 KiB page; both are reset.
+    ///
+    /// # Errors
+    /// KVM refuses the log.
+    pub fn take_dirty(&self) -> Result<Vec<Vec<u64>>, VmError> {
+        let mut out = Vec::new();
+        for (slot, region) in self.memory.iter().enumerate() {
+            let mut bits = self
+                .fd
+                .get_dirty_log(slot as u32, region.len() as usize)
+                .map_err(kvm_err("read the dirty log"))?;
+            let devices = (**region).bitmap().get_and_reset();
+            for (b, d) in bits.iter_mut().zip(devices) {
+                *b |= d;
+            }
+            out.push(bits);
+        }
+        Ok(out)
     }
 }

@@ -85,8 +85,12 @@ fn bare_pio_rate() -> f64 {
     })
     .expect("pit");
     let size = 256u64 << 20;
-    let mem =
-        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size as usize)]).expect("memory");
+    // Guest RAM as the machine makes it: with the dirty bitmap (devices::GuestMemoryMmap).
+    let mem = GuestMemoryMmap::<vm_memory::bitmap::AtomicBitmap>::from_ranges(&[(
+        GuestAddress(0),
+        size as usize,
+    )])
+    .expect("memory");
     let region = mem.iter().next().expect("region");
     let host = mem
         .get_host_address(region.start_addr())

@@ -396,13 +396,30 @@ fn bad_migrate_requests_are_refused_and_the_guest_keeps_running() {
     c.cmd(r#"{"execute": "cont"}"#);
     wait_console(&console, "counter: start");
     for (uri, want) in [
-        ("tcp:localhost:4444", "qomu saves to files only"),
-        ("nonsense", "Invalid migration URI"),
+        (
+            "rdma:localhost:4444",
+            "Parameter 'uri' expects a valid migration protocol",
+        ),
+        (
+            "nonsense",
+            "Parameter 'uri' expects a valid migration protocol",
+        ),
         ("file:", "needs a path"),
     ] {
         let r = c.cmd(&json!({"execute": "migrate", "arguments": {"uri": uri}}).to_string());
         assert!(desc(&r).contains(want), "{uri}: {r}");
     }
+    // Nobody listens there: accepted, then failed, as QEMU's; the guest runs on.
+    let info = migrate_to(&mut c, &format!("tcp:127.0.0.1:{}", free_port()));
+    assert_eq!(info["status"], "failed", "{info}");
+    assert!(
+        info["error-desc"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("Failed to connect to '127.0.0.1:")
+                && e.ends_with("Connection refused")),
+        "{info}"
+    );
+    assert_eq!(status(&mut c), "running");
     let r = c.cmd(r#"{"execute": "migrate", "arguments": {"uri": 5}}"#);
     assert_eq!(r["error"]["class"], "GenericError", "{r}");
     // A file that cannot be written: the save fails, the guest runs on, nothing is left.
@@ -734,10 +751,13 @@ fn a_failed_migration_leaves_the_source_running_and_a_second_one_succeeds() {
     let info = migrate_to(&mut c, &format!("unix:{}", sock.display()));
     peer.join().unwrap();
     assert_eq!(info["status"], "failed", "{info}");
+    // Depending on how much the socket's buffer took before the peer went: the writes
+    // failed, or the destination's word that it loaded everything never came.
     assert!(
         info["error-desc"]
             .as_str()
-            .is_some_and(|e| e.contains("the destination stopped taking the stream")),
+            .is_some_and(|e| e.contains("the destination stopped taking the stream")
+                || e.contains("the destination did not confirm it loaded the stream")),
         "{info}"
     );
     assert_eq!(status(&mut c), "running");

@@ -22,7 +22,7 @@ pub const QEMU_VERSION: (u64, u64, u64) = (10, 1, 0);
 /// `/machine` with the same names. MIGRATION goes out whether or not a client turned on
 /// QEMU's `events` migration capability (qomu has no capabilities to set; QMP clients
 /// ignore events they do not know).
-pub const LIFECYCLE_EVENTS: [&str; 10] = [
+pub const LIFECYCLE_EVENTS: [&str; 11] = [
     "STOP",
     "RESUME",
     "RESET",
@@ -30,6 +30,7 @@ pub const LIFECYCLE_EVENTS: [&str; 10] = [
     "POWERDOWN",
     "DEVICE_DELETED",
     "MIGRATION",
+    "MIGRATION_PASS",
     "NETDEV_STREAM_CONNECTED",
     "NETDEV_STREAM_DISCONNECTED",
     "NIC_RX_FILTER_CHANGED",

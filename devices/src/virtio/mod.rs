@@ -28,6 +28,7 @@ pub mod state;
 pub mod transport;
 pub mod worker;
 
+use crate::GuestMemoryMmap;
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
@@ -35,7 +36,6 @@ use virtio_bindings::virtio_config::{
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::DescriptorChain;
-use vm_memory::GuestMemoryMmap;
 
 pub use self::pci::{VirtioEvents, VirtioPci};
 pub(crate) use self::qom::base_type;

@@ -8,7 +8,7 @@ use std::os::unix::fs::FileExt;
 use super::request::{DataSlice, Disk, SECTOR};
 
 /// Which way a vectored transfer goes.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Direction {
     /// File to guest memory: `preadv`.
     Read,
@@ -124,6 +124,9 @@ impl RawImage {
                     }
                 }
             };
+            if n > 0 && direction == Direction::Read {
+                mark_dirty(bufs, at - offset, n as u64);
+            }
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -162,9 +165,30 @@ impl RawImage {
     }
 }
 
+/// Marks `len` bytes from byte `from` of `bufs` (taken one after the other) as written,
+/// in guest memory's dirty bitmap: the host wrote them behind vm-memory's back.
+fn mark_dirty(bufs: &[DataSlice<'_>], from: u64, len: u64) {
+    use vm_memory::bitmap::Bitmap;
+    let (mut skip, mut left) = (from as usize, len as usize);
+    for buf in bufs {
+        if left == 0 {
+            break;
+        }
+        if skip >= buf.len() {
+            skip -= buf.len();
+            continue;
+        }
+        let n = (buf.len() - skip).min(left);
+        buf.bitmap().mark_dirty(skip, n);
+        left -= n;
+        skip = 0;
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+    use crate::GuestMemoryMmap;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
     use super::*;
 

@@ -16,20 +16,24 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, VolatileSlice};
 
+use crate::GuestMemoryMmap;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_queue::DescriptorChain;
-use virtio_queue::{Reader, Writer};
-use vm_memory::GuestMemoryMmap;
 
 /// Bytes per sector, in requests and in the capacity.
 pub const SECTOR: u64 = 512;
 /// The longest serial the get-id request returns.
 pub const SERIAL_MAX: usize = VIRTIO_BLK_ID_BYTES as usize;
-/// A piece of a request's data in guest memory.
-pub type DataSlice<'m> = VolatileSlice<'m, ()>;
+/// A piece of a request's data in guest memory (with the dirty bitmap's slice: a disk
+/// read marks what it writes).
+pub type DataSlice<'m> = VolatileSlice<'m, Ram<'m>>;
+/// The chain's reader and writer over guest memory.
+type Ram<'m> = vm_memory::bitmap::BS<'m, vm_memory::bitmap::AtomicBitmap>;
+type ChainReader<'m> = virtio_queue::Reader<'m, Ram<'m>>;
+type ChainWriter<'m> = virtio_queue::Writer<'m, Ram<'m>>;
 
 /// What a request asks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -314,7 +318,7 @@ impl<'m> Data<'_, 'm> {
 ///
 /// # Errors
 /// Fewer than 16 readable bytes.
-pub fn parse(reader: &mut Reader<'_>) -> Result<Request, RequestError> {
+pub fn parse(reader: &mut ChainReader<'_>) -> Result<Request, RequestError> {
     let mut header = [0u8; 16];
     reader
         .read_exact(&mut header)
@@ -337,7 +341,7 @@ pub fn parse(reader: &mut Reader<'_>) -> Result<Request, RequestError> {
 pub fn execute(
     request: Request,
     data: &Data<'_, '_>,
-    writer: &mut Writer<'_>,
+    writer: &mut ChainWriter<'_>,
     disk: &dyn Disk,
     serial: &[u8],
     stats: &BlkStats,

@@ -22,6 +22,7 @@ mod qom;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::GuestMemoryMmap;
 use parking_lot::Mutex;
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{
@@ -33,7 +34,7 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_S_LINK_UP,
 };
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::Bytes;
 
 use self::filter::{Mac, Outcome, RxFilter};
 pub(crate) use self::qom::register;

@@ -10,9 +10,9 @@ mod qom;
 use std::io::Write;
 use std::sync::Arc;
 
+use crate::GuestMemoryMmap;
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 use virtio_queue::DescriptorChain;
-use vm_memory::GuestMemoryMmap;
 
 pub use self::qom::TYPE;
 pub(crate) use self::qom::register;
