@@ -98,6 +98,12 @@ pub enum Error {
     BadUri { uri: String },
     #[error("this qomu was not started with --incoming defer")]
     NotDeferred,
+    #[error("downtime-limit takes 0 to 2000000 ms")]
+    DowntimeLimit,
+    #[error("there is no migration capability '{name}'")]
+    UnknownCapability { name: String },
+    #[error("qomu does not do the migration capability '{name}'; only 'events' can be set")]
+    UnsupportedCapability { name: String },
     #[error("the incoming migration has been started already")]
     IncomingStarted,
     #[error("file: needs a path (file:PATH)")]
@@ -173,6 +179,11 @@ impl Error {
             Error::MigrationRunning => Fault::MigrationRunning,
             Error::BadUri { .. } => Fault::BadMigrationUri,
             Error::NotDeferred => Fault::NoDeferredIncoming,
+            Error::DowntimeLimit => Fault::DowntimeLimit,
+            Error::UnknownCapability { name } => Fault::NotAnEnumValue {
+                parameter: "capability".into(),
+                value: name.clone(),
+            },
             Error::BadAddress { addr, size } => Fault::BadAddress {
                 addr: *addr,
                 size: *size,

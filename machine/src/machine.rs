@@ -107,6 +107,12 @@ pub struct Machine {
     /// `--incoming defer`: waiting for `migrate-incoming` (whether the guest then runs), or
     /// `Some(None)` once it came.
     pub(crate) deferred_incoming: Mutex<Option<Option<bool>>>,
+    /// `migrate-set-parameters`' values.
+    pub(crate) migration_params: Mutex<crate::migration::Params>,
+    /// The `events` migration capability, as a client set it.
+    pub(crate) events_capability: std::sync::atomic::AtomicBool,
+    /// `migrate_cancel` asked the migration under way to stop.
+    pub(crate) cancel_migration: std::sync::atomic::AtomicBool,
 }
 
 impl Machine {
@@ -172,6 +178,9 @@ impl Machine {
                 configuration: Mutex::new(()),
                 anon_devices: AtomicU64::new(0),
                 deferred_incoming: Mutex::new(None),
+                migration_params: Mutex::new(crate::migration::Params::default()),
+                events_capability: std::sync::atomic::AtomicBool::new(false),
+                cancel_migration: std::sync::atomic::AtomicBool::new(false),
             }
         });
         if let Some(e) = failure {

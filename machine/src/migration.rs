@@ -34,6 +34,8 @@ pub enum Status {
     Active,
     Completed,
     Failed,
+    Cancelling,
+    Cancelled,
 }
 
 impl Status {
@@ -43,6 +45,8 @@ impl Status {
             Status::Active => "active",
             Status::Completed => "completed",
             Status::Failed => "failed",
+            Status::Cancelling => "cancelling",
+            Status::Cancelled => "cancelled",
         }
     }
 }
@@ -121,8 +125,52 @@ impl Info {
     }
 }
 
-/// The downtime a live migration aims for (QEMU's default `downtime-limit`).
-const DOWNTIME_LIMIT_MS: f64 = 300.0;
+/// What `migrate-set-parameters` sets, with QEMU's defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Params {
+    /// The downtime a live migration aims for, ms (QEMU's `downtime-limit`, 300).
+    pub downtime_limit_ms: u64,
+    /// Bytes per second a migration may send (QEMU's `max-bandwidth`, 128 MiB/s).
+    pub max_bandwidth: u64,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params {
+            downtime_limit_ms: 300,
+            max_bandwidth: 128 << 20,
+        }
+    }
+}
+
+/// The largest `downtime-limit` QEMU takes: 2000 s.
+pub const MAX_DOWNTIME_LIMIT_MS: u64 = 2000 * 1000;
+
+/// QEMU's migration capabilities, all off by default; qomu does `events` (and sends its
+/// events whatever it says, as it always has), and refuses to turn the others on.
+pub const CAPABILITIES: &[&str] = &[
+    "xbzrle",
+    "rdma-pin-all",
+    "auto-converge",
+    "zero-blocks",
+    "compress",
+    "events",
+    "postcopy-ram",
+    "x-colo",
+    "release-ram",
+    "block",
+    "return-path",
+    "pause-before-switchover",
+    "multifd",
+    "dirty-bitmaps",
+    "postcopy-blocktime",
+    "late-block-activate",
+    "x-ignore-shared",
+    "validate-uuid",
+    "background-snapshot",
+    "zero-copy-send",
+    "postcopy-preempt",
+];
 /// Passes before a live migration stops the guest whatever remains (a guest that writes
 /// faster than the stream carries would never converge; QEMU's auto-converge slows it
 /// instead, which qomu does not do).
@@ -188,7 +236,7 @@ impl Machine {
     pub(crate) fn migration_running(&self) -> bool {
         matches!(
             self.migration.lock().status,
-            Some(Status::Setup | Status::Active)
+            Some(Status::Setup | Status::Active | Status::Cancelling)
         )
     }
 
@@ -212,6 +260,8 @@ impl Machine {
             }
             *info = Info::default();
         }
+        self.cancel_migration
+            .store(false, std::sync::atomic::Ordering::Release);
         self.set_migration(|i| i.status = Some(Status::Setup));
         let machine = self.clone();
         std::thread::Builder::new()
@@ -274,6 +324,17 @@ impl Machine {
                     i.downtime_ms = downtime_ms;
                 });
             }
+            Err(e)
+                if self
+                    .cancel_migration
+                    .load(std::sync::atomic::Ordering::Acquire) =>
+            {
+                tracing::info!("migration to {target} cancelled: {e}");
+                self.set_migration(|i| {
+                    i.status = Some(Status::Cancelled);
+                    i.total_ms = started.elapsed().as_millis() as u64;
+                });
+            }
             Err(e) => {
                 tracing::warn!("migration to {target} failed: {e}");
                 self.set_migration(|i| {
@@ -283,6 +344,22 @@ impl Machine {
                 });
             }
         }
+    }
+
+    /// `migrate_cancel`: a migration under way stops at its next section, the guest goes on
+    /// as it was (statuses `cancelling`, then `cancelled`); with none, nothing happens (as
+    /// QEMU's, it succeeds). Once the guest has stopped for the last copy, that finishes.
+    pub fn migrate_cancel(&self) {
+        if !self.migration_running() {
+            return;
+        }
+        self.cancel_migration
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.set_migration(|i| {
+            if matches!(i.status, Some(Status::Setup | Status::Active)) {
+                i.status = Some(Status::Cancelling);
+            }
+        });
     }
 
     /// After a save: `postmigrate` if it went well; else the guest back as it was before
@@ -353,8 +430,16 @@ impl Machine {
                 .migration_pass
                 .emit_fields(|| [("pass", Value::UInt(pass.into()))]);
             let t = Instant::now();
-            let sent =
-                precopy::send(&mut w, tracker.memory(), dirty.as_deref(), pass).map_err(io)?;
+            let bandwidth = self.migration_params.lock().max_bandwidth;
+            let sent = precopy::send(
+                &mut w,
+                tracker.memory(),
+                dirty.as_deref(),
+                pass,
+                bandwidth,
+                &self.cancel_migration,
+            )
+            .map_err(io)?;
             let ms = t.elapsed().as_secs_f64() * 1000.0;
             let next = tracker.take_dirty()?;
             let left = precopy::count(&next) * precopy::PAGE as u64;
@@ -372,7 +457,14 @@ impl Machine {
                 i.total_ms = started.elapsed().as_millis() as u64;
             });
             dirty = Some(next);
-            if expected <= DOWNTIME_LIMIT_MS || pass >= MAX_PASSES {
+            if self
+                .cancel_migration
+                .load(std::sync::atomic::Ordering::Acquire)
+            {
+                return Err(failed(precopy::CANCELLED));
+            }
+            let limit = self.migration_params.lock().downtime_limit_ms as f64;
+            if expected <= limit || pass >= MAX_PASSES {
                 break;
             }
             pass += 1;
@@ -424,7 +516,16 @@ impl Machine {
         if let Some(d) = &dirty {
             precopy::merge(&mut rest, d);
         }
-        let sent = precopy::send(&mut w, tracker.memory(), Some(&rest), pass).map_err(io)?;
+        // The guest is stopped: as fast as the stream goes (QEMU too lifts the limit here).
+        let sent = precopy::send(
+            &mut w,
+            tracker.memory(),
+            Some(&rest),
+            pass,
+            u64::MAX,
+            &Default::default(),
+        )
+        .map_err(io)?;
         self.set_migration(|i| {
             i.bytes += sent.bytes;
             i.normal_pages += sent.pages;
@@ -588,6 +689,78 @@ impl Machine {
         let r = Reader::open(path)?;
         let name = path.display().to_string();
         self.load_stream(r, &name, start, None)
+    }
+
+    /// `query-migrate-parameters`.
+    pub fn migration_parameters(&self) -> Value {
+        let p = *self.migration_params.lock();
+        Value::map([
+            ("downtime-limit", Value::UInt(p.downtime_limit_ms)),
+            ("max-bandwidth", Value::UInt(p.max_bandwidth)),
+        ])
+    }
+
+    /// `migrate-set-parameters`: the ones given change, for the next pass of a migration
+    /// under way too.
+    ///
+    /// # Errors
+    /// A `downtime-limit` past 2000 s (QEMU's text); nothing changes then.
+    pub fn set_migration_parameters(
+        &self,
+        downtime_limit_ms: Option<u64>,
+        max_bandwidth: Option<u64>,
+    ) -> Result<()> {
+        if downtime_limit_ms.is_some_and(|d| d > MAX_DOWNTIME_LIMIT_MS) {
+            return Err(Error::DowntimeLimit);
+        }
+        let mut p = self.migration_params.lock();
+        if let Some(d) = downtime_limit_ms {
+            p.downtime_limit_ms = d;
+        }
+        if let Some(b) = max_bandwidth {
+            p.max_bandwidth = b;
+        }
+        Ok(())
+    }
+
+    /// `query-migrate-capabilities`: QEMU's list, `events` on once a client set it.
+    pub fn migration_capabilities(&self) -> Value {
+        let events = self
+            .events_capability
+            .load(std::sync::atomic::Ordering::Acquire);
+        Value::List(
+            CAPABILITIES
+                .iter()
+                .map(|c| {
+                    Value::map([
+                        ("capability", Value::Str((*c).to_owned())),
+                        ("state", Value::Bool(*c == "events" && events)),
+                    ])
+                })
+                .collect(),
+        )
+    }
+
+    /// `migrate-set-capabilities`: `events` only; checked whole before anything changes.
+    ///
+    /// # Errors
+    /// An unknown capability (QEMU's text), or one qomu does not do turned on.
+    pub fn set_migration_capabilities(&self, caps: &[(String, bool)]) -> Result<()> {
+        for (name, on) in caps {
+            if !CAPABILITIES.contains(&name.as_str()) {
+                return Err(Error::UnknownCapability { name: name.clone() });
+            }
+            if *on && name != "events" {
+                return Err(Error::UnsupportedCapability { name: name.clone() });
+            }
+        }
+        for (name, on) in caps {
+            if name == "events" {
+                self.events_capability
+                    .store(*on, std::sync::atomic::Ordering::Release);
+            }
+        }
+        Ok(())
     }
 
     /// `--incoming defer`: the machine waits in `inmigrate` for `migrate-incoming`.

@@ -12,6 +12,8 @@ use crate::snapshot::Writer;
 use devices::GuestMemoryMmap;
 
 pub const PAGE: usize = 4096;
+/// The error a pass ends with when `migrate_cancel` asked it to.
+pub const CANCELLED: &str = "the migration was cancelled";
 /// Bytes of pages per section (a section is checked whole at the destination).
 const SECTION_BYTES: usize = 4 << 20;
 
@@ -53,6 +55,10 @@ struct Sections<'w> {
     buf: Vec<u8>,
     /// Where the open run's header is in `buf`, its first page and its page count.
     run: Option<(usize, u64, u32)>,
+    started: std::time::Instant,
+    sent: u64,
+    bandwidth: u64,
+    cancel: &'w std::sync::atomic::AtomicBool,
 }
 
 impl Sections<'_> {
@@ -87,14 +93,30 @@ impl Sections<'_> {
         }
         let name = format!("pages:{}:{}", self.pass, self.index);
         self.index += 1;
+        if self.cancel.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Interrupted,
+                CANCELLED,
+            ));
+        }
         self.w.section(&name, &[&self.buf])?;
+        self.sent += self.buf.len() as u64;
         self.buf.clear();
+        // Ahead of the bandwidth allowed: wait until the average comes down to it.
+        if self.bandwidth != u64::MAX && self.bandwidth > 0 {
+            let due = std::time::Duration::from_secs_f64(self.sent as f64 / self.bandwidth as f64);
+            if let Some(wait) = due.checked_sub(self.started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
         Ok(())
     }
 }
 
 /// Sends pass `pass` of `memory`'s pages: every non-zero page when `dirty` is None (the
-/// first pass), else every page `dirty` marks.
+/// first pass), else every page `dirty` marks; at most `bandwidth` bytes a second
+/// (QEMU's `max-bandwidth`), waiting between sections when ahead; `cancel` stops it
+/// between sections.
 ///
 /// # Errors
 /// A write fails.
@@ -103,6 +125,8 @@ pub fn send(
     memory: &GuestMemoryMmap,
     dirty: Option<&[Vec<u64>]>,
     pass: u32,
+    bandwidth: u64,
+    cancel: &std::sync::atomic::AtomicBool,
 ) -> std::io::Result<Sent> {
     let mut out = Sections {
         w,
@@ -110,6 +134,10 @@ pub fn send(
         index: 0,
         buf: Vec::with_capacity(SECTION_BYTES + PAGE + 12),
         run: None,
+        started: std::time::Instant::now(),
+        sent: 0,
+        bandwidth,
+        cancel,
     };
     let mut sent = Sent::default();
     let mut page = vec![0u8; PAGE];
@@ -218,13 +246,13 @@ mod tests {
             .unwrap();
         vm_memory::Bytes::write_slice(&src, &[9u8; 10], GuestAddress((1 << 20) + 5)).unwrap();
         let (mut w, buf) = writer();
-        let sent = send(&mut w, &src, None, 1).unwrap();
+        let sent = send(&mut w, &src, None, 1, u64::MAX, &Default::default()).unwrap();
         assert_eq!((sent.pages, sent.zero_pages), (4, 76));
         // Page 4 changes and page 10 becomes written, then zero again: both go, as marked.
         vm_memory::Bytes::write_slice(&src, &[1u8; PAGE], GuestAddress(4 * PAGE as u64)).unwrap();
         let mut dirty = vec![vec![0u64; 1], vec![0u64; 1]];
         dirty[0][0] = (1 << 4) | (1 << 10);
-        let sent = send(&mut w, &src, Some(&dirty), 2).unwrap();
+        let sent = send(&mut w, &src, Some(&dirty), 2, u64::MAX, &Default::default()).unwrap();
         assert_eq!((sent.pages, sent.zero_pages), (2, 0));
         w.finish().unwrap();
         let dst = memory();

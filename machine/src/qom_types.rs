@@ -212,7 +212,7 @@ pub(crate) fn register(builder: &TreeBuilder, weak: &Weak<Machine>) -> Result<()
                     "Migration",
                     vec![Field::new(
                         "status",
-                        Kind::enumeration("MigrationStatus", &["setup", "active", "completed", "failed"]),
+                        Kind::enumeration("MigrationStatus", &["setup", "active", "completed", "failed", "cancelling", "cancelled"]),
                         "The migration's new status",
                     )],
                 ),
@@ -232,6 +232,54 @@ pub(crate) fn register(builder: &TreeBuilder, weak: &Weak<Machine>) -> Result<()
             .arg(Field::optional("detach", Kind::Bool, "Ignored, as in QEMU (the command always returns at once)"))
             .arg(Field::optional("resume", Kind::Bool, "Resume a paused migration: not supported"))
         })
+        .action(
+            machine_action(weak, "migrate-cancel", |m, _| {
+                m.migrate_cancel();
+                Ok(None)
+            })
+            .description("Stop the migration under way, the guest going on as it was (QEMU's migrate_cancel)"),
+        )
+        .action(
+            machine_action(weak, "migrate-set-parameters", |m, a| {
+                m.set_migration_parameters(
+                    a.get("downtime-limit").and_then(Value::as_u64),
+                    a.get("max-bandwidth").and_then(Value::as_u64),
+                )
+                .map(|()| None)
+            })
+            .description("Set migration parameters (QEMU's downtime-limit, max-bandwidth)")
+            .arg(Field::optional("downtime-limit", Kind::uint64(), "The downtime aimed for, ms (0 to 2000000; 300)"))
+            .arg(Field::optional("max-bandwidth", Kind::uint64(), "Bytes a second a migration may send (128 MiB/s)")),
+        )
+        .action(
+            machine_action(weak, "query-migrate-parameters", |m, _| Ok(Some(m.migration_parameters())))
+                .description("The migration parameters")
+                .returns(Kind::Any),
+        )
+        .action(
+            machine_action(weak, "migrate-set-capabilities", |m, a| {
+                let caps: Vec<(String, bool)> = match a.get("capabilities") {
+                    Some(Value::List(items)) => items
+                        .iter()
+                        .map(|c| {
+                            (
+                                c.field("capability").and_then(Value::as_str).unwrap_or_default().to_owned(),
+                                c.field("state").and_then(Value::as_bool).unwrap_or(false),
+                            )
+                        })
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                m.set_migration_capabilities(&caps).map(|()| None)
+            })
+            .description("Set migration capabilities: [{capability, state}] (only events can be on)")
+            .arg(Field::new("capabilities", Kind::list(Kind::Any), "The capabilities and their states")),
+        )
+        .action(
+            machine_action(weak, "query-migrate-capabilities", |m, _| Ok(Some(m.migration_capabilities())))
+                .description("QEMU's migration capabilities and their states")
+                .returns(Kind::list(Kind::Any)),
+        )
         .action({
             let weak = weak.clone();
             Action::new("migrate-incoming", move |_, a| {

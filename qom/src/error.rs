@@ -82,6 +82,10 @@ pub enum Fault {
     BadMigrationUri,
     /// `migrate-incoming` without `--incoming defer`.
     NoDeferredIncoming,
+    /// A `downtime-limit` out of range.
+    DowntimeLimit,
+    /// A parameter given a value its enumeration does not have.
+    NotAnEnumValue { parameter: String, value: String },
     /// A file cannot be opened; `reason` is the host's.
     OpenFailed { path: String, reason: String },
     /// A file cannot be written; `reason` is the host's.

@@ -891,3 +891,210 @@ fn migrate_and_migrate_incoming_over_dbus() {
     );
     assert!(sock.exists(), "listening there");
 }
+
+/// A guest that keeps writing RAM (`dirty=256`: 1 MiB rewritten at every counter step)
+/// migrated with `max-bandwidth` 16 MiB/s and a 10 ms `downtime-limit` it cannot meet:
+/// pass after pass (MIGRATION_PASS, query-migrate's `expected-downtime` and
+/// `dirty-sync-count`) while it runs on; raising the limit mid-migration lets it converge
+/// and switch over. Every page it wrote arrived: its verdict checks each holds the last
+/// count.
+#[test]
+fn a_guest_writing_ram_migrates_in_passes_and_converges_when_the_limit_allows() {
+    require_kvm!();
+    let dir = TempDir::new("mig-passes");
+    let (console1, console2) = (dir.path("c1"), dir.path("c2"));
+    let append = "counter=1500 spin=0 dirty=256";
+    let uri = format!("unix:{}", dir.path("mig.sock").display());
+    let mut args = counter_machine(&dir, &console2, append, &[]);
+    args.extend(["--incoming".into(), uri.clone()]);
+    let mut second = spawn(&args);
+    let mut first = spawn(&counter_machine(&dir, &console1, append, &[]));
+    let mut c = first.connect();
+    c.negotiate();
+    wait_console(&console1, "counter: 200");
+    let r = c.cmd(r#"{"execute": "migrate-set-parameters", "arguments": {"max-bandwidth": 16777216, "downtime-limit": 10}}"#);
+    assert_eq!(r, json!({"return": {}}));
+    let r = c.cmd(&json!({"execute": "migrate", "arguments": {"uri": uri}}).to_string());
+    assert_eq!(r, json!({"return": {}}));
+    let mut passes = Vec::new();
+    while passes.len() < 3 {
+        c.wait_event("MIGRATION_PASS");
+        passes.push(());
+    }
+    let info = c.cmd(r#"{"execute": "query-migrate"}"#)["return"].clone();
+    assert_eq!(info["status"], "active", "{info}");
+    assert!(
+        info["expected-downtime"].as_u64().is_some_and(|d| d > 10),
+        "{info}"
+    );
+    assert!(
+        info["ram"]["dirty-sync-count"]
+            .as_u64()
+            .is_some_and(|n| n >= 2),
+        "{info}"
+    );
+    assert_eq!(
+        status(&mut c),
+        "running",
+        "the guest runs while its RAM goes"
+    );
+    let r =
+        c.cmd(r#"{"execute": "migrate-set-parameters", "arguments": {"downtime-limit": 2000}}"#);
+    assert_eq!(r, json!({"return": {}}));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let info = loop {
+        let info = c.cmd(r#"{"execute": "query-migrate"}"#)["return"].clone();
+        if matches!(info["status"].as_str(), Some("completed" | "failed")) {
+            break info;
+        }
+        assert!(Instant::now() < deadline, "never converged: {info}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(info["status"], "completed", "{info}");
+    let passes = info["ram"]["dirty-sync-count"].as_u64().unwrap();
+    assert!(
+        (3..30).contains(&passes),
+        "converged after the limit rose: {info}"
+    );
+    assert!(info["downtime"].as_u64().is_some(), "{info}");
+    first.child.kill().unwrap();
+    first.wait_exit(Duration::from_secs(10));
+    assert_eq!(
+        second.wait_exit(Duration::from_secs(180)),
+        Some(1),
+        "the guest's verdict (0: every page and count agreed): {}",
+        std::fs::read_to_string(&console2).unwrap_or_default()
+    );
+    let out = std::fs::read_to_string(&console2).unwrap();
+    assert!(
+        !out.contains("counter: start") && out.contains("counter: done 1500"),
+        "{out}"
+    );
+}
+
+/// `migrate_cancel` in the middle of the passes: `cancelled`, the guest runs on with
+/// nothing lost (it finishes its count and verdict on the source), and the destination,
+/// its stream cut short, ends saying so.
+#[test]
+fn migrate_cancel_mid_pass_leaves_the_guest_running_on_the_source() {
+    require_kvm!();
+    let dir = TempDir::new("mig-cancel");
+    let (console1, console2) = (dir.path("c1"), dir.path("c2"));
+    let append = "counter=1200 spin=0 dirty=256";
+    let uri = format!("unix:{}", dir.path("mig.sock").display());
+    let mut args = counter_machine(&dir, &console2, append, &[]);
+    args.extend(["--incoming".into(), uri.clone()]);
+    let mut second = spawn(&args);
+    let mut first = spawn(&counter_machine(&dir, &console1, append, &[]));
+    let mut c = first.connect();
+    c.negotiate();
+    // Cancelling nothing is fine, as in QEMU.
+    assert_eq!(
+        c.cmd(r#"{"execute": "migrate_cancel"}"#),
+        json!({"return": {}})
+    );
+    wait_console(&console1, "counter: 100");
+    let r = c.cmd(r#"{"execute": "migrate-set-parameters", "arguments": {"max-bandwidth": 16777216, "downtime-limit": 10}}"#);
+    assert_eq!(r, json!({"return": {}}));
+    let r = c.cmd(&json!({"execute": "migrate", "arguments": {"uri": uri}}).to_string());
+    assert_eq!(r, json!({"return": {}}));
+    c.wait_event("MIGRATION_PASS");
+    c.wait_event("MIGRATION_PASS");
+    assert_eq!(
+        c.cmd(r#"{"execute": "migrate_cancel"}"#),
+        json!({"return": {}})
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let info = loop {
+        let info = c.cmd(r#"{"execute": "query-migrate"}"#)["return"].clone();
+        if info["status"] == "cancelled" {
+            break info;
+        }
+        assert!(Instant::now() < deadline, "not cancelled: {info}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(info["status"], "cancelled");
+    assert_eq!(status(&mut c), "running");
+    assert_eq!(
+        second.wait_exit(Duration::from_secs(30)),
+        Some(1),
+        "the destination gave up"
+    );
+    assert_eq!(std::fs::read_to_string(&console2).unwrap_or_default(), "");
+    assert_eq!(
+        first.wait_exit(Duration::from_secs(180)),
+        Some(1),
+        "the source's guest finished well: {}",
+        std::fs::read_to_string(&console1).unwrap_or_default()
+    );
+}
+
+/// Parameters and capabilities as QEMU's, with its texts for its mistakes.
+#[test]
+fn migration_parameters_and_capabilities() {
+    let q = Qomu::spawn(&["-S"]);
+    let mut c = q.session();
+    let p = c.ok("query-migrate-parameters", json!({}));
+    assert_eq!(p["downtime-limit"], 300);
+    assert_eq!(p["max-bandwidth"], 134217728);
+    c.ok(
+        "migrate-set-parameters",
+        json!({"downtime-limit": 50, "max-bandwidth": 1048576}),
+    );
+    let p = c.ok("query-migrate-parameters", json!({}));
+    assert_eq!(
+        (p["downtime-limit"].clone(), p["max-bandwidth"].clone()),
+        (json!(50), json!(1048576))
+    );
+    let r = c.execute("migrate-set-parameters", json!({"downtime-limit": 3000000}));
+    assert_eq!(
+        r["error"]["desc"],
+        "Parameter 'downtime_limit' expects an integer in the range of 0 to (2000 * 1000) ms"
+    );
+    assert_eq!(
+        c.ok("query-migrate-parameters", json!({}))["downtime-limit"],
+        50
+    );
+    let caps = c.ok("query-migrate-capabilities", json!({}));
+    let state = |caps: &Json, name: &str| {
+        caps.as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["capability"] == name)
+            .map(|e| e["state"].clone())
+    };
+    assert_eq!(state(&caps, "events"), Some(json!(false)));
+    assert_eq!(state(&caps, "xbzrle"), Some(json!(false)));
+    c.ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "events", "state": true}]}),
+    );
+    assert_eq!(
+        state(&c.ok("query-migrate-capabilities", json!({})), "events"),
+        Some(json!(true))
+    );
+    let r = c.execute(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "bogus", "state": true}]}),
+    );
+    assert_eq!(
+        r["error"]["desc"],
+        "Parameter 'capability' does not accept value 'bogus'"
+    );
+    let r = c.execute(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "events", "state": false}, {"capability": "xbzrle", "state": true}]}),
+    );
+    assert!(
+        r["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("only 'events'"),
+        "{r}"
+    );
+    assert_eq!(
+        state(&c.ok("query-migrate-capabilities", json!({})), "events"),
+        Some(json!(true)),
+        "a refused request changes nothing"
+    );
+}

@@ -153,6 +153,8 @@ fn fault_name(fault: &Fault) -> &'static str {
         | Fault::TooLong { .. }
         | Fault::BadAddress { .. }
         | Fault::BadMigrationUri
+        | Fault::DowntimeLimit
+        | Fault::NotAnEnumValue { .. }
         | Fault::NoSuchCpu { .. } => INVALID_ARGS,
         Fault::WrongState | Fault::NoDeferredIncoming => INVALID_STATE,
         _ => QOMU_FAILED,

@@ -52,6 +52,11 @@ pub const ACTIONS: &[(&str, &str)] = &[
     ("query-cpus-fast", "query-cpus-fast"),
     ("device_del", "device-del"),
     ("query-migrate", "query-migrate"),
+    ("migrate_cancel", "migrate-cancel"),
+    ("migrate-set-parameters", "migrate-set-parameters"),
+    ("query-migrate-parameters", "query-migrate-parameters"),
+    ("migrate-set-capabilities", "migrate-set-capabilities"),
+    ("query-migrate-capabilities", "query-migrate-capabilities"),
 ];
 
 fn s(name: &str) -> ArgSpec {

@@ -200,6 +200,13 @@ fn qemu_text(fault: &Fault) -> Option<String> {
         Fault::MigrationRunning => "There's a migration process in progress".into(),
         Fault::BadMigrationUri => "Parameter 'uri' expects a valid migration protocol".into(),
         Fault::NoDeferredIncoming => "'-incoming' was not specified on the command line".into(),
+        Fault::DowntimeLimit => {
+            "Parameter 'downtime_limit' expects an integer in the range of 0 to (2000 * 1000) ms"
+                .into()
+        }
+        Fault::NotAnEnumValue { parameter, value } => {
+            format!("Parameter '{parameter}' does not accept value '{value}'")
+        }
         Fault::OpenFailed { path, reason } => format!("Could not open '{path}': {reason}"),
         Fault::WriteFailed { path, reason } => format!("Error writing '{path}': {reason}"),
         Fault::BadAddress {

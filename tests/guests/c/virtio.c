@@ -22,7 +22,8 @@
  * disk back, printing `counter: K` every 100 steps and spinning `spin=S` between steps; at
  * the end it checks a 64 KiB RAM pattern set at the start and prints `counter: done N`.
  * A snapshot taken on the way and restored elsewhere must continue the count (the test of
- * snapshot/restore): any lost RAM or disk state fails a check.
+ * snapshot/restore): any lost RAM or disk state fails a check. With `dirty=P` each step
+ * also writes the count into P pages from 32 MiB, all checked at the end (live migration).
  * With `bench=MIB` (scripts/bench blk), it reads then writes MIB MiB of the disk in
  * requests of `breq=KIB` KiB (default 1024), `depth=N` in flight (default 4, at most 5),
  * `rounds=N` times, printing `bench: read start` / `read done` / `write start` / `write done`
@@ -817,6 +818,12 @@ done:
 static u64 ram_counter;
 static u8 ram_pattern[64 * 1024];
 
+/* With `dirty=P`: every counter step also writes the count into the first word of each
+ * of P pages from 32 MiB (a guest that keeps writing RAM, for live migration), and the
+ * end checks every one holds the last count. */
+#define DIRTY_AREA 0x2000000UL
+static u64 dirty_pages;
+
 static int run_counter(u64 n, u64 spin) {
     struct queue *q = &queues[1];
     if (!have_blk) return 40;
@@ -838,6 +845,7 @@ static int run_counter(u64 n, u64 spin) {
         *(u32 *)blk_data = COUNTER_MAGIC;
         *(u64 *)(blk_data + 8) = ram_counter;
         if (blk_request(q, 1, COUNTER_SECTOR, 512, 0) != 0) return 43;
+        for (u64 p = 0; p < dirty_pages; p++) *(volatile u64 *)(DIRTY_AREA + p * 4096) = ram_counter;
         if (ram_counter % 100 == 0) {
             puts("counter: ");
             putu(ram_counter);
@@ -847,6 +855,8 @@ static int run_counter(u64 n, u64 spin) {
     }
     for (u64 i = 0; i < sizeof ram_pattern; i++)
         if (ram_pattern[i] != (u8)(i * 7 + 3)) return 44;
+    for (u64 p = 0; p < dirty_pages; p++)
+        if (*(volatile u64 *)(DIRTY_AREA + p * 4096) != ram_counter) return 45;
     puts("counter: done ");
     putu(n);
     puts("\n");
@@ -1067,6 +1077,8 @@ void guest_main(const u8 *zero_page) {
     puts(" devices\n");
     if (found < (int)min) debug_exit(5);
     u64 count = cmdline_u64(zero_page, "counter", 0);
+    dirty_pages = cmdline_u64(zero_page, "dirty", 0);
+    if (dirty_pages && e820_ram(zero_page) < DIRTY_AREA + dirty_pages * 4096) debug_exit(46);
     if (count) {
         int failed = run_counter(count, cmdline_u64(zero_page, "spin", 0));
         if (failed) {
