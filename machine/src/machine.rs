@@ -392,6 +392,12 @@ fn build_tree(weak: &Weak<Machine>) -> Result<(Tree, ObjectRef, Notifiers)> {
     qom_types::register(&builder, weak)?;
     let tree = builder.machine_type(MACHINE_TYPE).build()?;
     tree.create("/", "netdev", qom::CONTAINER, Vec::new())?;
+    tree.create(
+        "/machine",
+        "migration",
+        qom_types::MIGRATION_TYPE,
+        Vec::new(),
+    )?;
     let object = tree.lookup("/machine")?;
     let n = |name: &str| object.notifier(name);
     let notifiers = Notifiers {

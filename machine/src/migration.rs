@@ -74,6 +74,19 @@ pub struct Info {
 }
 
 impl Info {
+    /// How far along, in per cent: RAM sent in the first pass, then the last pass's dirty
+    /// pages against what it left; 100 when completed.
+    pub fn progress(&self) -> u64 {
+        match self.status {
+            Some(Status::Completed) => 100,
+            _ if self.ram_total == 0 => 0,
+            _ => {
+                let sent = self.normal_pages * 4096 + self.zero_pages * 4096;
+                (sent.min(self.ram_total) * 100 / self.ram_total).min(99)
+            }
+        }
+    }
+
     /// QEMU's `MigrationInfo`: `{}` before any migration.
     pub fn to_value(&self) -> Value {
         let Some(status) = self.status else {
@@ -224,7 +237,15 @@ impl Machine {
             self.notifiers
                 .migration
                 .emit(|| Value::map([("status", Value::Enum(s.name().to_owned()))]));
+            if let Ok(o) = self.tree().lookup("/machine/migration") {
+                o.notify_property_changed("status", &Value::Str(s.name().to_owned()));
+            }
         }
+    }
+
+    /// The last (or current) migration's figures.
+    pub fn migration_info(&self) -> Info {
+        self.migration.lock().clone()
     }
 
     /// `query-migrate`.
@@ -429,6 +450,14 @@ impl Machine {
             self.notifiers
                 .migration_pass
                 .emit_fields(|| [("pass", Value::UInt(pass.into()))]);
+            if let Some(n) = self
+                .tree()
+                .lookup("/machine/migration")
+                .ok()
+                .and_then(|o| o.notifier("pass").ok())
+            {
+                n.emit_fields(|| [("pass", Value::UInt(pass.into()))]);
+            }
             let t = Instant::now();
             let bandwidth = self.migration_params.lock().max_bandwidth;
             let sent = precopy::send(

@@ -18,6 +18,8 @@ use crate::runstate::RunState;
 
 /// The type of the vCPU objects, `/machine/unattached/cpu[N]`.
 pub const CPU_TYPE: &str = "x86_64-cpu";
+/// The type of `/machine/migration`: the last (or current) migration, watchable.
+pub const MIGRATION_TYPE: &str = "migration";
 
 fn upgrade(weak: &Weak<Machine>) -> Result<Arc<Machine>> {
     weak.upgrade()
@@ -74,7 +76,56 @@ fn str_arg<'a>(args: &'a Args, name: &str) -> &'a str {
     args.get(name).and_then(Value::as_str).unwrap_or_default()
 }
 
+/// `/machine/migration`'s type: what query-migrate says, as properties (`status` notifies
+/// on every change), and a `pass` notifier, for D-Bus clients to watch.
+fn migration_type(weak: &Weak<Machine>) -> TypeInfo {
+    let info =
+        |name: &str, kind: Kind, description: &str, f: fn(&crate::migration::Info) -> Value| {
+            machine_property(weak, name, kind, move |m| f(&m.migration_info()))
+                .description(description)
+        };
+    TypeInfo::new(MIGRATION_TYPE, "object")
+        .description("The last or current migration (or snapshot): QMP's query-migrate as properties")
+        .property(
+            info("status", Kind::Str, "none, setup, active, cancelling, cancelled, completed or failed", |i| {
+                Value::Str(i.status.map_or("none", |s| s.name()).to_owned())
+            })
+            .notifying(),
+        )
+        .property(info("transferred", Kind::uint64(), "Bytes sent (or written, read)", |i| Value::UInt(i.bytes)))
+        .property(info("remaining", Kind::uint64(), "Bytes the last pass left dirty", |i| Value::UInt(i.remaining)))
+        .property(info("total", Kind::uint64(), "Guest RAM, bytes", |i| Value::UInt(i.ram_total)))
+        .property(info("passes", Kind::uint64(), "Passes over RAM so far", |i| Value::UInt(i.passes)))
+        .property(info(
+            "progress",
+            Kind::uint64(),
+            "Per cent of RAM sent in the first pass, then of the last pass's dirty pages sent (100 when completed)",
+            |i| Value::UInt(i.progress()),
+        ))
+        .property(info("expected-downtime", Kind::uint64(), "ms, while active", |i| {
+            Value::UInt(i.expected_downtime_ms)
+        }))
+        .property(info("downtime", Kind::uint64(), "ms the guest was stopped, when completed", |i| {
+            Value::UInt(i.downtime_ms)
+        }))
+        .property(info("total-time", Kind::uint64(), "ms from start to end", |i| Value::UInt(i.total_ms)))
+        .property(info("error", Kind::Str, "Why it failed", |i| {
+            Value::Str(i.error.clone().unwrap_or_default())
+        }))
+        .notifier(
+            NotifierDecl::new(
+                "pass",
+                Kind::structure(
+                    "MigrationPassStarted",
+                    vec![Field::new("pass", Kind::uint64(), "The pass that starts, from 1")],
+                ),
+            )
+            .description("A pass over the guest's RAM starts"),
+        )
+}
+
 pub(crate) fn register(builder: &TreeBuilder, weak: &Weak<Machine>) -> Result<()> {
+    builder.register(migration_type(weak))?;
     let reason_payload = |name: &str| {
         Kind::structure(
             name,

@@ -867,6 +867,12 @@ fn migrate_and_migrate_incoming_over_dbus() {
     let bus = SessionBus::start();
     let q = bus.qomu(&["-S"]);
     let c = bus.client();
+    // The migration as an object a client can watch.
+    let migration = "/org/qomu/VM1/machine/migration";
+    assert_eq!(
+        String::try_from(c.get(migration, "org.qomu.Type.Migration", "Status")).unwrap(),
+        "none"
+    );
     let e = c.err(
         MACHINE,
         MACHINE_IFACE,
@@ -927,6 +933,9 @@ fn a_guest_writing_ram_migrates_in_passes_and_converges_when_the_limit_allows() 
         info["expected-downtime"].as_u64().is_some_and(|d| d > 10),
         "{info}"
     );
+    // The same as /machine/migration's properties.
+    assert_eq!(c.qom_get("/machine/migration", "status"), "active");
+    assert!(c.qom_get("/machine/migration", "passes").as_u64().unwrap() >= 2);
     assert!(
         info["ram"]["dirty-sync-count"]
             .as_u64()
@@ -951,6 +960,7 @@ fn a_guest_writing_ram_migrates_in_passes_and_converges_when_the_limit_allows() 
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(info["status"], "completed", "{info}");
+    assert_eq!(c.qom_get("/machine/migration", "progress"), 100);
     let passes = info["ram"]["dirty-sync-count"].as_u64().unwrap();
     assert!(
         (3..30).contains(&passes),
@@ -1097,4 +1107,66 @@ fn migration_parameters_and_capabilities() {
         Some(json!(true)),
         "a refused request changes nothing"
     );
+}
+
+/// dbus-vmstate in a live migration: the source's helper saves at the switch-over (on the
+/// source's bus), the destination's helper (on its own bus) loads that state before the
+/// destination's guest goes on.
+#[test]
+fn a_helpers_state_travels_in_a_live_migration() {
+    require_kvm!();
+    require_dbus!();
+    if !python_modules_present(&[("dbus_next", "dbus-next")]) {
+        return;
+    }
+    let (bus1, bus2) = (SessionBus::start(), SessionBus::start());
+    let dir = TempDir::new("mig-helper");
+    let (state1, state2) = (dir.path("state1"), dir.path("state2"));
+    let object = |bus: &SessionBus| {
+        format!(
+            "dbus-vmstate,id=dv,addr={},id-list=counter",
+            bus.address.replace(',', ",,")
+        )
+    };
+    let _h1 = KillOnDrop(helper(
+        &bus1,
+        &[
+            "--id",
+            "counter",
+            "--count",
+            "7",
+            "--note",
+            "live",
+            "--state-file",
+            state1.to_str().unwrap(),
+        ],
+    ));
+    let _h2 = KillOnDrop(helper(
+        &bus2,
+        &["--id", "counter", "--state-file", state2.to_str().unwrap()],
+    ));
+    let uri = format!("unix:{}", dir.path("mig.sock").display());
+    let mut args = machine_args(&dir, &dir.path("c2"), &["--object", &object(&bus2)]);
+    args.extend(["--incoming".into(), uri.clone()]);
+    let _second = spawn(&args);
+    let mut first = spawn(&machine_args(
+        &dir,
+        &dir.path("c1"),
+        &["--object", &object(&bus1)],
+    ));
+    let mut c = first.connect();
+    c.negotiate();
+    let info = migrate_to(&mut c, &uri);
+    assert_eq!(info["status"], "completed", "{info}");
+    let saved = std::fs::read_to_string(&state1).unwrap();
+    assert_eq!(saved, r#"{"count": 7, "note": "live"}"#);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_to_string(&state2).unwrap_or_default() != saved {
+        assert!(
+            Instant::now() < deadline,
+            "the destination's helper never got {saved}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    first.child.kill().unwrap();
 }
