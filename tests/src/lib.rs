@@ -344,6 +344,10 @@ pub fn qomu_binary() -> std::path::PathBuf {
 }
 
 fn build_qomu() -> std::path::PathBuf {
+    // Given (the emulated host of scripts/linux-check-nested has no cargo).
+    if let Some(bin) = std::env::var_os("QOMU_BINARY") {
+        return std::path::PathBuf::from(bin);
+    }
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> -> target/<profile>/qomu
     let profile_dir = exe

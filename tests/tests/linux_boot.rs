@@ -94,7 +94,7 @@ fn linux_check_on_an_emulated_host_with_svm() {
         "the emulated host has SVM with nested paging:\n{console}\n{stderr}"
     );
     assert!(
-        console.contains("test result: ok. 3 passed"),
+        console.contains("test result: ok. 4 passed"),
         "the Linux boot test ran and passed on the emulated host:\n{console}\n{stderr}"
     );
     assert!(out.status.success(), "{}:\n{console}\n{stderr}", out.status);
@@ -583,4 +583,104 @@ fn linux_talks_over_virtio_net_and_hot_plugs_a_second_nic() {
         "the tap went with its netdev"
     );
     powers_off(&mut vm);
+}
+
+/// Waits for a line containing `text` in the console file `path`; the file's text.
+fn console_says(path: &Path, text: &str) -> String {
+    let deadline = std::time::Instant::now() + qomu_tests::patience();
+    loop {
+        let out = std::fs::read_to_string(path).unwrap_or_default();
+        if out.contains(text) {
+            return out;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no '{text}' on the console within {:?}:\n{out}",
+            qomu_tests::patience()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Linux with a virtio-blk and a virtio-rng, ticking, migrated live between two qomu
+/// processes over a unix socket: the destination goes on ticking from where the source
+/// was (entropy and the disk still answering), without a reboot, and powers off.
+#[test]
+fn linux_migrates_live_between_two_qomu_processes() {
+    if !linux_runs_here() {
+        return;
+    }
+    let kit = guest_kit();
+    let dir = TempDir::new("linux-migrate");
+    let disk = disk_image(&dir);
+    let args = |console: &Path| -> Vec<String> {
+        [
+            "--kernel",
+            kit.join("vmlinuz").to_str().unwrap(),
+            "--initrd",
+            kit.join("initramfs.cpio.gz").to_str().unwrap(),
+            "--append",
+            // Enough ticks for the migration to end well before them (the emulated host's
+            // memory copies are slow).
+            "console=ttyS0 panic=-1 quiet loglevel=4 qomu.disk=1 qomu.ticks=30",
+            "-m",
+            "256M",
+            "--cpus",
+            "2",
+            "--device",
+            &format!(
+                "virtio-blk-pci,id=disk0,file={},serial=LINUX-0001",
+                disk.display()
+            ),
+            "--device",
+            "virtio-rng-pci,id=rng0",
+            "--serial",
+            &format!("file:{}", console.display()),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let spawn = |a: &[String]| {
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        qomu_tests::Qomu::spawn(&a)
+    };
+    let (console1, console2) = (dir.path("c1"), dir.path("c2"));
+    let uri = format!("unix:{}", dir.path("mig.sock").display());
+    let mut dest_args = args(&console2);
+    dest_args.extend(["--incoming".into(), uri.clone()]);
+    let mut second = spawn(&dest_args);
+    let mut first = spawn(&args(&console1));
+    let mut c = first.session();
+    console_says(&console1, "qomu-linux-boot: tick 3 ");
+    c.ok("migrate", serde_json::json!({"uri": uri}));
+    // MIGRATION's `completed` (or `failed`), read as it comes.
+    let deadline = std::time::Instant::now() + qomu_tests::patience();
+    loop {
+        if let Ok(Some(status)) = first.child.try_wait() {
+            panic!("the source qomu ended mid-migration: {status}");
+        }
+        let e = c.wait_event("MIGRATION");
+        let status = e["data"]["status"].as_str().unwrap_or_default().to_owned();
+        eprintln!("qomu-linux-boot: migration {status}");
+        if status == "completed" {
+            break;
+        }
+        assert_ne!(status, "failed", "{e}");
+        assert!(std::time::Instant::now() < deadline);
+    }
+    let info = c.ok("query-migrate", serde_json::json!({}));
+    eprintln!("qomu-linux-boot: migrated: {info}");
+    let _ = first.child.kill();
+    first.wait_exit(std::time::Duration::from_secs(10));
+    let out = console_says(&console2, "qomu-linux-boot: ok");
+    assert!(
+        out.contains("hwrng 16 disk tick 30"),
+        "the ticks went on, entropy and disk answering:\n{out}"
+    );
+    assert!(
+        !out.contains("qomu-linux-boot: kernel"),
+        "no reboot:\n{out}"
+    );
+    assert_eq!(second.wait_exit(qomu_tests::patience()), Some(0));
 }
