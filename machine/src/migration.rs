@@ -541,6 +541,7 @@ impl Machine {
             self.notifiers.stop.emit(empty);
         }
         self.pci.pause_io(true);
+        tracing::debug!("switch-over: stopped in {:?}", stopped.elapsed());
         let mut rest = tracker.take_dirty()?;
         if let Some(d) = &dirty {
             precopy::merge(&mut rest, d);
@@ -564,10 +565,12 @@ impl Machine {
             .launched
             .as_ref()
             .ok_or_else(|| failed("the machine has no VM"))?;
+        tracing::debug!("switch-over: last pages sent at {:?}", stopped.elapsed());
         self.write_device_state(l, &mut w, io)?;
         let run_state = if was_running { "running" } else { "paused" };
         w.section("run", &[run_state.as_bytes()]).map_err(io)?;
         let bytes = w.finish().map_err(io)?;
+        tracing::debug!("switch-over: state sent at {:?}", stopped.elapsed());
         if let Some(back) = back {
             let mut word = [0u8; 8];
             back.read_exact(&mut word).map_err(|e| {
@@ -828,6 +831,7 @@ impl Machine {
         let listening = migration_uri::listen(&source)?;
         *deferred = Some(None);
         drop(deferred);
+        self.prepare_incoming(&mut self.state.lock())?;
         self.set_migration(|i| {
             *i = Info {
                 status: Some(Status::Setup),
@@ -850,6 +854,7 @@ impl Machine {
         {
             let mut st = self.state.lock();
             self.transition(&mut st, RunState::Inmigrate)?;
+            self.prepare_incoming(&mut st)?;
         }
         self.set_migration(|i| {
             *i = Info {
@@ -858,6 +863,18 @@ impl Machine {
             }
         });
         self.load_on_thread(listening, source.to_string(), start)
+    }
+
+    /// Makes the VM a stream will load into while waiting for it, as QEMU's destination
+    /// has its VM before the source connects: its making is then not in the downtime.
+    fn prepare_incoming(&self, st: &mut State) -> Result<()> {
+        if st.launched.is_none() {
+            let l = self.launch()?;
+            // Zeroed, as the source's zero pages will not come.
+            l.vm.discard_ram()?;
+            st.launched = Some(l);
+        }
+        Ok(())
     }
 
     /// Takes the stream the source sends to `listening` and loads it, on a thread of its
@@ -926,7 +943,8 @@ impl Machine {
             RunState::Prelaunch if st.launched.is_none() => {
                 self.transition(&mut st, RunState::Inmigrate)?;
             }
-            RunState::Inmigrate if st.launched.is_none() => {}
+            // Waiting for a stream: the VM may be made already (`prepare_incoming`).
+            RunState::Inmigrate => {}
             _ => return Err(Error::NotRestorable { state: st.run }),
         }
         self.set_migration(|i| {
@@ -936,7 +954,16 @@ impl Machine {
             }
         });
         let started = Instant::now();
-        let loaded = self.launch().and_then(|l| {
+        let launched = match st.launched.take() {
+            Some(l) => Ok(l),
+            None => self.launch().and_then(|l| {
+                // Zeroed, as a live stream's zero pages do not come (a file's RAM sections
+                // cover it all anyway).
+                l.vm.discard_ram()?;
+                Ok(l)
+            }),
+        };
+        let loaded = launched.and_then(|l| {
             let result = self.load_sections(&l, &mut r, &here);
             st.launched = Some(l);
             result
@@ -1020,14 +1047,20 @@ impl Machine {
         let mut paged = false;
         let mut run = None;
         let mut last = String::from("config");
+        let mut slow = Instant::now();
         loop {
             let head = r.head(&last)?;
+            if slow.elapsed() > std::time::Duration::from_millis(1) {
+                tracing::debug!("incoming: '{last}' took {:?}", slow.elapsed());
+            }
+            slow = Instant::now();
             let name = head.name.clone();
             if !seen.insert(name.clone()) {
                 return Err(failed(format!("section '{name}' appears twice")));
             }
             if name == "end" {
                 r.payload(head)?;
+                tracing::debug!("incoming: end of stream");
                 break;
             } else if let Some(index) = name.strip_prefix("cpu:") {
                 let v = index
@@ -1045,6 +1078,7 @@ impl Machine {
                     .map_err(|why| failed(format!("section '{name}': {why}")))?;
                 paged = true;
             } else if name == "run" {
+                tracing::debug!("incoming: run state");
                 let payload = r.payload(head)?;
                 run = Some(String::from_utf8_lossy(&payload).into_owned());
             } else if name == "chips" {
@@ -1104,6 +1138,7 @@ impl Machine {
                 r.remaining()
             )));
         }
+        let t = Instant::now();
         for (v, state) in &cpus {
             l.vm.load_vcpu(&v.fd().lock(), state)
                 .map_err(|e| failed(format!("vCPU {}: {e}", v.index())))?;
@@ -1111,6 +1146,7 @@ impl Machine {
         if let Some(chips) = &chips {
             l.vm.load_chips(chips)?;
         }
+        tracing::debug!("incoming: vCPUs and chips loaded in {:?}", t.elapsed());
         Ok(run)
     }
 }
