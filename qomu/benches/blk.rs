@@ -123,6 +123,10 @@ fn guest_run(dir: &Path, image: &Path, req_kib: u64) -> GuestRun {
     let mut c = Client::handshake(&server.sock);
     c.cmd(r#"{"execute": "__org.qomu_subscribe", "arguments": {"path": "/machine/unattached/serial0", "notifier": "line"}}"#);
     c.cmd(r#"{"execute": "cont"}"#);
+    // Asked now: the guest ends (and qomu with it) right after its last line.
+    let hz = c.cmd(r#"{"execute": "qom-get", "arguments": {"path": "/machine/unattached/cpu[0]", "property": "tsc-frequency"}}"#)["return"]
+        .as_f64()
+        .expect("tsc-frequency");
     let mut reads = Vec::new();
     let mut writes = Vec::new();
     for _ in 0..ROUNDS {
@@ -133,20 +137,18 @@ fn guest_run(dir: &Path, image: &Path, req_kib: u64) -> GuestRun {
         let (_, done) = line(&mut c, "bench: write done");
         writes.push(done - start);
     }
+    // Read while the guest makes its single reads (it ends right after reporting them).
+    let notify_exits = c.cmd(
+        r#"{"execute": "qom-get", "arguments": {"path": "disk", "property": "notify-exits"}}"#,
+    )["return"]
+        .clone();
     let (latency, _) = line(&mut c, "bench: notify-to-used ");
     let ticks: f64 = latency
         .trim_start_matches("bench: notify-to-used ")
         .trim_end_matches(" tsc")
         .parse()
         .expect("a tick count");
-    let hz = c.cmd(r#"{"execute": "qom-get", "arguments": {"path": "/machine/unattached/cpu[0]", "property": "tsc-frequency"}}"#)["return"]
-        .as_f64()
-        .expect("tsc-frequency");
     assert!(hz > 0.0, "KVM gave no TSC rate");
-    let notify_exits = c.cmd(
-        r#"{"execute": "qom-get", "arguments": {"path": "disk", "property": "notify-exits"}}"#,
-    )["return"]
-        .clone();
     GuestRun {
         read: median(reads),
         write: median(writes),
