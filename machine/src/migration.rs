@@ -383,6 +383,23 @@ impl Machine {
         });
     }
 
+    /// Stops the guest for the state to be read (`finish-migrate`, STOP if it ran): its
+    /// vCPUs, and each device's I/O thread after the request it serves, so that no request
+    /// is half-served in the snapshot. Whether it was running, and when it stopped.
+    fn stop_for_save(&self, st: &mut State) -> Result<(bool, Instant)> {
+        let was_running = st.run == RunState::Running;
+        let stopped = Instant::now();
+        if was_running {
+            pause_all(st);
+        }
+        self.transition(st, RunState::FinishMigrate)?;
+        if was_running {
+            self.notifiers.stop.emit(empty);
+        }
+        self.pci.pause_io(true);
+        Ok((was_running, stopped))
+    }
+
     /// After a save: `postmigrate` if it went well; else the guest back as it was before
     /// (running again, or paused).
     fn finish_save(&self, st: &mut State, before: RunState, ok: bool) {
@@ -531,16 +548,7 @@ impl Machine {
         back: Option<&mut Box<dyn std::io::Read + Send>>,
         io: &dyn Fn(std::io::Error) -> Error,
     ) -> Result<(u64, u64)> {
-        let was_running = st.run == RunState::Running;
-        let stopped = Instant::now();
-        if was_running {
-            pause_all(st);
-        }
-        self.transition(st, RunState::FinishMigrate)?;
-        if was_running {
-            self.notifiers.stop.emit(empty);
-        }
-        self.pci.pause_io(true);
+        let (was_running, stopped) = self.stop_for_save(st)?;
         tracing::debug!("switch-over: stopped in {:?}", stopped.elapsed());
         let mut rest = tracker.take_dirty()?;
         if let Some(d) = &dirty {
@@ -601,18 +609,7 @@ impl Machine {
         outgoing: Option<migration_uri::Outgoing>,
         started: Instant,
     ) -> Result<(u64, u64)> {
-        let was_running = st.run == RunState::Running;
-        let stopped = Instant::now();
-        if was_running {
-            pause_all(st);
-        }
-        self.transition(st, RunState::FinishMigrate)?;
-        if was_running {
-            self.notifiers.stop.emit(empty);
-        }
-        // No device request half-served in the stream: each device's I/O thread finishes
-        // the one it serves, and its state is read after.
-        self.pci.pause_io(true);
+        let (was_running, stopped) = self.stop_for_save(st)?;
         let l = st
             .launched
             .as_ref()

@@ -212,13 +212,7 @@ impl Vm {
             reason: e.to_string(),
         })?;
         for (slot, region) in memory.iter().enumerate() {
-            let host =
-                memory
-                    .get_host_address(region.start_addr())
-                    .map_err(|e| VmError::Memory {
-                        size: ram_size,
-                        reason: e.to_string(),
-                    })?;
+            let host = host_address(&memory, region, ram_size)?;
             let mr = kvm_userspace_memory_region {
                 slot: slot as u32,
                 guest_phys_addr: region.start_addr().0,
@@ -265,13 +259,7 @@ impl Vm {
     /// The kernel refuses.
     pub fn discard_ram(&self) -> Result<(), VmError> {
         for region in self.memory.iter() {
-            let host = self
-                .memory
-                .get_host_address(region.start_addr())
-                .map_err(|e| VmError::Memory {
-                    size: self.ram_size,
-                    reason: e.to_string(),
-                })?;
+            let host = host_address(&self.memory, region, self.ram_size)?;
             // SAFETY: the region's own live mapping, `len` bytes, private and anonymous:
             // MADV_DONTNEED makes it read as zeros. No vCPU runs (the machine is in
             // inmigrate) and no device I/O thread has started.
@@ -715,13 +703,7 @@ impl DirtyTracker {
     /// KVM refuses a slot (the ones before it stay as they are now).
     pub fn set_dirty_logging(&self, on: bool) -> Result<(), VmError> {
         for (slot, region) in self.memory.iter().enumerate() {
-            let host = self
-                .memory
-                .get_host_address(region.start_addr())
-                .map_err(|e| VmError::Memory {
-                    size: self.ram_size,
-                    reason: e.to_string(),
-                })?;
+            let host = host_address(&self.memory, region, self.ram_size)?;
             let mr = kvm_userspace_memory_region {
                 slot: slot as u32,
                 guest_phys_addr: region.start_addr().0,
@@ -761,4 +743,18 @@ impl DirtyTracker {
         }
         Ok(out)
     }
+}
+
+/// Where RAM region `region` of `memory` is mapped in this process.
+fn host_address(
+    memory: &GuestMemoryMmap,
+    region: &vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>,
+    ram_size: u64,
+) -> Result<*mut u8, VmError> {
+    memory
+        .get_host_address(region.start_addr())
+        .map_err(|e| VmError::Memory {
+            size: ram_size,
+            reason: e.to_string(),
+        })
 }

@@ -208,12 +208,12 @@ static int setup_queue(struct vdev *d, u16 index, struct queue *q) {
 /* How long a request may take: about 30 s at 3 GHz (the tests' own limits end it sooner). */
 #define REQUEST_TIMEOUT_TSC 100000000000ULL
 
-/* Makes the chain at `head` available and notifies the device if it asks to be (Linux's
- * vring_need_event() with EVENT_IDX, the NO_NOTIFY flag without). Returns the time stamp
- * of the notification, or 0 if the device did not want one. */
-static u64 offer(struct queue *q, u16 qindex, u16 head) {
-    u16 old = q->avail.idx, now = (u16)(old + 1);
-    q->avail.ring[old % QSIZE] = head;
+/* Makes the `n` chains at `heads` available at once and notifies the device if it asks to
+ * be (Linux's vring_need_event() with EVENT_IDX, the NO_NOTIFY flag without). Returns the
+ * time stamp of the notification, or 0 if the device did not want one. */
+static u64 offer_many(struct queue *q, u16 qindex, const u16 *heads, u16 n) {
+    u16 old = q->avail.idx, now = (u16)(old + n);
+    for (u16 i = 0; i < n; i++) q->avail.ring[(u16)(old + i) % QSIZE] = heads[i];
     /* With EVENT_IDX, an interrupt for the next used buffer, as Linux asks. */
     q->avail.used_event = q->last_used;
     barrier();
@@ -221,7 +221,7 @@ static u64 offer(struct queue *q, u16 qindex, u16 head) {
     full_barrier();
     int kick;
     if (q->event_idx) {
-        /* The device's avail_event lies in [old, now). */
+        /* Kick if the device's avail_event lies in [old, now). */
         u16 event = *(volatile u16 *)&q->used.avail_event;
         kick = (u16)(now - event - 1) < (u16)(now - old);
     } else {
@@ -232,6 +232,8 @@ static u64 offer(struct queue *q, u16 qindex, u16 head) {
     w16(q->notify_at, qindex);
     return at;
 }
+
+static u64 offer(struct queue *q, u16 qindex, u16 head) { return offer_many(q, qindex, &head, 1); }
 
 /* The next used element, if the device has returned one: 1 and its id and length. */
 static int take_used(struct queue *q, u32 *id, u32 *len) {
@@ -574,25 +576,6 @@ static int net_rx_mode(struct queue *ctrl, u8 cmd, u8 on) {
 #define BENCH_TYPE 0x88b5 /* IEEE 802 local experimental ethertype */
 #define BENCH_FRAME 1514
 
-/* Makes the chains at `heads` available at once and notifies the device if it asks to
- * be, as a driver batching under load does (Linux's xmit_more). */
-static void offer_batch(struct queue *q, u16 qindex, const u16 *heads, u16 n) {
-    u16 old = q->avail.idx, now = (u16)(old + n);
-    for (u16 i = 0; i < n; i++) q->avail.ring[(u16)(old + i) % QSIZE] = heads[i];
-    q->avail.used_event = q->last_used;
-    barrier();
-    q->avail.idx = now;
-    full_barrier();
-    int kick;
-    if (q->event_idx) {
-        u16 event = *(volatile u16 *)&q->used.avail_event;
-        kick = (u16)(now - event - 1) < (u16)(now - old);
-    } else {
-        kick = !(*(volatile u16 *)&q->used.flags & 1);
-    }
-    if (kick) w16(q->notify_at, qindex);
-}
-
 /* N frames of BENCH_FRAME bytes to a MAC nobody has (the host's kernel drops them at
  * once), 8 in flight, offered in batches as slots free up; the time stamp counter ticks
  * from the first to the last. */
@@ -613,7 +596,7 @@ static int bench_tx(struct queue *tx, u64 n, u64 *ticks) {
             heads[k++] = slot;
             sent++;
         }
-        if (k) offer_batch(tx, 1, heads, k);
+        if (k) offer_many(tx, 1, heads, k); /* batched, as Linux under load (xmit_more) */
         u32 id, len;
         for (u64 t = rdtsc(); !take_used(tx, &id, &len);)
             if (rdtsc() - t > REQUEST_TIMEOUT_TSC) return 90;
@@ -652,7 +635,7 @@ static int bench_rx(struct queue *rx, u64 *count, u64 *ticks) {
         net_frames_seen += k;
         for (u16 i = 0; i < k; i++)
             rx->desc[heads[i]] = (struct desc){(u64)net_rx[heads[i]], NET_BUF, 2, 0};
-        offer_batch(rx, 0, heads, k);
+        offer_many(rx, 0, heads, k);
     }
     *count = n;
     *ticks = last - first;
