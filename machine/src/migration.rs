@@ -145,6 +145,19 @@ pub struct Params {
     pub downtime_limit_ms: u64,
     /// Bytes per second a migration may send (QEMU's `max-bandwidth`, 128 MiB/s).
     pub max_bandwidth: u64,
+    /// The NICs' self-announcement after a migration (QEMU's `announce-*`): the first
+    /// after `initial` ms, `rounds` in all, each gap `step` ms longer than the one before,
+    /// at most `max` ms.
+    pub announce: Announce,
+}
+
+/// QEMU's announce parameters (50, 550, 5, 100 ms).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Announce {
+    pub initial: u64,
+    pub max: u64,
+    pub rounds: u64,
+    pub step: u64,
 }
 
 impl Default for Params {
@@ -152,6 +165,12 @@ impl Default for Params {
         Params {
             downtime_limit_ms: 300,
             max_bandwidth: 128 << 20,
+            announce: Announce {
+                initial: 50,
+                max: 550,
+                rounds: 5,
+                step: 100,
+            },
         }
     }
 }
@@ -726,7 +745,36 @@ impl Machine {
         Value::map([
             ("downtime-limit", Value::UInt(p.downtime_limit_ms)),
             ("max-bandwidth", Value::UInt(p.max_bandwidth)),
+            ("announce-initial", Value::UInt(p.announce.initial)),
+            ("announce-max", Value::UInt(p.announce.max)),
+            ("announce-rounds", Value::UInt(p.announce.rounds)),
+            ("announce-step", Value::UInt(p.announce.step)),
         ])
+    }
+
+    /// Announces every NIC's MAC out of its netdev, `announce` rounds apart, on a thread
+    /// of its own (QEMU's self-announcement, after a migration or on `announce-self`).
+    pub fn announce_nics(self: &Arc<Self>, announce: Announce) {
+        let machine = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("qomu-announce".into())
+            .spawn(move || {
+                let mut gap = announce.initial;
+                for round in 0..announce.rounds {
+                    std::thread::sleep(std::time::Duration::from_millis(gap.min(announce.max)));
+                    let Some(m) = machine.upgrade() else { return };
+                    let sent = m
+                        .nics()
+                        .iter()
+                        .filter(|n| devices::virtio::net::announce(n))
+                        .count();
+                    tracing::debug!("announce: round {round}: {sent} NICs");
+                    gap += announce.step;
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("migration: cannot announce the NICs: {e}");
+        }
     }
 
     /// `migrate-set-parameters`: the ones given change, for the next pass of a migration
@@ -738,6 +786,7 @@ impl Machine {
         &self,
         downtime_limit_ms: Option<u64>,
         max_bandwidth: Option<u64>,
+        announce: [Option<u64>; 4],
     ) -> Result<()> {
         if downtime_limit_ms.is_some_and(|d| d > MAX_DOWNTIME_LIMIT_MS) {
             return Err(Error::DowntimeLimit);
@@ -748,6 +797,18 @@ impl Machine {
         }
         if let Some(b) = max_bandwidth {
             p.max_bandwidth = b;
+        }
+        let [initial, max, rounds, step] = announce;
+        let a = &mut p.announce;
+        for (field, value) in [
+            (&mut a.initial, initial),
+            (&mut a.max, max),
+            (&mut a.rounds, rounds),
+            (&mut a.step, step),
+        ] {
+            if let Some(v) = value {
+                *field = v;
+            }
         }
         Ok(())
     }
@@ -913,7 +974,7 @@ impl Machine {
     /// with a way `back` to a source, says it has everything before the guest goes on
     /// (the source keeps its VM until then).
     fn load_stream(
-        &self,
+        self: &Arc<Self>,
         mut r: Reader,
         name: &str,
         start: bool,
@@ -1001,6 +1062,12 @@ impl Machine {
             self.run_guest(&mut st)?;
         } else {
             self.transition(&mut st, RunState::Paused)?;
+        }
+        // Switches learn where the NICs' MACs are now (QEMU announces after every
+        // incoming migration too).
+        if !self.nics().is_empty() {
+            let announce = self.migration_params.lock().announce;
+            self.announce_nics(announce);
         }
         drop(st);
         self.set_migration(|i| {

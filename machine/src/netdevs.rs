@@ -123,7 +123,7 @@ impl Machine {
     }
 
     /// Every NIC, in tree order (named ones first).
-    fn nics(&self) -> Vec<ObjectRef> {
+    pub(crate) fn nics(&self) -> Vec<ObjectRef> {
         ["/machine/peripheral", "/machine/peripheral-anon"]
             .into_iter()
             .filter_map(|p| self.tree.lookup(p).ok())

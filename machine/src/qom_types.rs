@@ -292,16 +292,47 @@ pub(crate) fn register(builder: &TreeBuilder, weak: &Weak<Machine>) -> Result<()
         )
         .action(
             machine_action(weak, "migrate-set-parameters", |m, a| {
+                let u = |name: &str| a.get(name).and_then(Value::as_u64);
                 m.set_migration_parameters(
-                    a.get("downtime-limit").and_then(Value::as_u64),
-                    a.get("max-bandwidth").and_then(Value::as_u64),
+                    u("downtime-limit"),
+                    u("max-bandwidth"),
+                    [u("announce-initial"), u("announce-max"), u("announce-rounds"), u("announce-step")],
                 )
                 .map(|()| None)
             })
-            .description("Set migration parameters (QEMU's downtime-limit, max-bandwidth)")
+            .description("Set migration parameters (QEMU's downtime-limit, max-bandwidth, announce-*)")
             .arg(Field::optional("downtime-limit", Kind::uint64(), "The downtime aimed for, ms (0 to 2000000; 300)"))
-            .arg(Field::optional("max-bandwidth", Kind::uint64(), "Bytes a second a migration may send (128 MiB/s)")),
+            .arg(Field::optional("max-bandwidth", Kind::uint64(), "Bytes a second a migration may send (128 MiB/s)"))
+            .arg(Field::optional("announce-initial", Kind::uint64(), "ms before the NICs' first self-announcement after a migration (50)"))
+            .arg(Field::optional("announce-max", Kind::uint64(), "Longest gap between announcements, ms (550)"))
+            .arg(Field::optional("announce-rounds", Kind::uint64(), "Announcements (5)"))
+            .arg(Field::optional("announce-step", Kind::uint64(), "How much longer each gap is than the one before, ms (100)")),
         )
+        .action({
+            let weak = weak.clone();
+            Action::new("announce-self", move |_, a| {
+                let m = upgrade(&weak)?;
+                let mut announce = m.migration_params.lock().announce;
+                let u = |name: &str| a.get(name).and_then(Value::as_u64);
+                for (field, name) in [
+                    (&mut announce.initial, "initial"),
+                    (&mut announce.max, "max"),
+                    (&mut announce.rounds, "rounds"),
+                    (&mut announce.step, "step"),
+                ] {
+                    if let Some(v) = u(name) {
+                        *field = v;
+                    }
+                }
+                m.announce_nics(announce);
+                Ok(None)
+            })
+            .description("Announce every NIC's MAC out of its netdev (RARP), as after a migration (QEMU's announce-self)")
+            .arg(Field::optional("initial", Kind::uint64(), "ms before the first"))
+            .arg(Field::optional("max", Kind::uint64(), "Longest gap, ms"))
+            .arg(Field::optional("rounds", Kind::uint64(), "How many"))
+            .arg(Field::optional("step", Kind::uint64(), "Each gap this much longer, ms"))
+        })
         .action(
             machine_action(weak, "query-migrate-parameters", |m, _| Ok(Some(m.migration_parameters())))
                 .description("The migration parameters")

@@ -1387,3 +1387,60 @@ fn the_driver_guests_nic_driven_over_dbus() {
     guest_line(&mut c, "virtio-net: link up");
     guest_line(&mut c, "virtio-net: ok");
 }
+
+/// QEMU's self-announcement: `announce-self` (and every incoming migration) sends each NIC's
+/// RARP request out of its netdev, `rounds` times: here to a stream peer of the test's,
+/// which reads them in the framing.
+#[test]
+fn announce_self_sends_each_nics_rarp_out_of_its_netdev() {
+    let dir = TempDir::new("nic-announce");
+    let socket = dir.path("peer.socket");
+    let listener = UnixListener::bind(&socket).unwrap();
+    let q = Qomu::spawn(&["-S"]);
+    let mut c = q.session();
+    let p = c.ok("query-migrate-parameters", json!({}));
+    assert_eq!(
+        (
+            p["announce-initial"].clone(),
+            p["announce-max"].clone(),
+            p["announce-rounds"].clone(),
+            p["announce-step"].clone()
+        ),
+        (json!(50), json!(550), json!(5), json!(100)),
+        "QEMU's defaults"
+    );
+    c.ok(
+        "netdev_add",
+        json!({"type": "stream", "id": "n0", "addr": {"type": "unix", "path": socket}}),
+    );
+    let (mut peer, _) = listener.accept().unwrap();
+    c.ok(
+        "device_add",
+        json!({"driver": "virtio-net-pci", "id": "nic0", "netdev": "n0", "mac": "52:54:00:aa:bb:cc"}),
+    );
+    c.ok(
+        "announce-self",
+        json!({"initial": 10, "max": 50, "rounds": 3, "step": 10}),
+    );
+    peer.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mac = [0x52, 0x54, 0, 0xaa, 0xbb, 0xcc];
+    for round in 0..3 {
+        let mut len = [0u8; 4];
+        std::io::Read::read_exact(&mut peer, &mut len)
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        let mut f = vec![0u8; u32::from_be_bytes(len) as usize];
+        std::io::Read::read_exact(&mut peer, &mut f).unwrap();
+        assert_eq!(f.len(), 60, "round {round}");
+        assert_eq!(f[..6], [0xff; 6]);
+        assert_eq!(f[6..12], mac);
+        assert_eq!(f[12..14], [0x80, 0x35], "RARP");
+        assert_eq!(f[20..22], [0, 3], "a reverse request");
+        assert_eq!(f[22..28], mac);
+    }
+    assert_eq!(
+        c.qom_get("/netdev/n0", "tx-packets"),
+        0,
+        "the guest sent nothing"
+    );
+}

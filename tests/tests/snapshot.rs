@@ -1170,3 +1170,99 @@ fn a_helpers_state_travels_in_a_live_migration() {
     }
     first.child.kill().unwrap();
 }
+
+/// A NIC migrates live with its MAC and link: set down on the source, it is down at the
+/// destination (no announcement goes while it is); up again there, `announce-self` sends
+/// its RARP out of the destination's netdev (each side's NIC on a stream netdev to a peer
+/// of the test's).
+#[test]
+fn a_nic_keeps_its_mac_and_link_across_a_live_migration() {
+    require_kvm!();
+    use std::os::unix::net::UnixListener;
+    let dir = TempDir::new("mig-nic");
+    let (console1, console2) = (dir.path("c1"), dir.path("c2"));
+    let (peer1, peer2) = (dir.path("p1.socket"), dir.path("p2.socket"));
+    let (l1, l2) = (
+        UnixListener::bind(&peer1).unwrap(),
+        UnixListener::bind(&peer2).unwrap(),
+    );
+    let nic = |peer: &Path| {
+        [
+            "--netdev".to_owned(),
+            format!("stream,id=n0,addr.type=unix,addr.path={}", peer.display()),
+            "--device".to_owned(),
+            "virtio-net-pci,id=nic0,netdev=n0,mac=52:54:00:ab:cd:01".to_owned(),
+        ]
+    };
+    let append = format!("counter={COUNT} spin=2000 nettraffic=0 min=2");
+    let uri = format!("unix:{}", dir.path("mig.sock").display());
+    let extra2 = nic(&peer2);
+    let mut args = counter_machine(
+        &dir,
+        &console2,
+        &append,
+        &extra2.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    args.extend(["--incoming".into(), uri.clone()]);
+    let mut second = spawn(&args);
+    let (mut p2, _) = l2.accept().unwrap();
+    let extra1 = nic(&peer1);
+    let mut first = spawn(&counter_machine(
+        &dir,
+        &console1,
+        &append,
+        &extra1.iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
+    let (_p1, _) = l1.accept().unwrap();
+    let mut c = first.connect();
+    c.negotiate();
+    wait_console(&console1, "counter: 200");
+    let r = c.cmd(r#"{"execute": "set_link", "arguments": {"name": "nic0", "up": false}}"#);
+    assert_eq!(r, json!({"return": {}}));
+    let info = migrate_to(&mut c, &uri);
+    assert_eq!(info["status"], "completed", "{info}");
+    first.child.kill().unwrap();
+    let mut d = second.connect();
+    d.negotiate();
+    let get = |d: &mut QmpRaw, p: &str| {
+        d.cmd(
+            &json!({"execute": "qom-get", "arguments": {"path": "nic0", "property": p}})
+                .to_string(),
+        )["return"]
+            .clone()
+    };
+    assert_eq!(
+        get(&mut d, "link"),
+        json!(false),
+        "the link came down with it"
+    );
+    assert_eq!(get(&mut d, "mac-address"), json!("52:54:00:ab:cd:01"));
+    // Link down: the announcement after the migration sent nothing.
+    p2.set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    let mut len = [0u8; 4];
+    assert!(
+        std::io::Read::read_exact(&mut p2, &mut len).is_err(),
+        "nothing while the link is down"
+    );
+    let r = d.cmd(r#"{"execute": "set_link", "arguments": {"name": "nic0", "up": true}}"#);
+    assert_eq!(r, json!({"return": {}}));
+    let r = d.cmd(r#"{"execute": "announce-self", "arguments": {"initial": 10, "rounds": 1}}"#);
+    assert_eq!(r, json!({"return": {}}));
+    p2.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    std::io::Read::read_exact(&mut p2, &mut len).unwrap();
+    let mut f = vec![0u8; u32::from_be_bytes(len) as usize];
+    std::io::Read::read_exact(&mut p2, &mut f).unwrap();
+    assert_eq!(
+        f[6..12],
+        [0x52, 0x54, 0, 0xab, 0xcd, 0x01],
+        "the destination's NIC, its MAC"
+    );
+    assert_eq!(f[12..14], [0x80, 0x35]);
+    assert_eq!(
+        second.wait_exit(Duration::from_secs(120)),
+        Some(1),
+        "{}",
+        std::fs::read_to_string(&console2).unwrap_or_default()
+    );
+}

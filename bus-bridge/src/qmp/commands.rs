@@ -53,6 +53,7 @@ pub const ACTIONS: &[(&str, &str)] = &[
     ("device_del", "device-del"),
     ("query-migrate", "query-migrate"),
     ("migrate_cancel", "migrate-cancel"),
+    ("announce-self", "announce-self"),
     ("migrate-set-parameters", "migrate-set-parameters"),
     ("query-migrate-parameters", "query-migrate-parameters"),
     ("migrate-set-capabilities", "migrate-set-capabilities"),

@@ -38,7 +38,7 @@ use vm_memory::Bytes;
 
 use self::filter::{Mac, Outcome, RxFilter};
 pub(crate) use self::qom::register;
-pub use self::qom::{TYPE, rx_filter_info};
+pub use self::qom::{TYPE, announce, announcement, rx_filter_info};
 use super::worker::Io;
 use super::{Identity, Interest, QueueHandler, VirtioDevice, feature};
 use crate::net::port::{NetCounters, Port};

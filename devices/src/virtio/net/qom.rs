@@ -298,6 +298,50 @@ fn release_mac(shared: &Shared) {
     }
 }
 
+/// The frame QEMU's self-announcement sends for a NIC (`qemu_announce_self`): a RARP
+/// request, broadcast, from and about `mac`, padded to the Ethernet minimum.
+pub fn announcement(mac: &Mac) -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(mac);
+    f.extend_from_slice(&[0x80, 0x35]); // RARP
+    f.extend_from_slice(&[0, 1, 0x08, 0x00, 6, 4, 0, 3]); // Ethernet, IPv4, reverse request
+    f.extend_from_slice(mac);
+    f.extend_from_slice(&[0; 4]);
+    f.extend_from_slice(mac);
+    f.extend_from_slice(&[0; 4]);
+    f.resize(60, 0);
+    f
+}
+
+/// Sends the NIC's announcement out of its netdev (after a migration: switches learn
+/// where its MAC is now); false if it has no open netdev or the link is down.
+pub fn announce(o: &ObjectRef) -> bool {
+    let Some(d) = o.instance::<VirtioObject>() else {
+        return false;
+    };
+    let Ok(shared) = shared(&d) else {
+        return false;
+    };
+    let (Some(port), Some(state)) = (shared.port.lock().clone(), shared.state.lock().clone())
+    else {
+        return false;
+    };
+    if !port.link().is_up() {
+        return false;
+    }
+    let frame = announcement(&state.filter.lock().mac);
+    let header = [0u8; crate::net::tap::VNET_HDR_LEN];
+    port.with_backend(|b| {
+        let parts: &[&[u8]] = if b.vnet_hdr() {
+            &[&header, &frame]
+        } else {
+            &[&frame]
+        };
+        b.send(parts).unwrap_or(false)
+    })
+    .unwrap_or(false)
+}
+
 /// What query-rx-filter shows of the NIC, in QEMU's `RxFilterInfo` shape.
 pub fn rx_filter_info(o: &ObjectRef) -> qom::Result<Value> {
     let d = o
