@@ -84,6 +84,9 @@ impl std::fmt::Display for Uri {
 /// What a destination sends back on a two-way stream (unix, tcp) once it has loaded
 /// everything, before its guest runs: until it comes, the source keeps its VM.
 pub const LOADED: &[u8; 8] = b"QOMUDONE";
+/// How long a source waits for [`LOADED`] after its last byte: a destination that hangs
+/// instead of dying must not hold the source's VM stopped for ever.
+pub const LOADED_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Where a source writes: the stream, the way back for the destination's [`LOADED`] (a
 /// socket's other direction), and a child to wait for (`exec:`).
@@ -115,6 +118,7 @@ pub fn connect(uri: &Uri) -> Result<Outgoing> {
                 ))
             })?;
             let back = s.try_clone().map_err(io)?;
+            back.set_read_timeout(Some(LOADED_TIMEOUT)).map_err(io)?;
             (Box::new(s), Some(Box::new(back)))
         }
         Uri::Tcp { host, port } => {
@@ -131,6 +135,7 @@ pub fn connect(uri: &Uri) -> Result<Outgoing> {
                 })?;
             let _ = s.set_nodelay(true);
             let back = s.try_clone().map_err(io)?;
+            back.set_read_timeout(Some(LOADED_TIMEOUT)).map_err(io)?;
             (Box::new(s), Some(Box::new(back)))
         }
         Uri::Exec(cmd) => {

@@ -56,13 +56,30 @@ fn linux_check_on_an_emulated_host_with_svm() {
     require_tools!("qemu-system-x86_64" from "qemu-system-x86");
     let kit = guest_kit();
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/linux-check-nested");
+    check_nested(&script, &kit, None, "3 passed");
+    // The migration between two qomu processes on an emulated host of its own: run after
+    // the three in-process tests on the same emulated host it stalled before the migration
+    // began, twice on 2026-12-02, while alone it passes (not understood yet,
+    // docs/testing.md).
+    check_nested(&script, &kit, Some(MIGRATION_TEST), "1 passed");
+}
+
+/// The Linux test that migrates between two qomu processes.
+const MIGRATION_TEST: &str = "linux_migrates_live_between_two_qomu_processes";
+
+/// Runs scripts/linux-check-nested for `only` (or every test but [`MIGRATION_TEST`]) and
+/// checks its summary says `passed`.
+fn check_nested(script: &Path, kit: &Path, only: Option<&str>, passed: &str) {
     let run = || {
-        Command::new(&script)
-            .arg(&kit)
+        let mut cmd = Command::new(script);
+        cmd.arg(kit)
             .arg(std::env::current_exe().expect("this test binary"))
-            .stdin(Stdio::null())
-            .output()
-            .expect("run scripts/linux-check-nested")
+            .stdin(Stdio::null());
+        match only {
+            Some(name) => cmd.arg(name),
+            None => cmd.env("QOMU_NESTED_SKIP", MIGRATION_TEST),
+        };
+        cmd.output().expect("run scripts/linux-check-nested")
     };
     let mut out = run();
     // Status 3: the emulated host itself went away mid-test, without the test's result (QEMU's
@@ -94,7 +111,7 @@ fn linux_check_on_an_emulated_host_with_svm() {
         "the emulated host has SVM with nested paging:\n{console}\n{stderr}"
     );
     assert!(
-        console.contains("test result: ok. 4 passed"),
+        console.contains(&format!("test result: ok. {passed}")),
         "the Linux boot test ran and passed on the emulated host:\n{console}\n{stderr}"
     );
     assert!(out.status.success(), "{}:\n{console}\n{stderr}", out.status);
