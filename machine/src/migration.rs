@@ -339,20 +339,28 @@ impl Machine {
             },
         };
         let _configuration = self.configuration.lock();
-        let setup_ms = started.elapsed().as_millis() as u64;
-        self.set_migration(|i| {
-            i.status = Some(Status::Active);
-            i.setup_ms = setup_ms;
-        });
+        let active = || {
+            let setup_ms = started.elapsed().as_millis() as u64;
+            self.set_migration(|i| {
+                i.status = Some(Status::Active);
+                i.setup_ms = setup_ms;
+            });
+        };
         let result = match outgoing {
             None => {
+                // A file: active once the guest is stopped for it (finish-migrate), as
+                // clients polling both may expect.
                 let mut st = self.state.lock();
                 let before = st.run;
-                let result = self.save_locked(&mut st, target, None, started);
+                let result = self.save_locked(&mut st, target, None, started, &active);
                 self.finish_save(&mut st, before, result.is_ok());
                 result
             }
-            Some(out) => self.save_live(target, out, started),
+            // Live: active while the guest runs and its RAM goes.
+            Some(out) => {
+                active();
+                self.save_live(target, out, started)
+            }
         };
         match result {
             Ok((bytes, downtime_ms)) => {
@@ -627,8 +635,10 @@ impl Machine {
         target: &Uri,
         outgoing: Option<migration_uri::Outgoing>,
         started: Instant,
+        active: &dyn Fn(),
     ) -> Result<(u64, u64)> {
         let (was_running, stopped) = self.stop_for_save(st)?;
+        active();
         let l = st
             .launched
             .as_ref()
