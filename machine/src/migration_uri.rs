@@ -234,21 +234,11 @@ impl Listening {
         Ok(match self {
             Listening::Unix(l, _) => {
                 let s = l.accept().map_err(io)?.0;
-                let back = s.try_clone().map_err(io)?;
-                Accepted {
-                    stream: Box::new(s),
-                    back: Some(Box::new(back)),
-                    child: None,
-                }
+                two_way(s.try_clone().map_err(io)?, s)
             }
             Listening::Tcp(l) => {
                 let s = l.accept().map_err(io)?.0;
-                let back = s.try_clone().map_err(io)?;
-                Accepted {
-                    stream: Box::new(s),
-                    back: Some(Box::new(back)),
-                    child: None,
-                }
+                two_way(s.try_clone().map_err(io)?, s)
             }
             Listening::Exec(cmd) => {
                 let mut child = Command::new("sh")
@@ -272,6 +262,15 @@ impl Listening {
                 child: None,
             },
         })
+    }
+}
+
+/// An accepted socket: read from `stream`, the word back written to `back` (its clone).
+fn two_way<S: Read + Write + Send + 'static>(stream: S, back: S) -> Accepted {
+    Accepted {
+        stream: Box::new(stream),
+        back: Some(Box::new(back)),
+        child: None,
     }
 }
 
