@@ -215,9 +215,19 @@ async def configure(vm, sections):
         raise
 
 
-def start_qomu(command, bus):
-    """Starts `COMMAND -S --dbus BUS|auto`; the bus address it serves on."""
+def files_named(sections):
+    """The files the INI names (a kernel, an initrd, a disk image): a sandboxed qomu opens
+    them after it locked down, so it must be told of them when it starts."""
+    return sorted({os.path.abspath(value) for _, _, entries in sections
+                   for _, value, _ in entries if os.path.exists(value)})
+
+
+def start_qomu(command, bus, paths=()):
+    """Starts `COMMAND -S --dbus BUS|auto`, allowed the files `paths` (docs/security.md);
+    the bus address it serves on."""
     argv = shlex.split(command) + ["-S", "--dbus", bus or "auto"]
+    for path in paths:
+        argv += ["--sandbox-path", path]
     if bus:
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL), bus
     # With --dbus auto and no session bus qomu starts a private bus and prints its address;
@@ -249,7 +259,7 @@ async def main():
         return 1
     address = args.bus or os.environ.get("DBUS_SESSION_BUS_ADDRESS")
     if args.start:
-        _, address = start_qomu(args.start, address)
+        _, address = start_qomu(args.start, address, files_named(sections))
     if not address:
         print("configure.py: no bus: pass --bus or set DBUS_SESSION_BUS_ADDRESS", file=sys.stderr)
         return 2

@@ -98,6 +98,10 @@ pub enum Error {
     BadUri { uri: String },
     #[error("this qomu was not started with --incoming defer")]
     NotDeferred,
+    #[error(
+        "exec: migration runs a command, which the sandbox forbids: pass a descriptor instead (getfd, then fd:NAME), or run qomu with --sandbox off"
+    )]
+    SpawnForbidden,
     #[error("downtime-limit takes 0 to 2000000 ms")]
     DowntimeLimit,
     #[error("there is no migration capability '{name}'")]

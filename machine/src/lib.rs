@@ -41,6 +41,12 @@ mod vcpu;
 mod vm;
 
 pub use config::{DeviceSpec, MachineConfig};
+
+/// Opens `/dev/kvm` now for the VM the first `cont` creates: call it before dropping
+/// privileges or locking the sandbox down. A failure is reported at that `cont`.
+pub fn preopen_kvm() {
+    vm::Vm::preopen();
+}
 pub use devices::ShutdownCause;
 pub use error::{Error, Result};
 pub use machine::{MACHINE_TYPE, Machine};

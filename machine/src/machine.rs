@@ -368,21 +368,19 @@ pub(crate) fn empty() -> Value {
 }
 
 fn spawn_control_thread(machine: Weak<Machine>, events: Receiver<VcpuEvent>) -> Result<()> {
-    std::thread::Builder::new()
-        .name("qomu-control".into())
-        .spawn(move || {
-            while let Ok(event) = events.recv() {
-                match machine.upgrade() {
-                    Some(m) => m.handle(event),
-                    None => return,
-                }
+    sandbox::spawn(sandbox::Class::Control, "qomu-control".into(), move || {
+        while let Ok(event) = events.recv() {
+            match machine.upgrade() {
+                Some(m) => m.handle(event),
+                None => return,
             }
-        })
-        .map(drop)
-        .map_err(|source| Error::Host {
-            what: "the machine's control thread",
-            source,
-        })
+        }
+    })
+    .map(drop)
+    .map_err(|source| Error::Host {
+        what: "the machine's control thread",
+        source,
+    })
 }
 
 fn build_tree(weak: &Weak<Machine>) -> Result<(Tree, ObjectRef, Notifiers)> {

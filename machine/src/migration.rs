@@ -304,21 +304,23 @@ impl Machine {
             .store(false, std::sync::atomic::Ordering::Release);
         self.set_migration(|i| i.status = Some(Status::Setup));
         let machine = self.clone();
-        std::thread::Builder::new()
-            .name("qomu-migrate".into())
-            .spawn(move || machine.save_thread(&target))
-            .map(drop)
-            .map_err(|source| {
-                let e = Error::Host {
-                    what: "the migration thread",
-                    source,
-                };
-                self.set_migration(|i| {
-                    i.status = Some(Status::Failed);
-                    i.error = Some(e.to_string());
-                });
-                e
-            })
+        sandbox::spawn(
+            sandbox::Class::Migration,
+            "qomu-migrate".into(),
+            move || machine.save_thread(&target),
+        )
+        .map(drop)
+        .map_err(|source| {
+            let e = Error::Host {
+                what: "the migration thread",
+                source,
+            };
+            self.set_migration(|i| {
+                i.status = Some(Status::Failed);
+                i.error = Some(e.to_string());
+            });
+            e
+        })
     }
 
     fn save_thread(&self, target: &Uri) {
@@ -766,9 +768,10 @@ impl Machine {
     /// of its own (QEMU's self-announcement, after a migration or on `announce-self`).
     pub fn announce_nics(self: &Arc<Self>, announce: Announce) {
         let machine = Arc::downgrade(self);
-        let spawned = std::thread::Builder::new()
-            .name("qomu-announce".into())
-            .spawn(move || {
+        let spawned = sandbox::spawn(
+            sandbox::Class::Migration,
+            "qomu-announce".into(),
+            move || {
                 let mut gap = announce.initial;
                 for round in 0..announce.rounds {
                     std::thread::sleep(std::time::Duration::from_millis(gap.min(announce.max)));
@@ -781,7 +784,8 @@ impl Machine {
                     tracing::debug!("announce: round {round}: {sent} NICs");
                     gap += announce.step;
                 }
-            });
+            },
+        );
         if let Err(e) = spawned {
             tracing::warn!("migration: cannot announce the NICs: {e}");
         }
@@ -954,9 +958,10 @@ impl Machine {
         start: bool,
     ) -> Result<()> {
         let machine = self.clone();
-        std::thread::Builder::new()
-            .name("qomu-incoming".into())
-            .spawn(move || {
+        sandbox::spawn(
+            sandbox::Class::Migration,
+            "qomu-incoming".into(),
+            move || {
                 let loaded = listening.accept().and_then(|accepted| {
                     drop(listening);
                     let r = Reader::stream(&name, accepted.stream)?;
@@ -972,12 +977,13 @@ impl Machine {
                     eprintln!("qomu: incoming migration failed: {e}");
                     machine.shutdown(crate::ShutdownCause::HostError, Some(1));
                 }
-            })
-            .map(drop)
-            .map_err(|source| Error::Host {
-                what: "the incoming migration thread",
-                source,
-            })
+            },
+        )
+        .map(drop)
+        .map_err(|source| Error::Host {
+            what: "the incoming migration thread",
+            source,
+        })
     }
 
     /// Checks a snapshot's `config` section against this machine, then loads the rest;

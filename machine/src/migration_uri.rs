@@ -29,7 +29,10 @@ pub enum Uri {
 }
 
 impl Uri {
-    /// Parses a URI as QEMU's `migrate` and `-incoming` take them.
+    /// Parses a URI as QEMU's `migrate` and `-incoming` take them, and refuses one the
+    /// sandbox forbids: `exec:` starts a program, which would run under the filter of the
+    /// thread that started it (QEMU's `-sandbox spawn=deny`, which libvirt sets, refuses
+    /// it too).
     ///
     /// # Errors
     /// An unknown scheme, or one without what it needs (QEMU's words).
@@ -52,6 +55,7 @@ impl Uri {
                     port,
                 }
             }
+            "exec" if sandbox::active() => return Err(Error::SpawnForbidden),
             "exec" => Uri::Exec(rest.to_owned()),
             "fd" if !rest.is_empty() => Uri::Fd(rest.to_owned()),
             _ => return Err(bad()),

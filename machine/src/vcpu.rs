@@ -6,10 +6,8 @@
 //! just before `KVM_RUN` is entered is not lost: the ioctl returns `EINTR` at once.
 
 use std::cell::Cell;
-use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Once};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use devices::{Bus, MachineRequest, ShutdownCause};
@@ -90,7 +88,7 @@ pub struct Vcpu {
     control: Arc<(Mutex<Control>, Condvar)>,
     doing: Arc<DoingAtomic>,
     thread_id: Arc<AtomicI64>,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<sandbox::Thread<()>>,
 }
 
 thread_local! {
@@ -147,9 +145,9 @@ impl Vcpu {
                 doing.clone(),
                 thread_id.clone(),
             );
-            std::thread::Builder::new()
-                .name(format!("vcpu{index}"))
-                .spawn(move || run_loop(index, &fd, &control, &doing, &thread_id, &ctx))?
+            sandbox::spawn(sandbox::Class::Vcpu, format!("vcpu{index}"), move || {
+                run_loop(index, &fd, &control, &doing, &thread_id, &ctx)
+            })?
         };
         let vcpu = Vcpu {
             index,

@@ -186,13 +186,30 @@ const APIC_LVT1: usize = 0x360;
 const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
 
+/// `/dev/kvm`, opened before the sandbox locks down (see [`Vm::preopen`]).
+static PREOPENED: parking_lot::Mutex<Option<Kvm>> = parking_lot::Mutex::new(None);
+
 impl Vm {
+    /// Opens `/dev/kvm` now, for a VM created later: a qomu that drops its privileges
+    /// (`--run-as`) or limits its files (Landlock) can still create the VM at the first
+    /// `cont`. A failure is kept for then: [`Vm::create`] tries again and reports it.
+    pub fn preopen() {
+        let mut slot = PREOPENED.lock();
+        if slot.is_none() {
+            *slot = Kvm::new().ok();
+        }
+    }
+
     /// Creates the VM with `ram_size` bytes of RAM, the in-kernel irqchip and PIT.
     ///
     /// # Errors
     /// KVM is missing or refuses, or the memory cannot be mapped.
     pub fn create(ram_size: u64) -> Result<Vm, VmError> {
-        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let preopened = PREOPENED.lock().take();
+        let kvm = match preopened {
+            Some(kvm) => kvm,
+            None => Kvm::new().map_err(VmError::OpenKvm)?,
+        };
         let fd = kvm.create_vm().map_err(kvm_err("create VM"))?;
         fd.set_tss_address(TSS_ADDR as usize)
             .map_err(kvm_err("set TSS address"))?;

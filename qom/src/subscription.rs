@@ -1370,10 +1370,9 @@ fn timer() -> &'static Timer {
             changed: Condvar::new(),
             next: AtomicU64::new(0),
         }));
-        if let Err(e) = std::thread::Builder::new()
-            .name("qom-timer".into())
-            .spawn(move || timer.run())
-        {
+        if let Err(e) = sandbox::spawn(sandbox::Class::Timer, "qom-timer".into(), move || {
+            timer.run()
+        }) {
             // Without it, held events wait for the next event of their source and lingering
             // subscriptions stay until their subscriber is dropped: degraded, not broken.
             tracing::error!("qom: cannot start the subscription timer thread: {e}");

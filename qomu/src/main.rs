@@ -87,6 +87,25 @@ struct Cli {
     /// Peer-to-peer D-Bus socket: unix:PATH (repeatable); clients connect without a bus.
     #[arg(long, value_name = "unix:PATH", value_parser = parse_p2p)]
     dbus_p2p: Vec<PathBuf>,
+    /// The sandbox (docs/security.md): on (a seccomp filter per thread, no new privileges,
+    /// files limited by Landlock; a forbidden system call ends qomu, saying which), log
+    /// (forbidden calls are reported and let through; no Landlock), or off.
+    #[arg(
+        long,
+        value_name = "on|log|off",
+        default_value = "on",
+        env = "QOMU_SANDBOX"
+    )]
+    sandbox: sandbox::Mode,
+    /// Once what needs root is open, run as USER[:GROUP] (names or numbers; supplementary
+    /// groups are cleared).
+    #[arg(long, value_name = "USER[:GROUP]")]
+    run_as: Option<sandbox::RunAs>,
+    /// A file or directory a sandboxed qomu may use beyond those on its command line: for
+    /// images hot-plugged later, snapshot and migration targets, sockets
+    /// (PATH[,access=ro|rw], rw if not said; repeatable).
+    #[arg(long = "sandbox-path", value_name = "PATH[,access=ro|rw]")]
+    sandbox_paths: Vec<sandbox::PathRule>,
 }
 
 /// The `--dbus` choice.
@@ -133,6 +152,7 @@ fn start_dbus(
     name: &str,
     p2p: &[PathBuf],
     tree: &qom::Tree,
+    early: Option<std::io::Result<PrivateBus>>,
 ) -> Result<(Option<DbusBridge>, Option<PrivateBus>), String> {
     let config = |bus: Option<BusAddress>| DbusConfig {
         bus,
@@ -158,10 +178,16 @@ fn start_dbus(
                     Ok(b) => return Ok((Some(b), None)),
                     // Another VM owns the name: the user must pick one, not get a private bus.
                     Err(e) if e.contains("cannot own the name") => return Err(e),
+                    Err(e) if sandbox::locked() => {
+                        say!(
+                            "qomu: {e}; going on without D-Bus (the sandbox forbids starting a private bus now: pass --dbus none or a bus that works)"
+                        );
+                        return p2p_only();
+                    }
                     Err(e) => say!("qomu: {e}; starting a private bus instead"),
                 }
             }
-            match PrivateBus::start() {
+            match early.unwrap_or_else(PrivateBus::start) {
                 Ok(private) => {
                     let bridge = start(Some(BusAddress::Address(private.address().to_owned())))?;
                     say!(
@@ -264,17 +290,15 @@ fn block_stop_signals() {
 
 /// Waits for SIGINT/SIGTERM/SIGHUP and shuts the machine down as QEMU does.
 fn spawn_signal_thread(machine: Arc<Machine>) {
-    let spawned = std::thread::Builder::new()
-        .name("qomu-signals".into())
-        .spawn(move || {
-            let set = stop_signal_set();
-            let mut signal: libc::c_int = 0;
-            // SAFETY: `set` is initialized and `signal` is a valid place for the result.
-            if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
-                say!("qomu: terminating on signal {signal}");
-                machine.shutdown(ShutdownCause::HostSignal, Some(0));
-            }
-        });
+    let spawned = sandbox::spawn(sandbox::Class::Signals, "qomu-signals".into(), move || {
+        let set = stop_signal_set();
+        let mut signal: libc::c_int = 0;
+        // SAFETY: `set` is initialized and `signal` is a valid place for the result.
+        if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
+            say!("qomu: terminating on signal {signal}");
+            machine.shutdown(ShutdownCause::HostSignal, Some(0));
+        }
+    });
     if let Err(e) = spawned {
         say!("qomu: cannot watch for signals: {e}");
     }
@@ -344,6 +368,109 @@ fn take_netdev_fds(
     Ok(())
 }
 
+/// Where `--dbus auto` will want a private bus: started before the sandbox locks down,
+/// since spawning is forbidden after.
+fn early_private_bus(choice: &DbusChoice) -> Option<std::io::Result<PrivateBus>> {
+    let session = std::env::var_os("DBUS_SESSION_BUS_ADDRESS").is_some_and(|a| !a.is_empty());
+    (matches!(choice, DbusChoice::Auto) && !session).then(PrivateBus::start)
+}
+
+/// `QOMU_SANDBOX_LOG=FILE`: the sandbox's reports are appended there too (a manager that
+/// drops qomu's stderr still has them).
+fn sandbox_report_file() -> Option<std::os::fd::OwnedFd> {
+    let path = std::env::var_os("QOMU_SANDBOX_LOG").filter(|p| !p.is_empty())?;
+    match std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+    {
+        Ok(f) => Some(f.into()),
+        Err(e) => {
+            say!(
+                "qomu: QOMU_SANDBOX_LOG {}: {e}",
+                std::path::Path::new(&path).display()
+            );
+            None
+        }
+    }
+}
+
+/// What a locked-down qomu may reach (docs/security.md): the files of its command line,
+/// the directories its sockets are made in, `--sandbox-path`, and what every qomu needs
+/// (the KVM and tun devices, name-service files for `tcp:` hosts, the libraries loaded
+/// late, such as libgcc_s for a panic's unwinding).
+fn sandbox_paths(cli: &Cli) -> Vec<sandbox::PathRule> {
+    use sandbox::{Access, PathRule};
+    let rule = |path: &std::path::Path, access| PathRule {
+        path: path.to_owned(),
+        access,
+    };
+    // A socket or file still to be made: its directory.
+    let made_in = |path: &std::path::Path| {
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        rule(dir.unwrap_or(std::path::Path::new(".")), Access::ReadWrite)
+    };
+    let mut rules = Vec::new();
+    for path in [&cli.kernel, &cli.initrd].into_iter().flatten() {
+        rules.push(rule(path, Access::Read));
+    }
+    for spec in cli.devices.iter().chain(&cli.objects).chain(&cli.netdevs) {
+        let read_only = spec
+            .props
+            .iter()
+            .any(|(k, v)| k == "read-only" && matches!(v.as_str(), "on" | "true" | "yes"));
+        for (key, value) in &spec.props {
+            if !matches!(key.as_str(), "file" | "filename" | "path" | "addr.path") {
+                continue;
+            }
+            let path = std::path::Path::new(value);
+            if path.exists() {
+                let access = if read_only {
+                    Access::Read
+                } else {
+                    Access::ReadWrite
+                };
+                rules.push(rule(path, access));
+            } else {
+                rules.push(made_in(path));
+            }
+        }
+    }
+    if let Some(path) = cli.serial.strip_prefix("file:") {
+        rules.push(rule(std::path::Path::new(path), Access::ReadWrite));
+    }
+    for socket in cli.qmp.iter().chain(&cli.dbus_p2p) {
+        rules.push(made_in(socket));
+    }
+    if let Some(uri) = &cli.incoming {
+        if let Some(path) = uri.strip_prefix("file:") {
+            rules.push(rule(std::path::Path::new(path), Access::Read));
+        } else if let Some(path) = uri.strip_prefix("unix:") {
+            rules.push(made_in(std::path::Path::new(path)));
+        }
+    }
+    for path in ["/dev/kvm", "/dev/net/tun", "/dev/null"] {
+        rules.push(rule(std::path::Path::new(path), Access::ReadWrite));
+    }
+    for path in [
+        "/dev/urandom",
+        "/etc/hosts",
+        "/etc/host.conf",
+        "/etc/nsswitch.conf",
+        "/etc/resolv.conf",
+        "/etc/gai.conf",
+        "/lib",
+        "/usr/lib",
+        "/sys/devices/system/cpu",
+        "/sys/fs/cgroup",
+        "/proc/self",
+    ] {
+        rules.push(rule(std::path::Path::new(path), Access::Read));
+    }
+    rules.extend(cli.sandbox_paths.iter().cloned());
+    rules
+}
+
 fn main() -> ExitCode {
     let mut inherited = inherited_fds();
     let mut cli = Cli::parse();
@@ -353,6 +480,12 @@ fn main() -> ExitCode {
         say!("qomu: {e}");
         return ExitCode::FAILURE;
     }
+    // Before any thread: each is then started under its class's filter (sandbox crate).
+    if let Err(e) = sandbox::configure(cli.sandbox, sandbox_report_file()) {
+        say!("qomu: sandbox: {e}");
+        return ExitCode::FAILURE;
+    }
+    let allowed_paths = sandbox_paths(&cli);
     let config = MachineConfig {
         memory: cli.memory,
         cpus: cli.cpus,
@@ -376,6 +509,24 @@ fn main() -> ExitCode {
     };
     spawn_signal_thread(machine.clone());
     let terminal = Terminal::take(config.serial == "stdio");
+    // What needs root or a path outside the sandbox's is opened now; then root is given up,
+    // then every thread is filtered (docs/security.md, "Start-up order").
+    if sandbox::active() || cli.run_as.is_some() {
+        machine::preopen_kvm();
+    }
+    if let Some(who) = &cli.run_as
+        && let Err(e) = sandbox::drop_privileges(who)
+    {
+        terminal.restore();
+        say!("qomu: {e}");
+        return ExitCode::FAILURE;
+    }
+    let early_bus = early_private_bus(&cli.dbus);
+    if let Err(e) = sandbox::lockdown(&allowed_paths) {
+        terminal.restore();
+        say!("qomu: sandbox: {e}");
+        return ExitCode::FAILURE;
+    }
     // The front ends come up once the guest runs (unless -S), as QEMU's monitor answers
     // only once the VM has started: a client that connects as soon as it can sees the
     // state it asked for on the command line, never a passing prelaunch.
@@ -396,11 +547,16 @@ fn main() -> ExitCode {
         say!("qomu: {e}");
         ExitCode::FAILURE
     };
-    let (mut dbus, private_bus) =
-        match start_dbus(&cli.dbus, &cli.dbus_name, &cli.dbus_p2p, machine.tree()) {
-            Ok(started) => started,
-            Err(e) => return fail(&e),
-        };
+    let (mut dbus, private_bus) = match start_dbus(
+        &cli.dbus,
+        &cli.dbus_name,
+        &cli.dbus_p2p,
+        machine.tree(),
+        early_bus,
+    ) {
+        Ok(started) => started,
+        Err(e) => return fail(&e),
+    };
     let mut qmp = match bus_bridge::qmp::server::QmpServer::start(machine.tree().clone(), &cli.qmp)
     {
         Ok(server) => server,

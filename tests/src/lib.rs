@@ -381,6 +381,30 @@ fn build_qomu() -> std::path::PathBuf {
     bin
 }
 
+/// A `qomu` command for a test: [`qomu_binary`], allowed by the sandbox (`--sandbox-path`)
+/// the tests' scratch directory (where they make the images, sockets and snapshots they
+/// hand qomu once it runs) and the test guests (kernels set over QMP or D-Bus in
+/// prelaunch are opened at `cont`). A test that is about the sandbox's paths starts
+/// [`qomu_binary`] itself.
+pub fn qomu_command() -> std::process::Command {
+    let mut cmd = std::process::Command::new(qomu_binary());
+    cmd.args(sandbox_path_args());
+    cmd
+}
+
+/// The `--sandbox-path` arguments of [`qomu_command`], for a test that builds a command
+/// line as text.
+pub fn sandbox_path_args() -> Vec<String> {
+    let guests = qomu_guests::path("hello");
+    let guests = guests.parent().unwrap_or(&guests);
+    vec![
+        "--sandbox-path".into(),
+        std::env::temp_dir().display().to_string(),
+        "--sandbox-path".into(),
+        format!("{},access=ro", guests.display()),
+    ]
+}
+
 /// A child process killed when the test ends, passed or not (a failing assertion must not
 /// leave it running, or holding the test's output open).
 pub struct KillOnDrop(pub std::process::Child);
@@ -440,7 +464,7 @@ impl Qomu {
     pub fn spawn_with(args: &[&str], setup: impl FnOnce(&mut std::process::Command)) -> Qomu {
         let dir = TempDir::new("proc");
         let qmp = dir.path("qmp.sock");
-        let mut cmd = std::process::Command::new(qomu_binary());
+        let mut cmd = qomu_command();
         cmd.args(args)
             .arg("--qmp")
             .arg(format!("unix:{}", qmp.display()));

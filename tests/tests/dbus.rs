@@ -741,7 +741,7 @@ fn auto_starts_a_private_bus_when_there_is_none() {
     require_dbus!();
     let dir = TempDir::new("dbus-auto");
     let mut child = KillOnDrop(
-        std::process::Command::new(qomu_tests::qomu_binary())
+        qomu_tests::qomu_command()
             .args(["-S", "--serial", "none", "--dbus", "auto"])
             .env_remove("DBUS_SESSION_BUS_ADDRESS")
             .env("XDG_RUNTIME_DIR", &dir.0)
@@ -797,7 +797,7 @@ fn a_taken_bus_name_is_a_clear_error() {
     require_dbus!();
     let bus = SessionBus::start();
     let _first = bus.qomu(&["-S"]);
-    let out = std::process::Command::new(qomu_tests::qomu_binary())
+    let out = qomu_tests::qomu_command()
         .args(["-S", "--serial", "none", "--dbus", "session"])
         .env("DBUS_SESSION_BUS_ADDRESS", &bus.address)
         .stdin(std::process::Stdio::null())
@@ -824,7 +824,7 @@ fn a_taken_bus_name_is_a_clear_error() {
         String::try_from(v.body().deserialize::<OwnedVariant>().unwrap()).unwrap(),
         "prelaunch"
     );
-    let out = std::process::Command::new(qomu_tests::qomu_binary())
+    let out = qomu_tests::qomu_command()
         .args(["--dbus-name", "not a name"])
         .output()
         .unwrap();

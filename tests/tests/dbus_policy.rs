@@ -134,7 +134,9 @@ fn system_bus_policy_lets_root_drive_and_others_watch() {
     assert!(err.contains("cannot own the name 'org.qomu.VM1'"), "{err}");
 
     // root may.
-    let mut vm = Command::new(&qomu)
+    let mut vm = Command::new(&qomu);
+    vm.args(qomu_tests::sandbox_path_args());
+    let mut vm = vm
         .args(["-S", "--serial", "none", "--dbus", &bus.address])
         .stdin(Stdio::null())
         .spawn()

@@ -374,7 +374,7 @@ fn netdevs_from_the_command_line_and_over_dbus() {
     assert_eq!(netdevs(&mut qmp), ["cli0"]);
 
     // A bad --netdev stops qomu before anything runs, saying why.
-    let out = Command::new(qomu_tests::qomu_binary())
+    let out = qomu_tests::qomu_command()
         .args(["-S", "--dbus", "none", "--netdev", "bogus,id=x"])
         .output()
         .unwrap();
@@ -1276,7 +1276,7 @@ fn taps_handed_over_on_the_command_line_and_over_dbus() {
     assert!(netdevs(&mut c).is_empty());
 
     // A number qomu did not inherit.
-    let out = Command::new(qomu_tests::qomu_binary())
+    let out = qomu_tests::qomu_command()
         .args(["-S", "--dbus", "none", "--netdev", "tap,id=x,fd=57"])
         .output()
         .unwrap();

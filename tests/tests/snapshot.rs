@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 
 use qomu_tests::dbus::SessionBus;
 use qomu_tests::{
-    KillOnDrop, QmpRaw, Qomu, TempDir, python_modules_present, qomu_binary, require_dbus,
-    require_kvm,
+    KillOnDrop, QmpRaw, Qomu, TempDir, python_modules_present, require_dbus, require_kvm,
 };
 use serde_json::{Value as Json, json};
 
@@ -261,7 +260,7 @@ fn a_guest_saved_paused_comes_back_paused_and_continues_on_cont() {
 }
 
 fn incoming(args: &[String], file: &Path) -> (i32, String) {
-    let out = Command::new(qomu_binary())
+    let out = qomu_tests::qomu_command()
         .args(args)
         .args(["--dbus", "none", "--incoming"])
         .arg(format!("file:{}", file.display()))
@@ -701,10 +700,13 @@ fn a_running_guest_migrates_through_exec_commands() {
     // SAFETY: mkfifo with a valid path.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
     let (console1, console2) = (dir.path("c1"), dir.path("c2"));
-    let mut args = machine_args(&dir, &console2, &[]);
+    // A command would run under the filter of the thread that starts it: the sandbox
+    // refuses exec:, as QEMU's spawn=deny does, and an exec: migration needs it off.
+    let off = ["--sandbox", "off"];
+    let mut args = machine_args(&dir, &console2, &off);
     args.extend(["--incoming".into(), format!("exec:cat {}", fifo.display())]);
     let mut second = spawn(&args);
-    let mut first = spawn(&machine_args(&dir, &console1, &[]));
+    let mut first = spawn(&machine_args(&dir, &console1, &off));
     let mut c = first.connect();
     c.negotiate();
     wait_console(&console1, "counter: 300");

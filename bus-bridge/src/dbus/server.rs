@@ -15,7 +15,6 @@ use std::path::PathBuf;
 use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -104,7 +103,7 @@ struct Shutdown {
 /// A running D-Bus bridge.
 pub struct DbusBridge {
     shutdown: Arc<Shutdown>,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<sandbox::Thread<()>>,
     unique_name: Option<String>,
     p2p: Vec<PathBuf>,
 }
@@ -129,19 +128,17 @@ impl DbusBridge {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let p2p = config.p2p.clone();
         let stop = shutdown.clone();
-        let thread = std::thread::Builder::new()
-            .name("qomu-dbus".into())
-            .spawn(move || {
-                let runtime = match SharedRuntime::new() {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(StartError::Internal(e.to_string())));
-                        return;
-                    }
-                };
-                runtime.block_on(run(runtime.clone(), tree, config, stop, ready_tx));
-            })
-            .map_err(|e| StartError::Internal(e.to_string()))?;
+        let thread = sandbox::spawn(sandbox::Class::Dbus, "qomu-dbus".into(), move || {
+            let runtime = match SharedRuntime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(StartError::Internal(e.to_string())));
+                    return;
+                }
+            };
+            runtime.block_on(run(runtime.clone(), tree, config, stop, ready_tx));
+        })
+        .map_err(|e| StartError::Internal(e.to_string()))?;
         match ready_rx.recv() {
             Ok(Ok(started)) => Ok(DbusBridge {
                 shutdown,

@@ -18,7 +18,6 @@ use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Wake, Waker};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -87,7 +86,7 @@ struct Shared {
 /// A running QMP server.
 pub struct QmpServer {
     shared: Arc<Shared>,
-    listeners: Vec<(PathBuf, Option<JoinHandle<()>>)>,
+    listeners: Vec<(PathBuf, Option<sandbox::Thread<()>>)>,
 }
 
 impl QmpServer {
@@ -108,9 +107,11 @@ impl QmpServer {
                 io::Error::new(e.kind(), format!("QMP socket {}: {e}", path.display()))
             })?;
             let s = shared.clone();
-            let thread = std::thread::Builder::new()
-                .name("qmp-accept".into())
-                .spawn(move || accept_loop(&s, &listener))?;
+            let thread = sandbox::spawn(
+                sandbox::Class::QmpListener,
+                "qmp-accept".into(),
+                move || accept_loop(&s, &listener),
+            )?;
             listeners.push((path.clone(), Some(thread)));
         }
         Ok(QmpServer { shared, listeners })
@@ -184,13 +185,11 @@ fn accept_loop(shared: &Arc<Shared>, listener: &UnixListener) {
             continue;
         }
         let s = shared.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("qmp{id}"))
-            .spawn(move || {
-                if let Err(e) = serve(&s, stream, id) {
-                    tracing::debug!("QMP client {id}: {e}");
-                }
-            });
+        let spawned = sandbox::spawn(sandbox::Class::QmpClient, format!("qmp{id}"), move || {
+            if let Err(e) = serve(&s, stream, id) {
+                tracing::debug!("QMP client {id}: {e}");
+            }
+        });
         if let Err(e) = spawned {
             tracing::warn!("QMP: cannot start a thread for a client: {e}");
         }

@@ -10,7 +10,6 @@
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::thread::JoinHandle;
 
 use parking_lot::Mutex;
 use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
@@ -94,7 +93,7 @@ pub struct InUse;
 
 struct Idle {
     stop: Arc<EventFd>,
-    thread: JoinHandle<()>,
+    thread: sandbox::Thread<()>,
 }
 
 struct Inner {
@@ -237,12 +236,10 @@ impl Port {
 
     fn start_idle(self: &Arc<Self>) -> std::io::Result<Idle> {
         let stop = Arc::new(EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?);
-        let thread = std::thread::Builder::new()
-            .name(format!("net-{}", self.id))
-            .spawn({
-                let (port, stop) = (self.clone(), stop.clone());
-                move || port.serve_idle(&stop)
-            })?;
+        let thread = sandbox::spawn(sandbox::Class::DeviceIo, format!("net-{}", self.id), {
+            let (port, stop) = (self.clone(), stop.clone());
+            move || port.serve_idle(&stop)
+        })?;
         Ok(Idle { stop, thread })
     }
 

@@ -149,9 +149,10 @@ fn open_backend(
 
 /// Feeds standard input to the guest until EOF or until the device is gone.
 fn spawn_stdin_reader(serial: Weak<SerialDevice>) {
-    let spawned = std::thread::Builder::new()
-        .name("serial-stdin".into())
-        .spawn(move || {
+    let spawned = sandbox::spawn(
+        sandbox::Class::SerialInput,
+        "serial-stdin".into(),
+        move || {
             let mut buf = [0u8; 256];
             let mut stdin = io::stdin();
             loop {
@@ -169,7 +170,8 @@ fn spawn_stdin_reader(serial: Weak<SerialDevice>) {
                     }
                 }
             }
-        });
+        },
+    );
     if let Err(e) = spawned {
         tracing::warn!("cannot start the stdin reader: {e}");
     }

@@ -24,7 +24,6 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::thread::JoinHandle;
 
 use crate::GuestMemoryMmap;
 use parking_lot::{Condvar, Mutex};
@@ -98,7 +97,7 @@ enum Flow {
 pub struct Worker {
     control: Arc<Control>,
     queues: Arc<Mutex<Vec<Queue>>>,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<sandbox::Thread<()>>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -165,9 +164,7 @@ impl Worker {
                 counters: job.counters,
                 interest: None,
             };
-            std::thread::Builder::new()
-                .name(name)
-                .spawn(move || thread.run(&epoll))?
+            sandbox::spawn(sandbox::Class::DeviceIo, name, move || thread.run(&epoll))?
         };
         Ok(Worker {
             control,
