@@ -5,7 +5,9 @@
 //! Every qomu thread is started with [`spawn`] and a [`Class`]. Filters stack (a thread
 //! inherits its spawner's and may only narrow them), so a thread started once the sandbox
 //! is locked down is spawned by the *spawner*, a thread whose own filter is the union of
-//! all classes': each thread then has exactly its class's allow-list. Threads started
+//! all classes': each thread then has exactly its class's allow-list (a class whose list
+//! lets it start threads has a thread of its own start them, so they inherit the filter
+//! instead of compiling it again). Threads started
 //! before [`lockdown`] wait at their first line until it, then apply theirs: by then the
 //! privileges are dropped (glibc's `setuid` must reach unfiltered threads) and every
 //! descriptor the VM needs at start is open.
@@ -119,6 +121,24 @@ impl Class {
         Class::ALL.get(usize::from(index)).copied()
     }
 
+    /// Whether the class's list lets it start threads (the control plane's).
+    fn starts_threads(self) -> bool {
+        matches!(
+            self,
+            Class::Main | Class::Control | Class::QmpClient | Class::Dbus | Class::Migration
+        )
+    }
+
+    /// A short name for thread names (15 bytes at most in all).
+    fn short(self) -> &'static str {
+        match self {
+            Class::QmpClient => "qmp",
+            Class::Migration => "mig",
+            Class::Control => "ctl",
+            other => other.name(),
+        }
+    }
+
     fn index(self) -> u8 {
         Class::ALL.iter().position(|c| *c == self).unwrap_or(0) as u8
     }
@@ -172,6 +192,9 @@ struct State {
     /// The Landlock domain for threads started before the lockdown (`On` only).
     ruleset: Mutex<Option<landlock::RulesetCreated>>,
     spawner: Mutex<Option<std::sync::mpsc::Sender<Request>>>,
+    /// For the classes that may start threads: a thread of that class that starts the
+    /// others (see [`spawn`]).
+    class_spawners: Mutex<BTreeMap<Class, std::sync::mpsc::Sender<Request>>>,
     /// Debug builds only: a class whose threads make one forbidden call once filtered.
     test_forbidden: Option<Class>,
 }
@@ -215,6 +238,7 @@ pub fn configure(mode: Mode, report: Option<std::os::fd::OwnedFd>) -> Result<(),
         changed: Condvar::new(),
         ruleset: Mutex::new(None),
         spawner: Mutex::new(None),
+        class_spawners: Mutex::new(BTreeMap::new()),
         test_forbidden,
     };
     STATE.set(state).map_err(|_| Error::AlreadyConfigured)?;
@@ -302,11 +326,16 @@ fn apply(state: &State, class: Class) -> Result<(), Error> {
         class: class.name(),
         source,
     })?;
+    filtered(state, class);
+    Ok(())
+}
+
+/// What follows a thread's filter: its class recorded for reports, and the test hook.
+fn filtered(state: &State, class: Class) {
     trap::set_class(class);
     if state.test_forbidden == Some(class) {
         trap::make_forbidden_call(class);
     }
-    Ok(())
 }
 
 /// Runs first on a new thread: waits for the lockdown if it has not come, then applies
@@ -389,9 +418,12 @@ impl<T> Thread<T> {
     }
 }
 
+/// What a new thread runs, as a spawner receives it.
+type Body = Box<dyn FnOnce() + Send>;
+
 struct Request {
     name: String,
-    body: Box<dyn FnOnce() + Send>,
+    body: Body,
     reply: std::sync::mpsc::SyncSender<std::io::Result<JoinHandle<()>>>,
 }
 
@@ -440,30 +472,96 @@ where
         return spawned.map(|handle| Thread { handle, result });
     }
     drop(gate);
-    let (reply, answer) = std::sync::mpsc::sync_channel(1);
-    let request = Request {
-        name,
-        body: Box::new(move || {
-            enter(class, false);
+    // Applying a filter costs the kernel a compilation (hundreds of µs under PVM); a
+    // thread inherits its creator's filters for nothing. A class that may start threads
+    // has one thread of its own start the others, which then have its filters already.
+    if class.starts_threads() {
+        let mut body: Body = Box::new(move || {
+            filtered(state_ref(), class);
             run();
-        }),
-        reply,
-    };
-    let sent = state
-        .spawner
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .as_ref()
-        .map(|tx| tx.send(request).is_ok());
-    if sent != Some(true) {
+        });
+        for _ in 0..2 {
+            let starter = class_spawner(state, class)?;
+            match start_through(&starter, name.clone(), body) {
+                Ok(handle) => return Ok(Thread { handle, result }),
+                // Its thread is gone (it panicked): a new one, once.
+                Err(Some(back)) => {
+                    body = back;
+                    state
+                        .class_spawners
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&class);
+                }
+                Err(None) => return Err(std::io::Error::other("cannot start a thread")),
+            }
+        }
         return Err(std::io::Error::other(
             "the sandbox's spawner thread is gone",
         ));
     }
-    let handle = answer
-        .recv()
-        .map_err(|_| std::io::Error::other("the sandbox's spawner thread is gone"))??;
+    let root = root_spawner(state)?;
+    let body = Box::new(move || {
+        enter(class, false);
+        run();
+    });
+    let handle = start_through(&root, name, body)
+        .map_err(|_| std::io::Error::other("the sandbox's spawner thread is gone"))?;
     Ok(Thread { handle, result })
+}
+
+fn root_spawner(state: &State) -> std::io::Result<std::sync::mpsc::Sender<Request>> {
+    state
+        .spawner
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .ok_or_else(|| std::io::Error::other("the sandbox's spawner thread is gone"))
+}
+
+/// The thread of `class` that starts that class's threads, started on first use by the
+/// root spawner (so its filters are the union's and its class's, as any thread of it).
+fn class_spawner(
+    state: &'static State,
+    class: Class,
+) -> std::io::Result<std::sync::mpsc::Sender<Request>> {
+    let mut spawners = state
+        .class_spawners
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(tx) = spawners.get(&class) {
+        return Ok(tx.clone());
+    }
+    let (tx, rx) = std::sync::mpsc::channel::<Request>();
+    let body = Box::new(move || {
+        enter(class, false);
+        serve_spawns(&rx);
+    });
+    start_through(
+        &root_spawner(state)?,
+        format!("qomu-spawn-{}", class.short()),
+        body,
+    )
+    .map_err(|_| std::io::Error::other("the sandbox's spawner thread is gone"))?;
+    spawners.insert(class, tx.clone());
+    Ok(tx)
+}
+
+/// Has `starter` create the thread. `Err(Some(body))`: the starter is gone, the body
+/// comes back; `Err(None)`: the thread could not be created.
+fn start_through(
+    starter: &std::sync::mpsc::Sender<Request>,
+    name: String,
+    body: Body,
+) -> Result<JoinHandle<()>, Option<Body>> {
+    let (reply, answer) = std::sync::mpsc::sync_channel(1);
+    if let Err(std::sync::mpsc::SendError(request)) = starter.send(Request { name, body, reply }) {
+        return Err(Some(request.body));
+    }
+    match answer.recv() {
+        Ok(Ok(handle)) => Ok(handle),
+        Ok(Err(_)) | Err(_) => Err(None),
+    }
 }
 
 /// The class this thread was started as, if it was started with [`spawn`] under a sandbox

@@ -196,6 +196,7 @@ fn known_thread(name: &str) -> bool {
         || numbered("vcpu")
         || numbered("qmp")
         || name.starts_with("io-")
+        || name.starts_with("qomu-spawn-")
         || name.starts_with("net-")
         || name.starts_with("zruntime")
         || [

@@ -895,6 +895,9 @@ static u64 latencies[1024];
 static int bench_latency(u64 n, u64 *median) {
     struct queue *q = &queues[1];
     if (n > 1024) n = 1024;
+    /* A read the device was still polling for needs no notify (EVENT_IDX): it measures
+     * nothing, and is made again, at most n times in all. */
+    u64 unkicked = 0;
     for (u64 i = 0; i < n; i++) {
         bench_hdr[0] = (struct blk_header){0, 0, i % blk_sectors};
         bench_status[0] = 0xff;
@@ -906,7 +909,12 @@ static int bench_latency(u64 n, u64 *median) {
         for (u64 start = rdtsc(); !take_used(q, &id, &len);)
             if (rdtsc() - start > REQUEST_TIMEOUT_TSC) return 63;
         u64 seen = rdtsc();
-        if (!kicked || bench_status[0] != 0) return 64;
+        if (bench_status[0] != 0) return 64;
+        if (!kicked) {
+            if (++unkicked > n) return 67;
+            i--;
+            continue;
+        }
         latencies[i] = seen - kicked;
     }
     for (u64 i = 1; i < n; i++) /* insertion sort: n is small */
