@@ -226,6 +226,8 @@ fn control_plane() -> Vec<Allow> {
         libc::SYS_rt_sigtimedwait,
         libc::SYS_membarrier,
         libc::SYS_kill,
+        // Reaping the private dbus-daemon qomu started (before the lockdown) at the end.
+        libc::SYS_wait4,
         libc::SYS_prlimit64,
     ])
     .collect();
@@ -304,7 +306,8 @@ fn class_list(class: Class) -> Vec<Allow> {
             list.extend(any(&[libc::SYS_sendto]));
         }
         Class::Signals => {
-            list.extend(any(&[libc::SYS_rt_sigtimedwait]));
+            // It shuts the machine down, whose SHUTDOWN event wakes QMP clients.
+            list.extend(any(&[libc::SYS_rt_sigtimedwait, libc::SYS_sendto]));
         }
         Class::QmpListener => {
             list.extend(any(&[libc::SYS_accept4]));

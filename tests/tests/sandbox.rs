@@ -440,3 +440,45 @@ fn run_as_an_unprivileged_user_boots_hotplugs_and_snapshots_inside_its_paths_onl
     );
     let _ = std::fs::read_to_string(&log);
 }
+
+/// The end of a qomu that started its own dbus-daemon (`--dbus auto`, no session bus): on
+/// SIGTERM it stops and reaps the daemon under the main thread's filter and exits 0.
+#[test]
+fn a_qomu_with_a_private_bus_ends_cleanly_on_sigterm() {
+    if !qomu_tests::tools_present(&[("dbus-daemon", "dbus")]) {
+        return;
+    }
+    let dir = TempDir::new("sbx-term");
+    let qmp = dir.path("qmp.sock");
+    let log = dir.path("stderr");
+    let child = Command::new(qomu_binary())
+        .args(["-S", "--serial", "none"])
+        .arg("--qmp")
+        .arg(format!("unix:{}", qmp.display()))
+        .env_remove("DBUS_SESSION_BUS_ADDRESS")
+        .env_remove("QOMU_SANDBOX")
+        .env("XDG_RUNTIME_DIR", &dir.0)
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut qomu = KillOnDrop(child);
+    let mut c = session(&qmp);
+    assert_eq!(c.ok("query-status", json!({}))["status"], "prelaunch");
+    // SAFETY: kill with the pid of a child this test owns.
+    assert_eq!(unsafe { libc::kill(qomu.0.id() as i32, libc::SIGTERM) }, 0);
+    let status = qomu.0.wait().unwrap();
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}\n{said}");
+    assert!(!said.contains("forbidden system call"), "{said}");
+    let left: Vec<_> = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().starts_with("qomu-dbus-"))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "the private bus's directory is left: {left:?}"
+    );
+}
