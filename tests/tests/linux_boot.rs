@@ -646,7 +646,7 @@ fn linux_migrates_live_between_two_qomu_processes() {
             "--append",
             // Enough ticks for the migration to end well before them (the emulated host's
             // memory copies are slow).
-            "console=ttyS0 panic=-1 quiet loglevel=4 qomu.disk=1 qomu.ticks=30",
+            "console=ttyS0 panic=-1 quiet loglevel=4 qomu.disk=1 qomu.ticks=60",
             "-m",
             "256M",
             "--cpus",
@@ -684,7 +684,16 @@ fn linux_migrates_live_between_two_qomu_processes() {
         if let Ok(Some(status)) = first.child.try_wait() {
             panic!("the source qomu ended mid-migration: {status}");
         }
-        let e = c.wait_event("MIGRATION");
+        let waited =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.wait_event("MIGRATION")));
+        let Ok(e) = waited else {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            panic!(
+                "the source's QMP connection closed mid-migration; the source: {:?} (exit \
+                 status 0: its guest ran its ticks out and powered off first)",
+                first.child.try_wait()
+            );
+        };
         let status = e["data"]["status"].as_str().unwrap_or_default().to_owned();
         eprintln!("qomu-linux-boot: migration {status}");
         if status == "completed" {
@@ -699,7 +708,7 @@ fn linux_migrates_live_between_two_qomu_processes() {
     first.wait_exit(std::time::Duration::from_secs(10));
     let out = console_says(&console2, "qomu-linux-boot: ok");
     assert!(
-        out.contains("hwrng 16 disk tick 30"),
+        out.contains("hwrng 16 disk tick 60"),
         "the ticks went on, entropy and disk answering:\n{out}"
     );
     assert!(
