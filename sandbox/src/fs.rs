@@ -90,7 +90,7 @@ pub(crate) fn ruleset(paths: &[PathRule]) -> Result<Option<RulesetCreated>, Stri
 }
 
 /// The kernel's Landlock ABI version; 0 where it has none (or it is disabled).
-pub fn landlock_abi() -> i64 {
+fn landlock_abi() -> i64 {
     const LANDLOCK_CREATE_RULESET_VERSION: u32 = 1;
     // SAFETY: with a null attribute and size 0, the VERSION flag only returns a number.
     let version = unsafe {

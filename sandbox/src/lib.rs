@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
-pub use fs::{Access, PathRule, landlock_abi};
+pub use fs::{Access, PathRule};
 pub use privileges::{RunAs, drop_privileges};
 
 /// What a forbidden system call does (`--sandbox`).
@@ -562,12 +562,6 @@ fn start_through(
         Ok(Ok(handle)) => Ok(handle),
         Ok(Err(_)) | Err(_) => Err(None),
     }
-}
-
-/// The class this thread was started as, if it was started with [`spawn`] under a sandbox
-/// (threads a library starts inherit their starter's filter but not its class).
-pub fn current_class() -> Option<Class> {
-    trap::class()
 }
 
 /// Applies `class`'s filter to the calling thread with forbidden calls failing with
