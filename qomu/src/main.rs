@@ -304,17 +304,30 @@ fn spawn_signal_thread(machine: Arc<Machine>) {
     }
 }
 
+/// `QOMU_LOG`: a level (`debug`) or a list of `TARGET=LEVEL` with an optional default level
+/// (`machine::migration=debug,warn`), `warn` where unset. A `Targets` filter, not an
+/// `EnvFilter`: the latter's span and field matching brings a regex engine, which was a
+/// fifth of qomu's text and most of what it kept resident in prelaunch.
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("QOMU_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = match std::env::var("QOMU_LOG") {
+        Err(_) => tracing_subscriber::filter::Targets::new().with_default(tracing::Level::WARN),
+        Ok(text) => text.parse().unwrap_or_else(|e| {
+            say!("qomu: QOMU_LOG={text:?} is not a log filter ({e}); logging warnings");
+            tracing_subscriber::filter::Targets::new().with_default(tracing::Level::WARN)
+        }),
+    };
+    let format = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         // Its default reports a failed write with eprintln!, which panics when stderr is a
         // closed pipe (`qomu | head`): a lost log line must not take a thread down.
-        .log_internal_errors(false)
+        .log_internal_errors(false);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(format)
         .init();
 }
 
