@@ -58,6 +58,14 @@ impl Netdev {
     }
 
     /// The port a NIC takes (once realized).
+    /// A counter, read once no frame is between the backend and its count.
+    fn count(&self, field: fn(&NetCounters) -> &std::sync::atomic::AtomicU64) -> Value {
+        if let Some(port) = self.port() {
+            port.settle();
+        }
+        Value::UInt(field(&self.counters).load(Ordering::Relaxed))
+    }
+
     pub fn port(&self) -> Option<Arc<Port>> {
         self.port.lock().clone()
     }
@@ -105,31 +113,31 @@ pub(crate) fn register_base() -> qom::TypeInfo {
         .description("A host network backend, at /netdev/<id>")
         .getter(
             counter("rx-packets", "Frames from the host taken by the NIC"),
-            |d| Value::UInt(d.counters.rx_packets.load(Ordering::Relaxed)),
+            |d| d.count(|c| &c.rx_packets),
         )
         .getter(counter("rx-bytes", "Bytes of those frames"), |d| {
-            Value::UInt(d.counters.rx_bytes.load(Ordering::Relaxed))
+            d.count(|c| &c.rx_bytes)
         })
         .getter(
             counter(
                 "rx-dropped",
                 "Frames from the host nothing took (no NIC, or no room)",
             ),
-            |d| Value::UInt(d.counters.rx_dropped.load(Ordering::Relaxed)),
+            |d| d.count(|c| &c.rx_dropped),
         )
         .getter(
             counter("tx-packets", "Frames the NIC sent to the host"),
-            |d| Value::UInt(d.counters.tx_packets.load(Ordering::Relaxed)),
+            |d| d.count(|c| &c.tx_packets),
         )
         .getter(counter("tx-bytes", "Bytes of those frames"), |d| {
-            Value::UInt(d.counters.tx_bytes.load(Ordering::Relaxed))
+            d.count(|c| &c.tx_bytes)
         })
         .getter(counter("tx-dropped", "Frames the host did not take"), |d| {
-            Value::UInt(d.counters.tx_dropped.load(Ordering::Relaxed))
+            d.count(|c| &c.tx_dropped)
         })
         .getter(
             counter("errors", "Reads and writes the host refused"),
-            |d| Value::UInt(d.counters.errors.load(Ordering::Relaxed)),
+            |d| d.count(|c| &c.errors),
         )
         .accessor(
             Property::new("link", Kind::Bool)

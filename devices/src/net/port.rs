@@ -234,6 +234,13 @@ impl Port {
         backend.as_mut().map(|b| f(b.as_mut()))
     }
 
+    /// Waits until no thread is running the backend (a send or a receive takes it for
+    /// one call), so that counters read next count every frame the backend's peer has
+    /// seen: the NIC counts a frame it sent before it lets go of the backend.
+    pub fn settle(&self) {
+        drop(self.backend.lock());
+    }
+
     fn start_idle(self: &Arc<Self>) -> std::io::Result<Idle> {
         let stop = Arc::new(EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?);
         let thread = sandbox::spawn(sandbox::Class::DeviceIo, format!("net-{}", self.id), {
@@ -314,5 +321,61 @@ fn wait_ready(fd: Option<i32>, write: bool, stop: &EventFd) -> bool {
             continue;
         }
         return r > 0 && fds[0].revents == 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Tells `peer` it has a frame, then takes a while to return, as a sender preempted
+    /// right after its write would.
+    struct SlowToReturn {
+        peer: mpsc::Sender<()>,
+    }
+
+    impl NetBackend for SlowToReturn {
+        fn vnet_hdr(&self) -> bool {
+            false
+        }
+        fn wait(&self) -> Option<super::super::backend::Wait> {
+            None
+        }
+        fn recv(&mut self, _: &mut [u8]) -> std::io::Result<Option<usize>> {
+            Ok(None)
+        }
+        fn send(&mut self, _: &[&[u8]]) -> std::io::Result<bool> {
+            let _ = self.peer.send(());
+            std::thread::sleep(Duration::from_millis(50));
+            Ok(true)
+        }
+    }
+
+    /// A counter read after the peer has a frame counts it, when the sender counts before
+    /// it lets go of the backend and the reader settles the port first.
+    #[test]
+    fn a_frame_the_peer_has_is_counted_once_the_port_settles() {
+        let (peer, got) = mpsc::channel();
+        let counters = Arc::new(NetCounters::default());
+        let port = Port::new("t", counters.clone(), Box::new(SlowToReturn { peer })).unwrap();
+        let sender = std::thread::spawn({
+            let port = port.clone();
+            move || {
+                port.with_backend(|b| {
+                    if let Ok(true) = b.send(&[b"frame"]) {
+                        NetCounters::add(&port.counters().tx_packets, 1);
+                    }
+                })
+            }
+        });
+        got.recv_timeout(Duration::from_secs(5)).unwrap();
+        port.settle();
+        assert_eq!(counters.tx_packets.load(Ordering::Relaxed), 1);
+        sender.join().unwrap();
+        port.close();
     }
 }

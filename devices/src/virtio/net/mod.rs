@@ -447,15 +447,20 @@ impl NetHandler {
         } else {
             &self.tx[VNET_HDR_LEN..len]
         };
-        let sent = self
-            .port
-            .as_ref()
-            .and_then(|p| p.with_backend(|b| b.send(&[frame])));
+        // Counted before the backend is let go (Port::settle): a script that reads
+        // `tx-packets` after the peer got the frame finds it counted.
+        let sent = self.port.as_ref().and_then(|p| {
+            p.with_backend(|b| {
+                let sent = b.send(&[frame]);
+                if let Ok(true) = sent {
+                    self.count(|c| &c.tx_packets, 1);
+                    self.count(|c| &c.tx_bytes, (len - VNET_HDR_LEN) as u64);
+                }
+                sent
+            })
+        });
         match sent {
-            Some(Ok(true)) => {
-                self.count(|c| &c.tx_packets, 1);
-                self.count(|c| &c.tx_bytes, (len - VNET_HDR_LEN) as u64);
-            }
+            Some(Ok(true)) => {}
             Some(Err(_)) => {
                 if let Some(c) = &self.port_counters {
                     NetCounters::add(&c.errors, 1);

@@ -177,8 +177,14 @@ fn counter(name: &str, description: &str) -> Property {
     Property::new(name, Kind::uint64()).description(description)
 }
 
+/// A counter, read once no frame is between the backend and its count.
 fn stat(d: &VirtioObject, read: fn(&NetState) -> u64) -> qom::Result<Value> {
-    Ok(Value::UInt(state(d)?.map_or(0, |s| read(&s))))
+    let shared = shared(d)?;
+    if let Some(port) = shared.port.lock().clone() {
+        port.settle();
+    }
+    let state = shared.state.lock().clone();
+    Ok(Value::UInt(state.map_or(0, |s| read(&s))))
 }
 
 /// The netdev `id` names, taken for the NIC at `o`.
