@@ -195,13 +195,20 @@ impl Machine {
     }
 
     /// The guest ejected `slot`: the device there goes, with `unplugged` and DEVICE_DELETED.
+    /// Its queues' ioeventfds are taken from KVM after DEVICE_DELETED is out (KVM's grace
+    /// period is most of an unplug's time); any registration does that first, so nothing
+    /// plugged later can find the addresses taken.
     pub(crate) fn eject(&self, slot: u8) {
-        let _configuration = self.configuration.lock();
+        let configuration = self.configuration.lock();
         let Some(dev) = self.hotplug.get().and_then(|h| h.ejected(slot)) else {
             return;
         };
-        if let Err(e) = self.remove_device(&dev) {
+        if let Err(e) = crate::platform::deferring_ioevent_teardown(|| self.remove_device(&dev)) {
             tracing::warn!("cannot remove {} after its eject: {e}", dev.path());
+        }
+        drop(configuration);
+        if let Some(ioevents) = self.ioevents.get() {
+            ioevents.flush();
         }
     }
 

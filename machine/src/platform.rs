@@ -82,7 +82,29 @@ impl Platform for Machine {
 
     fn unregister_ioevent(&self, fd: &EventFd, addr: u64) {
         if let Some(ioevents) = self.ioevents.get() {
-            ioevents.unregister(fd, addr);
+            if DEFERRING.get() {
+                ioevents.unregister_later(fd, addr);
+            } else {
+                ioevents.unregister(fd, addr);
+            }
         }
     }
+}
+
+thread_local! {
+    /// Set while [`deferring_ioevent_teardown`] runs on this thread.
+    static DEFERRING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the ioeventfds it takes away put off until [`IoEvents::flush`]
+/// (crate::vm::IoEvents): an unplug answers before KVM's grace period, not after.
+pub(crate) fn deferring_ioevent_teardown<R>(f: impl FnOnce() -> R) -> R {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            DEFERRING.set(self.0);
+        }
+    }
+    let _reset = Reset(DEFERRING.replace(true));
+    f()
 }

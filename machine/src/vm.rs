@@ -149,14 +149,25 @@ impl MsiChip for KvmIrqChip {
 
 /// Registers eventfds KVM signals on guest MMIO writes (`KVM_IOEVENTFD`, any length, no
 /// data match), so that a write there costs the vCPU no exit.
+///
+/// Taking one away makes KVM wait for an SRCU grace period, which under load here lasts
+/// 1-3 ms (it waits for the vCPUs to leave KVM_RUN's read side): an unplug that must answer
+/// fast puts it off ([`IoEvents::unregister_later`]) and does it once it has answered
+/// ([`IoEvents::flush`]). Every registration does what was put off first, so an address
+/// is always free again before anything is registered there.
 #[derive(Clone)]
-pub struct IoEvents(Arc<VmFd>);
+pub struct IoEvents {
+    fd: Arc<VmFd>,
+    later: Arc<parking_lot::Mutex<Vec<(EventFd, u64)>>>,
+}
 
 impl IoEvents {
     /// # Errors
     /// KVM refuses.
     pub fn register(&self, fd: &EventFd, addr: u64) -> Result<(), VmError> {
-        self.0
+        let mut later = self.later.lock();
+        self.unregister_all(&mut later);
+        self.fd
             .register_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch)
             .map_err(kvm_err("register ioeventfd"))
     }
@@ -164,8 +175,30 @@ impl IoEvents {
     /// Undoes [`IoEvents::register`]; an eventfd not registered there is no error.
     pub fn unregister(&self, fd: &EventFd, addr: u64) {
         let _ = self
-            .0
+            .fd
             .unregister_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch);
+    }
+
+    /// Undoes [`IoEvents::register`] at the next [`IoEvents::flush`] or registration,
+    /// keeping a duplicate of `fd` (KVM finds the registration by its eventfd) until then.
+    /// Where the duplicate cannot be made, it is undone now.
+    pub fn unregister_later(&self, fd: &EventFd, addr: u64) {
+        match fd.try_clone() {
+            Ok(dup) => self.later.lock().push((dup, addr)),
+            Err(_) => self.unregister(fd, addr),
+        }
+    }
+
+    /// Does what [`IoEvents::unregister_later`] put off.
+    pub fn flush(&self) {
+        let mut later = self.later.lock();
+        self.unregister_all(&mut later);
+    }
+
+    fn unregister_all(&self, later: &mut Vec<(EventFd, u64)>) {
+        for (fd, addr) in later.drain(..) {
+            self.unregister(&fd, addr);
+        }
     }
 }
 
@@ -318,7 +351,10 @@ impl Vm {
     /// KVM's ioeventfds, for devices to register their notification eventfds on (from any
     /// thread, without the machine lock).
     pub fn ioevents(&self) -> IoEvents {
-        IoEvents(self.fd.clone())
+        IoEvents {
+            fd: self.fd.clone(),
+            later: Arc::default(),
+        }
     }
 
     /// Connects an interrupt line: its eventfd injects its GSI.
@@ -774,4 +810,51 @@ fn host_address(
             size: ram_size,
             reason: e.to_string(),
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+    use super::Vm;
+
+    /// A VM, or None where /dev/kvm cannot be used and neither CI nor QOMU_REQUIRE_KVM
+    /// demands it (the skip says why).
+    fn vm() -> Option<Vm> {
+        match Vm::create(2 << 20) {
+            Ok(vm) => Some(vm),
+            Err(e) => {
+                let required = std::env::var("CI").is_ok_and(|v| v == "true")
+                    || std::env::var_os("QOMU_REQUIRE_KVM").is_some();
+                assert!(!required, "KVM is required here: {e}");
+                eprintln!("SKIPPED: no VM ({e})");
+                None
+            }
+        }
+    }
+
+    /// An ioeventfd taken away later still frees its address before the next
+    /// registration there, which KVM would refuse while the old one stands.
+    #[test]
+    fn a_put_off_teardown_frees_its_address_before_the_next_registration() {
+        let Some(vm) = vm() else { return };
+        let io = vm.ioevents();
+        let at = 0xd000_0000;
+        let (a, b) = (
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+        );
+        io.register(&a, at).unwrap();
+        assert!(io.register(&b, at).is_err(), "KVM took two at one address");
+        io.unregister_later(&a, at);
+        // The duplicate kept for later is what KVM finds the registration by.
+        drop(a);
+        io.register(&b, at)
+            .expect("the teardown put off went first");
+        io.unregister_later(&b, at);
+        io.flush();
+        let c = EventFd::new(EFD_NONBLOCK).unwrap();
+        io.register(&c, at).expect("flushed");
+        io.unregister(&c, at);
+    }
 }
