@@ -77,8 +77,11 @@ pub enum MachineRequest {
     Shutdown(ShutdownCause),
     /// End the VMM with this exit status (isa-debug-exit).
     Exit(i32),
-    /// The guest ejected the device in this slot of the PCI root bus.
-    EjectPciSlot(u8),
+    /// The guest ejected the device in `slot` of the PCI root bus, answering `removal`.
+    EjectPciSlot {
+        slot: u8,
+        removal: crate::pci::hotplug::controller::Removal,
+    },
 }
 
 /// The machine as devices see it.

@@ -345,7 +345,9 @@ impl Machine {
             VcpuEvent::Request(MachineRequest::Exit(status)) => {
                 self.shutdown(ShutdownCause::GuestShutdown, Some(status))
             }
-            VcpuEvent::Request(MachineRequest::EjectPciSlot(slot)) => self.eject(slot),
+            VcpuEvent::Request(MachineRequest::EjectPciSlot { slot, removal }) => {
+                self.eject(slot, removal)
+            }
         }
     }
 }

@@ -198,9 +198,9 @@ impl Machine {
     /// Its queues' ioeventfds are taken from KVM after DEVICE_DELETED is out (KVM's grace
     /// period is most of an unplug's time); any registration does that first, so nothing
     /// plugged later can find the addresses taken.
-    pub(crate) fn eject(&self, slot: u8) {
+    pub(crate) fn eject(&self, slot: u8, removal: devices::pci::hotplug::controller::Removal) {
         let configuration = self.configuration.lock();
-        let Some(dev) = self.hotplug.get().and_then(|h| h.ejected(slot)) else {
+        let Some(dev) = self.hotplug.get().and_then(|h| h.ejected(slot, removal)) else {
             return;
         };
         if let Err(e) = crate::platform::deferring_ioevent_teardown(|| self.remove_device(&dev)) {

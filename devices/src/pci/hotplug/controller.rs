@@ -21,9 +21,17 @@ pub const LEN: u64 = 12;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Eject {
     pub slot: u8,
-    /// Whether the host had asked for it; an eject nobody asked for does nothing.
-    pub requested: bool,
+    /// The host's request the eject answers; None if the host had asked nothing of the
+    /// slot, and an eject nobody asked for does nothing.
+    pub removal: Option<Removal>,
 }
+
+/// One request of the host to release a slot. The machine carries an eject out later,
+/// on its control thread: by then the device may be gone and another plugged there (a
+/// guest that writes `B0EJ` twice before the first is carried out, as a polling one may),
+/// so an eject takes away only a device whose removal it answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Removal(u32);
 
 /// The controller's books, and what a snapshot keeps of them.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,6 +40,9 @@ pub struct Controller {
     up: u32,
     /// `PCID`: asked to be released, not yet ejected.
     down: u32,
+    /// Per slot, the number of the latest removal asked for.
+    #[serde(skip)]
+    removals: [u32; 32],
 }
 
 fn bit(slot: u8) -> u32 {
@@ -49,7 +60,28 @@ impl Controller {
     pub fn request_removal(&mut self, slot: u8) -> bool {
         let already = self.removal_requested(slot);
         self.down |= bit(slot);
+        if !already && let Some(n) = self.removals.get_mut(usize::from(slot)) {
+            *n = n.wrapping_add(1);
+        }
         !already
+    }
+
+    /// The removal of `slot` that stands now, if one does.
+    fn standing(&self, slot: u8) -> Option<Removal> {
+        self.removal_requested(slot)
+            .then(|| self.removals.get(usize::from(slot)).map(|&n| Removal(n)))
+            .flatten()
+    }
+
+    /// The guest's eject answering `removal` is carried out: true, and the slot is
+    /// forgotten ([`Controller::removed`]), if that removal still stands; false if the
+    /// slot was emptied meanwhile, or holds another device now.
+    pub fn take_removal(&mut self, slot: u8, removal: Removal) -> bool {
+        if self.standing(slot) != Some(removal) {
+            return false;
+        }
+        self.removed(slot);
+        true
     }
 
     pub fn removal_requested(&self, slot: u8) -> bool {
@@ -88,7 +120,7 @@ impl Controller {
             .filter(|&s| value & bit(s) != 0)
             .map(|slot| Eject {
                 slot,
-                requested: self.removal_requested(slot),
+                removal: self.standing(slot),
             })
             .collect()
     }
@@ -126,23 +158,39 @@ mod tests {
         assert_eq!(c.read(PCID), 1 << 4, "reading PCID does not clear it");
         c.reset();
         assert_eq!(c.read(PCID), 1 << 4, "a reset keeps the request");
-        assert_eq!(
-            c.write(B0EJ, 1 << 4 | 1 << 6),
-            [
-                Eject {
-                    slot: 4,
-                    requested: true
-                },
-                Eject {
-                    slot: 6,
-                    requested: false
-                }
-            ]
-        );
-        // The eject itself changes nothing: the slot is forgotten once the device is gone.
+        let ejects = c.write(B0EJ, 1 << 4 | 1 << 6);
+        assert_eq!(ejects.len(), 2);
+        assert_eq!((ejects[0].slot, ejects[1].slot), (4, 6));
+        assert!(ejects[0].removal.is_some(), "asked for");
+        assert_eq!(ejects[1].removal, None, "not asked for");
+        // The eject itself changes nothing: the slot is forgotten once it is carried out.
         assert!(c.removal_requested(4));
-        c.removed(4);
+        assert!(c.take_removal(4, ejects[0].removal.unwrap()));
         assert!(!c.removal_requested(4));
+        assert_eq!(c.bits(), (0, 0));
+    }
+
+    /// A guest that writes B0EJ again before the first is carried out (the request still
+    /// shows in PCID) must not take away the device plugged into the slot next, even once
+    /// the host asks to remove that one too.
+    #[test]
+    fn a_second_eject_of_one_request_leaves_the_next_device_alone() {
+        let mut c = Controller::default();
+        c.request_removal(1);
+        let first = c.write(B0EJ, 1 << 1)[0].removal.unwrap();
+        let again = c.write(B0EJ, 1 << 1)[0].removal.unwrap();
+        assert!(c.take_removal(1, first));
+        // The next device in slot 1, and its own removal asked for.
+        c.added(1);
+        assert!(
+            !c.take_removal(1, again),
+            "nothing stands: the device stays"
+        );
+        assert!(c.request_removal(1));
+        assert!(!c.take_removal(1, again), "another request's eject");
+        assert!(c.removal_requested(1));
+        let its_own = c.write(B0EJ, 1 << 1)[0].removal.unwrap();
+        assert!(c.take_removal(1, its_own));
         assert_eq!(c.bits(), (0, 0));
     }
 

@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use parking_lot::Mutex;
 use qom::{Field, Kind, Notifier, NotifierDecl, ObjectRef, Property, Tree, TypeInfo, Value};
 
-use super::controller::{self, Controller};
+use super::controller::{self, Controller, Removal};
 use crate::bus::{BusDevice, read_window};
 use crate::device::{DEVICE, Space, claim, device_type, release};
 use crate::ged::EVENT_PCI_HOTPLUG;
@@ -86,17 +86,14 @@ impl Hotplug {
         Ok(())
     }
 
-    /// The guest ejected `slot` after the host asked for it: the device there, after its
+    /// The guest ejected `slot` answering `removal`: the device there, after its
     /// `unplugged` went out, for the caller to delete. The slot is forgotten first, so a
     /// client that plugs it again as soon as it hears of the deletion finds it announced,
-    /// not cleared behind it. None if nothing was asked of that slot, or nothing is there.
-    pub fn ejected(&self, slot: u8) -> Option<ObjectRef> {
-        {
-            let mut books = self.books.lock();
-            if !books.removal_requested(slot) {
-                return None;
-            }
-            books.removed(slot);
+    /// not cleared behind it. None if that removal no longer stands (the device went on an
+    /// earlier eject, and the slot may hold another now), or nothing is there.
+    pub fn ejected(&self, slot: u8, removal: Removal) -> Option<ObjectRef> {
+        if !self.books.lock().take_removal(slot, removal) {
+            return None;
         }
         let path = upgrade(&self.platform)
             .ok()?
@@ -142,15 +139,20 @@ impl BusDevice for Hotplug {
                 n.emit(|| {
                     Value::map([
                         ("slot", Value::UInt(e.slot.into())),
-                        ("requested", Value::Bool(e.requested)),
+                        ("requested", Value::Bool(e.removal.is_some())),
                     ])
                 });
             }
         }
         // Carried out by the machine's control thread, never on this vCPU thread.
         if let Some(platform) = self.platform.upgrade() {
-            for e in ejects.iter().filter(|e| e.requested) {
-                platform.request(MachineRequest::EjectPciSlot(e.slot));
+            for e in &ejects {
+                if let Some(removal) = e.removal {
+                    platform.request(MachineRequest::EjectPciSlot {
+                        slot: e.slot,
+                        removal,
+                    });
+                }
             }
         }
     }
