@@ -1029,10 +1029,13 @@ static int probe(u8 slot) {
 #define HOTPLUG_B0EJ 0xfed01008UL
 
 /* As the DSDT's _EVT and PCNT would, polled: on a hotplug event, brings up each added slot
- * and ejects each slot the host asks for, until `ejects` slots were ejected. */
+ * and ejects each slot the host asks for, until `ejects` slots were ejected. The host
+ * carries an eject out a little later, and PCID shows the request until then: as OSPM
+ * calls _EJ0 once per device, a slot is ejected once until a device is added there again. */
 static void serve_hotplug(u64 ejects) {
     puts("hotplug: ready\n");
     u64 done = 0;
+    u32 ejected = 0;
     while (done < ejects) {
         if (!(mmio_read32(GED_EVENTS) & 2)) continue;
         u32 up = mmio_read32(HOTPLUG_PCIU), down = mmio_read32(HOTPLUG_PCID);
@@ -1041,9 +1044,11 @@ static void serve_hotplug(u64 ejects) {
                 puts("hotplug: slot ");
                 putu(slot);
                 puts(" added\n");
+                ejected &= ~(1u << slot);
                 probe(slot);
             }
-            if (down & (1u << slot)) {
+            if (down & ~ejected & (1u << slot)) {
+                ejected |= 1u << slot;
                 puts("hotplug: ejecting slot ");
                 putu(slot);
                 puts("\n");
