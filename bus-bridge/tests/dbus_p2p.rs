@@ -109,7 +109,7 @@ fn setup(tag: &str) -> Setup {
         DbusConfig {
             bus: None,
             name: "org.qomu.VM1".into(),
-            p2p: vec![socket.clone()],
+            p2p: vec![socket.clone().into()],
         },
     )
     .unwrap();

@@ -16,6 +16,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use bus_bridge::dbus::{BusAddress, DbusBridge, DbusConfig};
+use bus_bridge::socket::{Access, Listen};
 use clap::Parser;
 use machine::config::{parse_cpus, parse_memory};
 use machine::{DeviceSpec, Machine, MachineConfig, ShutdownCause};
@@ -74,9 +75,10 @@ struct Cli {
     /// Start the RTC at host UTC ('utc') or at a date like 2006-06-17T16:01:21.
     #[arg(long, value_name = "BASE", default_value = "utc")]
     rtc_base: String,
-    /// QMP server socket: unix:PATH (repeatable); QEMU's ",server=on,wait=off" is accepted.
+    /// QMP server socket: unix:PATH[,group=GROUP] (repeatable); QEMU's ",server=on,wait=off"
+    /// is accepted. Mode 0600, or 0660 owned by GROUP.
     #[arg(long, value_name = "unix:PATH", value_parser = parse_qmp)]
-    qmp: Vec<PathBuf>,
+    qmp: Vec<Listen>,
     /// D-Bus bus to serve the tree on: auto (the session bus if configured, else a private
     /// bus qomu starts and prints), session, system, none, or a bus address (unix:path=...).
     #[arg(long, value_name = "BUS", default_value = "auto", value_parser = parse_dbus)]
@@ -84,9 +86,10 @@ struct Cli {
     /// Well-known name to own on the bus.
     #[arg(long, value_name = "NAME", default_value = "org.qomu.VM1", value_parser = parse_bus_name)]
     dbus_name: String,
-    /// Peer-to-peer D-Bus socket: unix:PATH (repeatable); clients connect without a bus.
+    /// Peer-to-peer D-Bus socket: unix:PATH[,group=GROUP] (repeatable); clients connect
+    /// without a bus. Mode 0600, or 0660 owned by GROUP.
     #[arg(long, value_name = "unix:PATH", value_parser = parse_p2p)]
-    dbus_p2p: Vec<PathBuf>,
+    dbus_p2p: Vec<Listen>,
     /// The sandbox (docs/security.md): on (a seccomp filter per thread, no new privileges,
     /// files limited by Landlock; a forbidden system call ends qomu, saying which), log
     /// (forbidden calls are reported and let through; no Landlock), or off.
@@ -138,11 +141,61 @@ fn parse_bus_name(text: &str) -> Result<String, String> {
     Ok(text.to_owned())
 }
 
-fn parse_p2p(text: &str) -> Result<PathBuf, String> {
-    text.strip_prefix("unix:")
+fn parse_p2p(text: &str) -> Result<Listen, String> {
+    parse_socket(text, &[])
+}
+
+/// Parses `unix:PATH[,group=GROUP]` and any of `accepted`, options that say what qomu
+/// does anyway. GROUP is a group's name or number.
+fn parse_socket(text: &str, accepted: &[&str]) -> Result<Listen, String> {
+    let rest = text
+        .strip_prefix("unix:")
+        .ok_or_else(|| format!("'{text}': only unix:PATH sockets are supported"))?;
+    let mut parts = rest.split(',');
+    let path = parts
+        .next()
         .filter(|p| !p.is_empty())
-        .map(PathBuf::from)
-        .ok_or_else(|| format!("'{text}': expected unix:PATH"))
+        .ok_or_else(|| format!("'{text}': the socket path is missing"))?;
+    let mut access = Access::Owner;
+    for option in parts {
+        if let Some(group) = option.strip_prefix("group=") {
+            access = Access::Group(
+                group_id(group).ok_or_else(|| format!("'{text}': no group '{group}'"))?,
+            );
+        } else if !accepted.contains(&option) {
+            return Err(format!(
+                "'{text}': unsupported option '{option}' (qomu listens and does not wait)"
+            ));
+        }
+    }
+    Ok(Listen {
+        path: PathBuf::from(path),
+        access,
+    })
+}
+
+/// The id of the group named (or numbered) `name`.
+fn group_id(name: &str) -> Option<u32> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Some(gid);
+    }
+    let c_name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: all-zero is a valid `group` (null pointers, zero ids) for getgrnam_r to fill.
+    let mut group: libc::group = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16384];
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: a NUL-terminated name, a `group` and a buffer of the length given, and a
+    // place for the result; none outlives the call but `group`, which points into `buf`.
+    let r = unsafe {
+        libc::getgrnam_r(
+            c_name.as_ptr(),
+            &mut group,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    (r == 0 && !found.is_null()).then_some(group.gr_gid)
 }
 
 /// Starts the D-Bus front end as `--dbus` asks. A private bus, when one is started, must
@@ -150,7 +203,7 @@ fn parse_p2p(text: &str) -> Result<PathBuf, String> {
 fn start_dbus(
     choice: &DbusChoice,
     name: &str,
-    p2p: &[PathBuf],
+    p2p: &[Listen],
     tree: &qom::Tree,
     early: Option<std::io::Result<PrivateBus>>,
 ) -> Result<(Option<DbusBridge>, Option<PrivateBus>), String> {
@@ -209,28 +262,10 @@ fn start_dbus(
     }
 }
 
-/// Parses `unix:PATH[,server=on][,wait=off]` (QEMU's chardev options are accepted and
-/// must say what qomu does anyway: a listening server that does not wait).
-fn parse_qmp(text: &str) -> Result<PathBuf, String> {
-    let rest = text
-        .strip_prefix("unix:")
-        .ok_or_else(|| format!("'{text}': only unix:PATH sockets are supported"))?;
-    let mut parts = rest.split(',');
-    let path = parts
-        .next()
-        .filter(|p| !p.is_empty())
-        .ok_or_else(|| format!("'{text}': the socket path is missing"))?;
-    for option in parts {
-        match option {
-            "server" | "server=on" | "nowait" | "wait=off" => {}
-            other => {
-                return Err(format!(
-                    "'{text}': unsupported option '{other}' (qomu listens and does not wait)"
-                ));
-            }
-        }
-    }
-    Ok(PathBuf::from(path))
+/// Parses `unix:PATH[,server=on][,wait=off][,group=GROUP]` (QEMU's chardev options are
+/// accepted and must say what qomu does anyway: a listening server that does not wait).
+fn parse_qmp(text: &str) -> Result<Listen, String> {
+    parse_socket(text, &["server", "server=on", "nowait", "wait=off"])
 }
 
 /// Terminal settings to restore on exit, when the console is a terminal.
@@ -453,7 +488,7 @@ fn sandbox_paths(cli: &Cli) -> Vec<sandbox::PathRule> {
         rules.push(rule(std::path::Path::new(path), Access::ReadWrite));
     }
     for socket in cli.qmp.iter().chain(&cli.dbus_p2p) {
-        rules.push(made_in(socket));
+        rules.push(made_in(&socket.path));
     }
     if let Some(uri) = &cli.incoming {
         if let Some(path) = uri.strip_prefix("file:") {

@@ -189,6 +189,9 @@ fn control_plane() -> Vec<Allow> {
         libc::SYS_rmdir,
         libc::SYS_chmod,
         libc::SYS_fchmod,
+        // A listening socket given to a group (`--qmp unix:PATH,group=G`).
+        libc::SYS_chown,
+        libc::SYS_fchownat,
         libc::SYS_getcwd,
         libc::SYS_dup,
         libc::SYS_dup3,

@@ -482,3 +482,106 @@ fn a_qomu_with_a_private_bus_ends_cleanly_on_sigterm() {
         "the private bus's directory is left: {left:?}"
     );
 }
+
+/// What a client running as `uid:gid` (no other groups) gets from the QMP socket at
+/// `path`: the greeting's first line, or the error connecting.
+fn connect_as(uid: u32, gid: u32, path: &Path) -> Result<String, String> {
+    let out = Command::new("setpriv")
+        .args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={gid}"),
+            "--clear-groups",
+            // Debian's, which any user may run (a pyenv's under /root is root's alone).
+            "/usr/bin/python3",
+            "-c",
+            "import socket, sys\n\
+             s = socket.socket(socket.AF_UNIX)\n\
+             try:\n    s.connect(sys.argv[1])\n\
+             except OSError as e:\n    print(e.strerror); sys.exit(1)\n\
+             print(s.makefile().readline().strip())",
+        ])
+        .arg(path)
+        .output()
+        .expect("setpriv (util-linux)");
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    match out.status.success() {
+        true => Ok(text),
+        false => Err(format!("{text}{}", String::from_utf8_lossy(&out.stderr))),
+    }
+}
+
+/// `--qmp unix:PATH,group=G`: under `--run-as nobody:nogroup` the socket appears as
+/// nobody's, group nogroup, mode 0660; another user in that group gets the greeting, the
+/// same user in another group is refused, as is the group on a socket without `group=`.
+/// A group that does not exist stops qomu before it starts, saying so.
+#[test]
+fn a_group_socket_lets_its_group_in_and_no_one_else() {
+    use std::os::unix::fs::MetadataExt;
+    if !is_root() {
+        skip("--run-as needs root to drop from");
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    const NOGROUP: u32 = 65534;
+    // Another user (Debian's `daemon`), in nogroup or in its own group.
+    const OTHER: u32 = 1;
+    let dir = TempDir::new("sbx-group");
+    let own = dir.path("vm");
+    std::fs::create_dir(&own).unwrap();
+    chown(&own, NOBODY, NOGROUP);
+    let shared = own.join("shared.sock");
+    let private = own.join("private.sock");
+    let qomu = Command::new(qomu_binary())
+        .args([
+            "-S",
+            "--run-as",
+            "nobody:nogroup",
+            "--serial",
+            "none",
+            "--dbus",
+            "none",
+        ])
+        .arg("--qmp")
+        .arg(format!(
+            "unix:{},server=on,wait=off,group=nogroup",
+            shared.display()
+        ))
+        .arg("--qmp")
+        .arg(format!("unix:{}", private.display()))
+        .arg("--sandbox-path")
+        .arg(&own)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .env_remove("QOMU_SANDBOX")
+        .spawn()
+        .unwrap();
+    let _qomu = KillOnDrop(qomu);
+    assert!(wait_for("the sockets", Duration::from_secs(20), || {
+        shared.exists() && private.exists()
+    }));
+    let meta = std::fs::metadata(&shared).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.gid(), meta.mode() & 0o777),
+        (NOBODY, NOGROUP, 0o660)
+    );
+    let greeting = connect_as(OTHER, NOGROUP, &shared).expect("the group's member gets in");
+    assert!(greeting.starts_with(r#"{"QMP":"#), "{greeting}");
+    let refused = connect_as(OTHER, OTHER, &shared).unwrap_err();
+    assert!(refused.contains("Permission denied"), "{refused}");
+    let refused = connect_as(OTHER, NOGROUP, &private).unwrap_err();
+    assert!(refused.contains("Permission denied"), "{refused}");
+
+    let out = Command::new(qomu_binary())
+        .args(["-S", "--serial", "none", "--dbus", "none", "--qmp"])
+        .arg(format!(
+            "unix:{},group=no-such-group-here",
+            dir.path("x.sock").display()
+        ))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("no group 'no-such-group-here'"), "{stderr}");
+    assert!(!dir.path("x.sock").exists());
+}

@@ -57,8 +57,8 @@ pub struct DbusConfig {
     pub bus: Option<BusAddress>,
     /// The well-known name to own on the bus (`org.qomu.VM1`).
     pub name: String,
-    /// Unix socket paths for peer-to-peer clients.
-    pub p2p: Vec<PathBuf>,
+    /// Unix sockets for peer-to-peer clients.
+    pub p2p: Vec<crate::socket::Listen>,
 }
 
 impl Default for DbusConfig {
@@ -126,7 +126,7 @@ impl DbusBridge {
             event: Event::new(),
         });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let p2p = config.p2p.clone();
+        let p2p = config.p2p.iter().map(|s| s.path.clone()).collect();
         let stop = shutdown.clone();
         let thread = sandbox::spawn(sandbox::Class::Dbus, "qomu-dbus".into(), move || {
             let runtime = match SharedRuntime::new() {
@@ -210,9 +210,10 @@ async fn run(
         None => None,
     };
     let mut listeners = Vec::new();
-    for path in &config.p2p {
-        let listener = crate::socket::bind_private(path)
-            .and_then(|l| UnixListener::<Shared>::from_std(&runtime, l));
+    for socket in &config.p2p {
+        let path = &socket.path;
+        let listener =
+            crate::socket::bind(socket).and_then(|l| UnixListener::<Shared>::from_std(&runtime, l));
         match listener {
             Ok(l) => listeners.push(l),
             Err(e) => {

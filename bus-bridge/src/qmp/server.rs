@@ -90,11 +90,12 @@ pub struct QmpServer {
 }
 
 impl QmpServer {
-    /// Listens on every path in `paths`.
+    /// Listens on every socket of `sockets`.
     ///
     /// # Errors
-    /// A path cannot be bound (in use, not a socket, no permission).
-    pub fn start(tree: Tree, paths: &[PathBuf]) -> io::Result<QmpServer> {
+    /// A path cannot be bound (in use, not a socket, no permission, a group it cannot be
+    /// given to).
+    pub fn start(tree: Tree, sockets: &[crate::socket::Listen]) -> io::Result<QmpServer> {
         let shared = Arc::new(Shared {
             tree,
             stopping: AtomicBool::new(false),
@@ -102,8 +103,9 @@ impl QmpServer {
             connections: Mutex::new(Vec::new()),
         });
         let mut listeners = Vec::new();
-        for path in paths {
-            let listener = crate::socket::bind_private(path).map_err(|e| {
+        for socket in sockets {
+            let path = &socket.path;
+            let listener = crate::socket::bind(socket).map_err(|e| {
                 io::Error::new(e.kind(), format!("QMP socket {}: {e}", path.display()))
             })?;
             let s = shared.clone();
