@@ -73,9 +73,8 @@ fn measure(server: &Server) -> Vec<(&'static str, f64, &'static str)> {
     let start = Instant::now();
     for _ in 0..n {
         let t = Instant::now();
-        let r = c.cmd(get);
+        c.cmd_raw(get);
         lat.push(t.elapsed());
-        assert!(r.get("return").is_some(), "{r}");
     }
     let total = start.elapsed();
     lat.sort();
@@ -86,7 +85,7 @@ fn measure(server: &Server) -> Vec<(&'static str, f64, &'static str)> {
     let mut list = Vec::new();
     for _ in 0..500 {
         let t = Instant::now();
-        c.cmd(r#"{"execute": "qom-list", "arguments": {"path": "/machine"}}"#);
+        c.cmd_raw(r#"{"execute": "qom-list", "arguments": {"path": "/machine"}}"#);
         list.push(t.elapsed());
     }
     list.sort();
