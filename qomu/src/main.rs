@@ -160,7 +160,7 @@ fn parse_socket(text: &str, accepted: &[&str]) -> Result<Listen, String> {
     for option in parts {
         if let Some(group) = option.strip_prefix("group=") {
             access = Access::Group(
-                group_id(group).ok_or_else(|| format!("'{text}': no group '{group}'"))?,
+                sandbox::group_id(group).ok_or_else(|| format!("'{text}': no group '{group}'"))?,
             );
         } else if !accepted.contains(&option) {
             return Err(format!(
@@ -172,30 +172,6 @@ fn parse_socket(text: &str, accepted: &[&str]) -> Result<Listen, String> {
         path: PathBuf::from(path),
         access,
     })
-}
-
-/// The id of the group named (or numbered) `name`.
-fn group_id(name: &str) -> Option<u32> {
-    if let Ok(gid) = name.parse::<u32>() {
-        return Some(gid);
-    }
-    let c_name = std::ffi::CString::new(name).ok()?;
-    // SAFETY: all-zero is a valid `group` (null pointers, zero ids) for getgrnam_r to fill.
-    let mut group: libc::group = unsafe { std::mem::zeroed() };
-    let mut buf = vec![0 as libc::c_char; 16384];
-    let mut found: *mut libc::group = std::ptr::null_mut();
-    // SAFETY: a NUL-terminated name, a `group` and a buffer of the length given, and a
-    // place for the result; none outlives the call but `group`, which points into `buf`.
-    let r = unsafe {
-        libc::getgrnam_r(
-            c_name.as_ptr(),
-            &mut group,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut found,
-        )
-    };
-    (r == 0 && !found.is_null()).then_some(group.gr_gid)
 }
 
 /// Starts the D-Bus front end as `--dbus` asks. A private bus, when one is started, must

@@ -26,7 +26,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
 pub use fs::{Access, PathRule};
-pub use privileges::{RunAs, drop_privileges};
+pub use privileges::{RunAs, drop_privileges, group_id};
 
 /// What a forbidden system call does (`--sandbox`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -61,7 +61,12 @@ fn lookup_user(name: &str) -> Result<(libc::uid_t, libc::gid_t), String> {
 }
 
 fn lookup_group(name: &str) -> Result<libc::gid_t, String> {
-    let c = CString::new(name).map_err(|_| format!("'{name}': not a group name"))?;
+    group_id(name).ok_or_else(|| format!("--run-as: no group '{name}'"))
+}
+
+/// The id of the group named `name` (through the name service), or numbered `name`.
+pub fn group_id(name: &str) -> Option<libc::gid_t> {
+    let c = CString::new(name).ok()?;
     let mut buf = vec![0 as libc::c_char; 16384];
     // SAFETY: an all-zero group is valid to be filled by getgrnam_r.
     let mut grp: libc::group = unsafe { std::mem::zeroed() };
@@ -77,10 +82,9 @@ fn lookup_group(name: &str) -> Result<libc::gid_t, String> {
         )
     };
     if rc == 0 && !found.is_null() {
-        return Ok(grp.gr_gid);
+        return Some(grp.gr_gid);
     }
-    name.parse::<libc::gid_t>()
-        .map_err(|_| format!("--run-as: no group '{name}'"))
+    name.parse::<libc::gid_t>().ok()
 }
 
 fn os_error(what: &str) -> String {

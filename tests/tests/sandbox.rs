@@ -310,6 +310,25 @@ fn chown(path: &Path, uid: u32, gid: u32) {
     assert_eq!(unsafe { libc::chown(c.as_ptr(), uid, gid) }, 0);
 }
 
+/// qomu under `--run-as nobody:nogroup`, the default sandbox, no console or bus, limited
+/// to the VM's directory `own`.
+fn as_nobody(own: &Path) -> Command {
+    let mut cmd = Command::new(qomu_binary());
+    cmd.args([
+        "--run-as",
+        "nobody:nogroup",
+        "--serial",
+        "none",
+        "--dbus",
+        "none",
+    ])
+    .arg("--sandbox-path")
+    .arg(own)
+    .stdin(Stdio::null())
+    .env_remove("QOMU_SANDBOX");
+    cmd
+}
+
 /// What `/proc/PID/status` says of a field.
 fn status_field(pid: u32, field: &str) -> String {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -354,22 +373,10 @@ fn run_as_an_unprivileged_user_boots_hotplugs_and_snapshots_inside_its_paths_onl
 
     let qmp = own.join("qmp.sock");
     let log = dir.path("stderr");
-    let mut cmd = Command::new(qomu_binary());
-    cmd.args([
-        "--run-as",
-        "nobody:nogroup",
-        "--serial",
-        "none",
-        "--dbus",
-        "none",
-    ])
-    .arg("--qmp")
-    .arg(format!("unix:{}", qmp.display()))
-    .arg("--sandbox-path")
-    .arg(&own)
-    .stdin(Stdio::null())
-    .stderr(std::fs::File::create(&log).unwrap())
-    .env_remove("QOMU_SANDBOX");
+    let mut cmd = as_nobody(&own);
+    cmd.arg("--qmp")
+        .arg(format!("unix:{}", qmp.display()))
+        .stderr(std::fs::File::create(&log).unwrap());
     let qomu: Child = cmd.spawn().unwrap();
     let qomu = KillOnDrop(qomu);
     let pid = qomu.0.id();
@@ -531,16 +538,8 @@ fn a_group_socket_lets_its_group_in_and_no_one_else() {
     chown(&own, NOBODY, NOGROUP);
     let shared = own.join("shared.sock");
     let private = own.join("private.sock");
-    let qomu = Command::new(qomu_binary())
-        .args([
-            "-S",
-            "--run-as",
-            "nobody:nogroup",
-            "--serial",
-            "none",
-            "--dbus",
-            "none",
-        ])
+    let qomu = as_nobody(&own)
+        .arg("-S")
         .arg("--qmp")
         .arg(format!(
             "unix:{},server=on,wait=off,group=nogroup",
@@ -548,11 +547,7 @@ fn a_group_socket_lets_its_group_in_and_no_one_else() {
         ))
         .arg("--qmp")
         .arg(format!("unix:{}", private.display()))
-        .arg("--sandbox-path")
-        .arg(&own)
-        .stdin(Stdio::null())
         .stderr(Stdio::null())
-        .env_remove("QOMU_SANDBOX")
         .spawn()
         .unwrap();
     let _qomu = KillOnDrop(qomu);
