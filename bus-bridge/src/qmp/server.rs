@@ -1,16 +1,16 @@
 //! The QMP server: Unix sockets (mode 0600), many clients at once, each with its own
 //! session.
 //!
-//! One thread per connection waits (`poll`) on the client's socket and on a wake pipe
+//! One thread per connection waits (`poll`) on the client's socket and on an eventfd
 //! registered as the waker of its subscriptions, so both commands and events are handled
-//! without handing anything between threads. The pipe is registered only while the thread
+//! without handing anything between threads. The eventfd is registered only while the thread
 //! waits: an event emitted while it runs a command costs its emitter no system call, and it
 //! goes out with that command's reply. A client that stops reading blocks only its own
 //! thread: its events wait in its subscriptions' bounded queues and, beyond their limits,
 //! are dropped and counted, so no vCPU, tree operation or other client waits for it.
 
 use std::future::Future;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -28,13 +28,43 @@ use super::session::{EventSink, Session, greeting};
 /// Most clients connected at once; more are closed right after accepting.
 pub const MAX_CONNECTIONS: usize = 1024;
 
-/// Writes a byte to the connection's wake pipe. Non-blocking: the emitter may be a vCPU
-/// thread, and a full pipe means a wake-up is already pending anyway.
-struct PipeWaker(UnixStream);
+/// The connection's wake-up: an eventfd its thread polls beside the socket. Signalling it
+/// is one non-blocking 8-byte write, whatever thread emits (a vCPU among them), and costs
+/// the emitter less than a socket's write would (no buffer to allocate), which counts when
+/// one event goes to hundreds of connections.
+struct EventWaker(std::os::fd::OwnedFd);
 
-impl Wake for PipeWaker {
+impl EventWaker {
+    fn new() -> io::Result<EventWaker> {
+        // SAFETY: eventfd has no memory preconditions; a non-negative result is a new fd.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just opened and nothing else owns it.
+        Ok(EventWaker(unsafe {
+            std::os::fd::FromRawFd::from_raw_fd(fd)
+        }))
+    }
+
+    /// Clears what was signalled.
+    fn drain(&self) {
+        let mut count = 0u64;
+        // SAFETY: reads 8 bytes into `count`; the fd is non-blocking.
+        let _ = unsafe { libc::read(self.0.as_raw_fd(), (&raw mut count).cast(), 8) };
+    }
+}
+
+impl Wake for EventWaker {
     fn wake(self: Arc<Self>) {
-        let _ = (&self.0).write(&[1]);
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from `one`; the fd is non-blocking (a counter near its
+        // limit fails with EAGAIN, and a wake-up is pending then anyway).
+        let _ = unsafe { libc::write(self.0.as_raw_fd(), (&raw const one).cast(), 8) };
     }
 }
 
@@ -198,8 +228,8 @@ fn accept_loop(shared: &Arc<Shared>, listener: &UnixListener) {
     }
 }
 
-/// Waits until the socket or the wake pipe is readable (or the connection is closed).
-fn wait_readable(socket: &UnixStream, wake: &UnixStream) -> (bool, bool) {
+/// Waits until the socket or the wake-up is readable (or the connection is closed).
+fn wait_readable(socket: &UnixStream, wake: std::os::fd::RawFd) -> (bool, bool) {
     let mut fds = [
         libc::pollfd {
             fd: socket.as_raw_fd(),
@@ -207,7 +237,7 @@ fn wait_readable(socket: &UnixStream, wake: &UnixStream) -> (bool, bool) {
             revents: 0,
         },
         libc::pollfd {
-            fd: wake.as_raw_fd(),
+            fd: wake,
             events: libc::POLLIN,
             revents: 0,
         },
@@ -275,10 +305,8 @@ fn recv_with_fds(
 }
 
 fn serve(shared: &Shared, stream: UnixStream, id: u64) -> io::Result<()> {
-    let (wake_rx, wake_tx) = UnixStream::pair()?;
-    wake_tx.set_nonblocking(true)?;
-    wake_rx.set_nonblocking(true)?;
-    let waker = Waker::from(Arc::new(PipeWaker(wake_tx)));
+    let wake = Arc::new(EventWaker::new()?);
+    let waker = Waker::from(wake.clone());
     let mut session = Session::new(shared.tree.clone(), id);
     let conn = Arc::new(Connection {
         stream: stream.try_clone()?,
@@ -291,7 +319,7 @@ fn serve(shared: &Shared, stream: UnixStream, id: u64) -> io::Result<()> {
     conn.send(&out, Some(&greeting()));
     let mut buf = vec![0u8; 64 << 10];
     while !conn.closed.load(Ordering::Acquire) {
-        // Register the wake pipe for new events, unless some are already waiting.
+        // Register the wake-up for new events, unless some are already waiting.
         let registered = {
             let ready = pin!(conn.events.subscriber().ready());
             ready.poll(&mut Context::from_waker(&waker)) == Poll::Pending
@@ -302,10 +330,9 @@ fn serve(shared: &Shared, stream: UnixStream, id: u64) -> io::Result<()> {
             conn.busy.store(false, Ordering::Release);
             continue;
         }
-        let (input, woken) = wait_readable(&stream, &wake_rx);
+        let (input, woken) = wait_readable(&stream, wake.0.as_raw_fd());
         if woken {
-            let mut drain = [0u8; 64];
-            while (&wake_rx).read(&mut drain).is_ok_and(|n| n > 0) {}
+            wake.drain();
         }
         if !input {
             continue;
