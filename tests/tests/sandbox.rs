@@ -520,7 +520,8 @@ fn connect_as(uid: u32, gid: u32, path: &Path) -> Result<String, String> {
 /// `--qmp unix:PATH,group=G`: under `--run-as nobody:nogroup` the socket appears as
 /// nobody's, group nogroup, mode 0660; another user in that group gets the greeting, the
 /// same user in another group is refused, as is the group on a socket without `group=`.
-/// A group that does not exist stops qomu before it starts, saying so.
+/// A group nobody is not in, or one that does not exist, stops qomu before it starts,
+/// saying so.
 #[test]
 fn a_group_socket_lets_its_group_in_and_no_one_else() {
     use std::os::unix::fs::MetadataExt;
@@ -565,6 +566,27 @@ fn a_group_socket_lets_its_group_in_and_no_one_else() {
     assert!(refused.contains("Permission denied"), "{refused}");
     let refused = connect_as(OTHER, NOGROUP, &private).unwrap_err();
     assert!(refused.contains("Permission denied"), "{refused}");
+
+    // A group nobody is not in: stopped with the reason, no socket left.
+    let refused_sock = own.join("refused.sock");
+    let out = as_nobody(&own)
+        .arg("-S")
+        .arg("--qmp")
+        .arg(format!("unix:{},group=daemon", refused_sock.display()))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot give it to group 1") && stderr.contains("Operation not permitted"),
+        "{stderr}"
+    );
+    assert!(!refused_sock.exists());
+    assert_eq!(
+        std::fs::read_dir(&own).unwrap().count(),
+        2,
+        "only the two sockets of the running qomu"
+    );
 
     let out = Command::new(qomu_binary())
         .args(["-S", "--serial", "none", "--dbus", "none", "--qmp"])
