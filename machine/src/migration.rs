@@ -1079,9 +1079,6 @@ impl Machine {
         } else {
             self.transition(&mut st, RunState::Paused)?;
         }
-        if let Some(l) = &st.launched {
-            l.vm.huge_pages(true);
-        }
         // Switches learn where the NICs' MACs are now (QEMU announces after every
         // incoming migration too).
         if !self.nics().is_empty() {
@@ -1128,7 +1125,6 @@ impl Machine {
         let mut chips = None;
         // A live migration's stream: RAM in `pages:` passes, the run state at the switch.
         let mut paged = false;
-        let mut small_pages = false;
         let mut run = None;
         let mut last = String::from("config");
         let mut slow = Instant::now();
@@ -1156,16 +1152,7 @@ impl Machine {
                 let state: VcpuState =
                     serde_json::from_slice(&payload).map_err(|e| json_err(&name, e))?;
                 cpus.push((v, state));
-            } else if let Some(which) = name.strip_prefix("pages:") {
-                // Past the first pass, pages land anywhere, and a fault into RAM not yet
-                // touched would zero (and maybe compact for) a whole 2 MiB huge page: up to
-                // 5 ms of a switch-over here. Those pages fault 4 KiB at a time; huge pages
-                // come back once the guest runs (`huge_pages(true)` below; khugepaged
-                // merges the rest).
-                if !small_pages && !which.starts_with("0:") {
-                    l.vm.huge_pages(false);
-                    small_pages = true;
-                }
+            } else if name.starts_with("pages:") {
                 let payload = r.payload(head)?;
                 precopy::load(memory, &payload)
                     .map_err(|why| failed(format!("section '{name}': {why}")))?;
