@@ -322,11 +322,12 @@ fn spawn_signal_thread(machine: Arc<Machine>) {
 fn init_logging() {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
+    let warnings = || tracing_subscriber::filter::Targets::new().with_default(tracing::Level::WARN);
     let filter = match std::env::var("QOMU_LOG") {
-        Err(_) => tracing_subscriber::filter::Targets::new().with_default(tracing::Level::WARN),
+        Err(_) => warnings(),
         Ok(text) => text.parse().unwrap_or_else(|e| {
             say!("qomu: QOMU_LOG={text:?} is not a log filter ({e}); logging warnings");
-            tracing_subscriber::filter::Targets::new().with_default(tracing::Level::WARN)
+            warnings()
         }),
     };
     let format = tracing_subscriber::fmt::layer()

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use qom::Tree;
+use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 
 use super::session::{EventSink, Session, greeting};
 
@@ -32,28 +33,7 @@ pub const MAX_CONNECTIONS: usize = 1024;
 /// is one non-blocking 8-byte write, whatever thread emits (a vCPU among them), and costs
 /// the emitter less than a socket's write would (no buffer to allocate), which counts when
 /// one event goes to hundreds of connections.
-struct EventWaker(std::os::fd::OwnedFd);
-
-impl EventWaker {
-    fn new() -> io::Result<EventWaker> {
-        // SAFETY: eventfd has no memory preconditions; a non-negative result is a new fd.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` was just opened and nothing else owns it.
-        Ok(EventWaker(unsafe {
-            std::os::fd::FromRawFd::from_raw_fd(fd)
-        }))
-    }
-
-    /// Clears what was signalled.
-    fn drain(&self) {
-        let mut count = 0u64;
-        // SAFETY: reads 8 bytes into `count`; the fd is non-blocking.
-        let _ = unsafe { libc::read(self.0.as_raw_fd(), (&raw mut count).cast(), 8) };
-    }
-}
+struct EventWaker(EventFd);
 
 impl Wake for EventWaker {
     fn wake(self: Arc<Self>) {
@@ -61,10 +41,8 @@ impl Wake for EventWaker {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        let one = 1u64;
-        // SAFETY: writes 8 bytes from `one`; the fd is non-blocking (a counter near its
-        // limit fails with EAGAIN, and a wake-up is pending then anyway).
-        let _ = unsafe { libc::write(self.0.as_raw_fd(), (&raw const one).cast(), 8) };
+        // Non-blocking: a counter near its limit fails, and a wake-up is pending then.
+        let _ = self.0.write(1);
     }
 }
 
@@ -305,7 +283,7 @@ fn recv_with_fds(
 }
 
 fn serve(shared: &Shared, stream: UnixStream, id: u64) -> io::Result<()> {
-    let wake = Arc::new(EventWaker::new()?);
+    let wake = Arc::new(EventWaker(EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?));
     let waker = Waker::from(wake.clone());
     let mut session = Session::new(shared.tree.clone(), id);
     let conn = Arc::new(Connection {
@@ -332,7 +310,7 @@ fn serve(shared: &Shared, stream: UnixStream, id: u64) -> io::Result<()> {
         }
         let (input, woken) = wait_readable(&stream, wake.0.as_raw_fd());
         if woken {
-            wake.drain();
+            let _ = wake.0.read();
         }
         if !input {
             continue;
