@@ -208,6 +208,14 @@ pub const CAPABILITIES: &[&str] = &[
 /// instead, which qomu does not do).
 const MAX_PASSES: u32 = 30;
 
+/// The section a live migration's source writes when it has stopped its guest, before the
+/// last pass: empty. A file snapshot has none.
+const SWITCH_OVER: &str = "switch-over";
+
+/// The prefix of the empty section after each pass but the last (`pass-end:N`), which a
+/// destination with a way back answers with [`migration_uri::PASS_LOADED`].
+const PASS_END: &str = "pass-end:";
+
 /// A snapshot that does not fit or does not load, in a sentence.
 fn failed(e: impl std::fmt::Display) -> Error {
     Error::Snapshot(e.to_string())
@@ -515,6 +523,24 @@ impl Machine {
                 &self.cancel_migration,
             )
             .map_err(io)?;
+            // The pass ends, its last bytes go now, and on a two-way stream the source waits
+            // for the destination to have loaded them: a destination still loading an
+            // earlier pass (faulting in its RAM) at the switch-over would do it in the
+            // downtime. The pass's rate is then what the destination takes, not what the
+            // socket buffers.
+            w.section(&format!("{PASS_END}{pass}"), &[]).map_err(io)?;
+            w.flush().map_err(io)?;
+            if let Some(back) = back.as_mut() {
+                let mut word = [0u8; 8];
+                back.read_exact(&mut word).map_err(|e| {
+                    failed(format!(
+                        "the destination did not confirm it loaded pass {pass}: {e}"
+                    ))
+                })?;
+                if &word != migration_uri::PASS_LOADED {
+                    return Err(failed("the destination answered something else"));
+                }
+            }
             let ms = t.elapsed().as_secs_f64() * 1000.0;
             let next = tracker.take_dirty()?;
             let left = precopy::count(&next) * precopy::PAGE as u64;
@@ -579,6 +605,8 @@ impl Machine {
     ) -> Result<(u64, u64)> {
         let (was_running, stopped) = self.stop_for_save(st)?;
         tracing::debug!("switch-over: stopped in {:?}", stopped.elapsed());
+        // Tells the destination the last pass comes next (see `load_sections`).
+        w.section(SWITCH_OVER, &[]).map_err(io)?;
         let mut rest = tracker.take_dirty()?;
         if let Some(d) = &dirty {
             precopy::merge(&mut rest, d);
@@ -602,6 +630,8 @@ impl Machine {
             .launched
             .as_ref()
             .ok_or_else(|| failed("the machine has no VM"))?;
+        // The destination loads the last pages while the vCPUs' state is read here.
+        w.flush().map_err(io)?;
         tracing::debug!("switch-over: last pages sent at {:?}", stopped.elapsed());
         self.write_device_state(l, &mut w, io)?;
         let run_state = if was_running { "running" } else { "paused" };
@@ -994,7 +1024,7 @@ impl Machine {
         mut r: Reader,
         name: &str,
         start: bool,
-        back: Option<Box<dyn std::io::Write + Send>>,
+        mut back: Option<Box<dyn std::io::Write + Send>>,
     ) -> Result<()> {
         let (section, payload) = r.next("header")?;
         if section != "config" {
@@ -1038,7 +1068,7 @@ impl Machine {
             }),
         };
         let loaded = launched.and_then(|l| {
-            let result = self.load_sections(&l, &mut r, &here);
+            let result = self.load_sections(&l, &mut r, &here, back.as_mut());
             st.launched = Some(l);
             result
         });
@@ -1079,6 +1109,10 @@ impl Machine {
         } else {
             self.transition(&mut st, RunState::Paused)?;
         }
+        // Huge pages again after a switch-over's small ones (see `load_sections`).
+        if let Some(l) = &st.launched {
+            l.vm.huge_pages(true);
+        }
         // Switches learn where the NICs' MACs are now (QEMU announces after every
         // incoming migration too).
         if !self.nics().is_empty() {
@@ -1104,6 +1138,7 @@ impl Machine {
         l: &Launched,
         r: &mut Reader,
         here: &Fingerprint,
+        mut back: Option<&mut Box<dyn std::io::Write + Send>>,
     ) -> Result<Option<String>> {
         let json_err = |name: &str, e: serde_json::Error| {
             failed(format!("section '{name}' does not parse: {e}"))
@@ -1152,6 +1187,25 @@ impl Machine {
                 let state: VcpuState =
                     serde_json::from_slice(&payload).map_err(|e| json_err(&name, e))?;
                 cpus.push((v, state));
+            } else if name.starts_with(PASS_END) {
+                r.payload(head)?;
+                if let Some(back) = back.as_mut() {
+                    back.write_all(migration_uri::PASS_LOADED)
+                        .and_then(|()| back.flush())
+                        .map_err(|e| {
+                            failed(format!("cannot tell the source a pass arrived: {e}"))
+                        })?;
+                }
+            } else if name == SWITCH_OVER {
+                // The source has stopped its guest; the last pass follows. Its pages land
+                // anywhere, and one landing in RAM not touched yet would fault a whole
+                // 2 MiB transparent huge page, zeroed and maybe compacted for: up to 5 ms
+                // of the guest's downtime here. They fault 4 KiB at a time instead, and
+                // huge pages come back once the guest runs (khugepaged merges the rest).
+                // Earlier passes keep huge pages: they run while the guest does, and
+                // small faults there only lengthen them.
+                r.payload(head)?;
+                l.vm.huge_pages(false);
             } else if name.starts_with("pages:") {
                 let payload = r.payload(head)?;
                 precopy::load(memory, &payload)

@@ -88,6 +88,10 @@ impl std::fmt::Display for Uri {
 /// What a destination sends back on a two-way stream (unix, tcp) once it has loaded
 /// everything, before its guest runs: until it comes, the source keeps its VM.
 pub const LOADED: &[u8; 8] = b"QOMUDONE";
+/// What a destination sends back on a two-way stream when it has loaded a pass's pages
+/// (a `pass-end:N` section): the source stops its guest only once the destination has
+/// caught up, so no page of an earlier pass is still being loaded in the downtime.
+pub const PASS_LOADED: &[u8; 8] = b"QOMUPASS";
 /// How long a source waits for [`LOADED`] after its last byte: a destination that hangs
 /// instead of dying must not hold the source's VM stopped for ever.
 pub const LOADED_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);

@@ -13,7 +13,10 @@
 //!
 //! The same stream goes over a socket or a pipe for a migration between processes
 //! (machine/src/migration.rs): a reader of a stream knows no length ahead, so a stream that
-//! ends early is found truncated where it ends.
+//! ends early is found truncated where it ends. A live migration's RAM goes in passes
+//! instead of `ram:` sections: `pages:PASS:N` sections, an empty `pass-end:PASS` after each
+//! pass but the last, an empty `switch-over` once the guest has stopped, then the last pass
+//! and the state (docs/migration.md).
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -173,6 +176,15 @@ impl Writer {
             self.put(part)?;
         }
         self.put(&crc.finalize().to_le_bytes())
+    }
+
+    /// Sends what is buffered on its way (a live migration's pass: the destination loads it
+    /// while the guest still runs, not in the downtime).
+    ///
+    /// # Errors
+    /// A write fails.
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
     }
 
     /// Writes `end`, flushes, and syncs a file to disk. Returns the bytes written.

@@ -270,13 +270,7 @@ impl Vm {
                 userspace_addr: host as u64,
                 flags: 0,
             };
-            // Transparent huge pages where the host allows them (as QEMU asks for guest RAM):
-            // fewer page faults and TLB misses for the guest, and RAM restored from a
-            // snapshot fills 2 MiB at a time. Only advice: failure changes nothing.
-            // SAFETY: madvise on the region's own live mapping, `len` bytes long.
-            unsafe {
-                libc::madvise(host.cast(), region.len() as usize, libc::MADV_HUGEPAGE);
-            }
+            advise_huge_pages(host, region.len(), true);
             // SAFETY: the region is a live mmap owned by `memory`, which the Vm keeps for
             // as long as the VM fd exists; the slots do not overlap.
             unsafe { fd.set_user_memory_region(mr) }.map_err(kvm_err("register guest memory"))?;
@@ -299,6 +293,16 @@ impl Vm {
 
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.memory
+    }
+
+    /// Whether guest RAM faults in huge pages from now on (see [`advise_huge_pages`]);
+    /// what is mapped stays as it is.
+    pub fn huge_pages(&self, on: bool) {
+        for region in self.memory.iter() {
+            if let Ok(host) = host_address(&self.memory, region, self.ram_size) {
+                advise_huge_pages(host, region.len(), on);
+            }
+        }
     }
 
     /// Gives guest RAM back to the kernel, zeroed (`MADV_DONTNEED` on the private
@@ -810,6 +814,23 @@ fn host_address(
             size: ram_size,
             reason: e.to_string(),
         })
+}
+
+/// Transparent huge pages for the `len` bytes of guest RAM at `host`, where the host allows
+/// them (as QEMU asks for guest RAM): fewer page faults and TLB misses for the guest, and
+/// RAM restored from a snapshot fills 2 MiB at a time. Off: faults take 4 KiB pages (a live
+/// migration's later passes, where a 2 MiB fault would stall the switch-over). Only
+/// advice: a refusal changes nothing.
+fn advise_huge_pages(host: *mut u8, len: u64, on: bool) {
+    let advice = if on {
+        libc::MADV_HUGEPAGE
+    } else {
+        libc::MADV_NOHUGEPAGE
+    };
+    // SAFETY: madvise on a live mapping of guest RAM, `len` bytes long; advice only.
+    unsafe {
+        libc::madvise(host.cast(), len as usize, advice);
+    }
 }
 
 #[cfg(test)]

@@ -656,6 +656,13 @@ fn migrate_between_processes(dir: &TempDir, uri: &str, defer: bool) {
         assert!(Instant::now() < deadline, "on the destination: {done}");
         std::thread::sleep(Duration::from_millis(10));
     }
+    // The last pass loaded with huge pages off (a 2 MiB fault stalls a switch-over); they
+    // are asked for again once the guest runs.
+    let flags = ram_flags(second.child.id(), 64 << 10);
+    assert!(
+        flags.contains(&"hg".to_owned()) && !flags.contains(&"nh".to_owned()),
+        "the destination's guest RAM: {flags:?}"
+    );
     assert_eq!(
         second.wait_exit(Duration::from_secs(120)),
         Some(1),
@@ -672,6 +679,22 @@ fn migrate_between_processes(dir: &TempDir, uri: &str, defer: bool) {
         counts(&out).first().is_some_and(|&n| n > saved_at),
         "the destination went on from {saved_at}: {out}"
     );
+}
+
+/// The `VmFlags` of process `pid`'s guest RAM: its mapping of `kib` KiB.
+fn ram_flags(pid: u32, kib: u64) -> Vec<String> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut size_matches = false;
+    for line in smaps.lines() {
+        if let Some(size) = line.strip_prefix("Size:") {
+            size_matches = size.trim().trim_end_matches("kB").trim().parse() == Ok(kib);
+        } else if let Some(flags) = line.strip_prefix("VmFlags:")
+            && size_matches
+        {
+            return flags.split_whitespace().map(str::to_owned).collect();
+        }
+    }
+    panic!("no mapping of {kib} KiB in /proc/{pid}/smaps");
 }
 
 #[test]
@@ -754,11 +777,13 @@ fn a_failed_migration_leaves_the_source_running_and_a_second_one_succeeds() {
     peer.join().unwrap();
     assert_eq!(info["status"], "failed", "{info}");
     // Depending on how much the socket's buffer took before the peer went: the writes
-    // failed, or the destination's word that it loaded everything never came.
+    // failed, or the destination's word that it loaded the first pass (or, for a guest
+    // that fits one pass, everything) never came.
     assert!(
         info["error-desc"]
             .as_str()
             .is_some_and(|e| e.contains("the destination stopped taking the stream")
+                || e.contains("the destination did not confirm it loaded pass 1")
                 || e.contains("the destination did not confirm it loaded the stream")),
         "{info}"
     );
@@ -1267,4 +1292,116 @@ fn a_nic_keeps_its_mac_and_link_across_a_live_migration() {
         "{}",
         std::fs::read_to_string(&console2).unwrap_or_default()
     );
+}
+
+/// Reads one section of a migration stream from `s`: its name and payload.
+fn read_section(s: &mut impl std::io::Read) -> (String, Vec<u8>) {
+    let mut len = [0u8; 2];
+    s.read_exact(&mut len).unwrap();
+    let mut name = vec![0u8; u16::from_le_bytes(len).into()];
+    s.read_exact(&mut name).unwrap();
+    let mut size = [0u8; 8];
+    s.read_exact(&mut size).unwrap();
+    let mut payload = vec![0u8; u64::from_le_bytes(size) as usize];
+    s.read_exact(&mut payload).unwrap();
+    let mut crc = [0u8; 4];
+    s.read_exact(&mut crc).unwrap();
+    (String::from_utf8(name).unwrap(), payload)
+}
+
+/// The source stops its guest only once the destination has loaded every pass sent
+/// (`pass-end:N`, answered `QOMUPASS`): a peer that holds its answer back for a second
+/// finds the source's guest running and counting all that time; answered, the source
+/// switches over (`switch-over`, then the last pass and the state); a peer that then goes
+/// without its last word leaves the source running.
+#[test]
+fn the_source_stops_its_guest_only_once_the_destination_has_loaded_each_pass() {
+    require_kvm!();
+    let dir = TempDir::new("mig-pass-ack");
+    let console = dir.path("c1");
+    let first = spawn(&counter_machine(
+        &dir,
+        &console,
+        "counter=1000000 spin=2000",
+        &[],
+    ));
+    let mut c = first.connect();
+    c.negotiate();
+    wait_console(&console, "counter: 200");
+    let sock = dir.path("peer.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let peer = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut header = [0u8; 16];
+        std::io::Read::read_exact(&mut s, &mut header).unwrap();
+        assert_eq!(&header[..8], b"QOMUSNAP");
+        let mut names = Vec::new();
+        loop {
+            let (name, _) = read_section(&mut s);
+            names.push(name.clone());
+            if name == "pass-end:1" {
+                break;
+            }
+        }
+        held_tx.send(()).unwrap();
+        go_rx.recv().unwrap();
+        std::io::Write::write_all(&mut s, b"QOMUPASS").unwrap();
+        // Later passes are answered at once.
+        loop {
+            let (name, _) = read_section(&mut s);
+            names.push(name.clone());
+            if name.starts_with("pass-end:") {
+                std::io::Write::write_all(&mut s, b"QOMUPASS").unwrap();
+            }
+            if name == "end" {
+                break;
+            }
+        }
+        names
+    });
+    let r = c.cmd(
+        &json!({"execute": "migrate", "arguments": {"uri": format!("unix:{}", sock.display())}})
+            .to_string(),
+    );
+    assert_eq!(r, json!({"return": {}}));
+    if held_rx.recv_timeout(Duration::from_secs(60)).is_err() {
+        let info = c.cmd(r#"{"execute": "query-migrate"}"#)["return"].clone();
+        panic!("the peer never held a pass: {info}");
+    }
+    let before = counts(&std::fs::read_to_string(&console).unwrap())
+        .last()
+        .copied()
+        .unwrap_or(0);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(status(&mut c), "running", "while the pass is unanswered");
+    let info = c.cmd(r#"{"execute": "query-migrate"}"#)["return"].clone();
+    assert_eq!(info["status"], "active", "{info}");
+    wait_console(&console, &format!("counter: {}", before + 50));
+    go_tx.send(()).unwrap();
+    let names = peer.join().unwrap();
+    let at = |n: &str| names.iter().position(|x| x == n);
+    let (Some(pass_end), Some(switch), Some(run)) =
+        (at("pass-end:1"), at("switch-over"), at("run"))
+    else {
+        panic!("sections: {names:?}");
+    };
+    assert!(pass_end < switch && switch < run, "sections: {names:?}");
+    assert!(
+        names[switch + 1..run].iter().any(|n| n.starts_with("cpu:")),
+        "the last pass and the state follow the switch-over: {names:?}"
+    );
+    // The peer went without saying it loaded the stream: the source runs on.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let info = loop {
+        let info = c.cmd(r#"{"execute": "query-migrate"}"#)["return"].clone();
+        if info["status"] != "active" {
+            break info;
+        }
+        assert!(Instant::now() < deadline, "{info}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(info["status"], "failed", "{info}");
+    assert_eq!(status(&mut c), "running");
 }
