@@ -531,15 +531,7 @@ impl Machine {
             w.section(&format!("{PASS_END}{pass}"), &[]).map_err(io)?;
             w.flush().map_err(io)?;
             if let Some(back) = back.as_mut() {
-                let mut word = [0u8; 8];
-                back.read_exact(&mut word).map_err(|e| {
-                    failed(format!(
-                        "the destination did not confirm it loaded pass {pass}: {e}"
-                    ))
-                })?;
-                if &word != migration_uri::PASS_LOADED {
-                    return Err(failed("the destination answered something else"));
-                }
+                await_word(back, migration_uri::PASS_LOADED, &format!("pass {pass}"))?;
             }
             let ms = t.elapsed().as_secs_f64() * 1000.0;
             let next = tracker.take_dirty()?;
@@ -639,15 +631,7 @@ impl Machine {
         let bytes = w.finish().map_err(io)?;
         tracing::debug!("switch-over: state sent at {:?}", stopped.elapsed());
         if let Some(back) = back {
-            let mut word = [0u8; 8];
-            back.read_exact(&mut word).map_err(|e| {
-                failed(format!(
-                    "the destination did not confirm it loaded the stream: {e}"
-                ))
-            })?;
-            if &word != migration_uri::LOADED {
-                return Err(failed("the destination answered something else"));
-            }
+            await_word(back, migration_uri::LOADED, "the stream")?;
         }
         if let Some(child) = child {
             let status = child.wait().map_err(io)?;
@@ -1283,6 +1267,20 @@ impl Machine {
         tracing::debug!("incoming: vCPUs and chips loaded in {:?}", t.elapsed());
         Ok(run)
     }
+}
+
+/// Reads the destination's `word` saying it loaded `what` from the way `back`.
+fn await_word(back: &mut dyn std::io::Read, word: &[u8; 8], what: &str) -> Result<()> {
+    let mut got = [0u8; 8];
+    back.read_exact(&mut got).map_err(|e| {
+        failed(format!(
+            "the destination did not confirm it loaded {what}: {e}"
+        ))
+    })?;
+    if &got != word {
+        return Err(failed("the destination answered something else"));
+    }
+    Ok(())
 }
 
 /// Where a save writes before it is complete.
