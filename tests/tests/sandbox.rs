@@ -310,6 +310,18 @@ fn chown(path: &Path, uid: u32, gid: u32) {
     assert_eq!(unsafe { libc::chown(c.as_ptr(), uid, gid) }, 0);
 }
 
+/// Debian's `nobody` and `nogroup`.
+const NOBODY: u32 = 65534;
+const NOGROUP: u32 = 65534;
+
+/// The VM's own directory in `dir`, `vm`, made and given to `nobody:nogroup`.
+fn vm_dir(dir: &TempDir) -> PathBuf {
+    let own = dir.path("vm");
+    std::fs::create_dir(&own).unwrap();
+    chown(&own, NOBODY, NOGROUP);
+    own
+}
+
 /// qomu under `--run-as nobody:nogroup`, the default sandbox, no console or bus, limited
 /// to the VM's directory `own`.
 fn as_nobody(own: &Path) -> Command {
@@ -346,15 +358,12 @@ fn run_as_an_unprivileged_user_boots_hotplugs_and_snapshots_inside_its_paths_onl
         skip("--run-as needs root to drop from");
         return;
     }
-    const NOBODY: u32 = 65534;
     let dir = TempDir::new("sbx-runas");
     // The VM's own directory, the user's: its sockets, its disk, its snapshots.
-    let own = dir.path("vm");
-    std::fs::create_dir(&own).unwrap();
-    chown(&own, NOBODY, NOBODY);
+    let own = vm_dir(&dir);
     let disk = own.join("disk.img");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
-    chown(&disk, NOBODY, NOBODY);
+    chown(&disk, NOBODY, NOGROUP);
     // Somewhere the user could write to were it not for Landlock.
     let other = dir.path("other");
     std::fs::create_dir(&other).unwrap();
@@ -529,14 +538,10 @@ fn a_group_socket_lets_its_group_in_and_no_one_else() {
         skip("--run-as needs root to drop from");
         return;
     }
-    const NOBODY: u32 = 65534;
-    const NOGROUP: u32 = 65534;
     // Another user (Debian's `daemon`), in nogroup or in its own group.
     const OTHER: u32 = 1;
     let dir = TempDir::new("sbx-group");
-    let own = dir.path("vm");
-    std::fs::create_dir(&own).unwrap();
-    chown(&own, NOBODY, NOGROUP);
+    let own = vm_dir(&dir);
     let shared = own.join("shared.sock");
     let private = own.join("private.sock");
     let qomu = as_nobody(&own)
