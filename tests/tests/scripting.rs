@@ -96,6 +96,14 @@ fn configure_py_boots_the_guest_the_ini_file_describes() {
     let mut c = q.connect();
     c.negotiate();
     let file = ini(&dir, "vm.ini", "");
+    // And a NIC on a stream netdev listening in the test's directory (no peer, no root).
+    let mut with_nic = std::fs::read_to_string(&file).unwrap();
+    with_nic.push_str(&format!(
+        "\n[netdev net0]\ntype = stream\nserver = true\npath = {}\n\n\
+         [device nic0]\ndriver = virtio-net-pci\nnetdev = net0\nmac = 52:54:00:12:34:99\n",
+        dir.path("net0.sock").display()
+    ));
+    std::fs::write(&file, with_nic).unwrap();
     let out = configure(&bus, &file, &[]);
     let said = text(&out);
     assert!(out.status.success(), "configure.py failed:\n{said}");
@@ -105,6 +113,8 @@ fn configure_py_boots_the_guest_the_ini_file_describes() {
         "machine append = 'exit=0 greeting=configured'",
         "device rng0: virtio-rng-pci at /org/qomu/VM1/machine/peripheral/rng0",
         "device disk0: virtio-blk-pci at /org/qomu/VM1/machine/peripheral/disk0",
+        "netdev net0: stream at /org/qomu/VM1/netdev/net0",
+        "device nic0: virtio-net-pci at /org/qomu/VM1/machine/peripheral/nic0",
         "started",
     ] {
         assert!(said.contains(line), "no '{line}' in:\n{said}");
@@ -124,10 +134,19 @@ fn configure_py_boots_the_guest_the_ini_file_describes() {
         assert!(guest_said.contains(line), "no '{line}' in:\n{guest_said}");
     }
     assert_eq!(c.qom_get("/machine", "name"), json!("configured-vm"));
-    assert_eq!(c.children("/machine/peripheral"), ["disk0", "rng0"]);
+    assert_eq!(c.children("/machine/peripheral"), ["disk0", "nic0", "rng0"]);
     assert_eq!(
         c.qom_get("/machine/peripheral/disk0", "serial"),
         json!("INI-0001")
+    );
+    assert_eq!(c.children("/netdev"), ["net0"]);
+    assert_eq!(
+        c.qom_get("/machine/peripheral/nic0", "mac"),
+        json!("52:54:00:12:34:99")
+    );
+    assert_eq!(
+        c.qom_get("/machine/peripheral/nic0", "netdev"),
+        json!("net0")
     );
     c.cmd(r#"{"execute": "quit"}"#);
     q.wait_exit(Duration::from_secs(10));
@@ -146,7 +165,13 @@ fn configure_py_reports_a_broken_file_by_line_and_changes_nothing() {
     let mut c = q.connect();
     c.negotiate();
     let before = c.tree();
-    // Each broken line is line 8 of [machine] (after name), or the device section.
+    // A netdev the NIC after it needs: made, then taken away again when the NIC is refused.
+    let netdev_then_bad_nic = format!(
+        "[netdev n9]\ntype = stream\nserver = true\npath = {}\n\
+         [device nic9]\ndriver = virtio-net-pci\nnetdev = n9\nmac = 52:54:00:zz:34:56",
+        dir.path("n9.sock").display()
+    );
+    // Each broken line is line 8 of [machine] (after name), or the section there.
     for (extra, line, error) in [
         (
             "colour = blue",
@@ -173,6 +198,16 @@ fn configure_py_reports_a_broken_file_by_line_and_changes_nothing() {
             8,
             "[device late] driver = isa-serial: org.freedesktop.DBus.Error.InvalidArgs: ",
         ),
+        (
+            "[netdev n8]\ntype = bogus",
+            8,
+            "[netdev n8] type = bogus: org.freedesktop.DBus.Error.InvalidArgs: there is no netdev type 'bogus'",
+        ),
+        (
+            netdev_then_bad_nic.as_str(),
+            12,
+            "[device nic9] driver = virtio-net-pci: org.",
+        ),
     ] {
         let file = ini(&dir, "bad.ini", extra);
         let out = configure(&bus, &file, &[]);
@@ -193,6 +228,7 @@ fn configure_py_reports_a_broken_file_by_line_and_changes_nothing() {
         assert_eq!(c.qom_get("/machine", "cpus"), json!(1));
         assert_eq!(c.qom_get("/machine", "append"), json!(""));
         assert!(c.children("/machine/peripheral").is_empty(), "{extra}");
+        assert!(c.children("/netdev").is_empty(), "{extra}");
         assert_eq!(c.tree(), before, "{extra}");
     }
 }
