@@ -171,6 +171,18 @@ def same(read, text, signature):
     return str(read) == text
 
 
+async def read_back(vm, path, entries, skip, what):
+    """Checks that the object at `path` holds each value its section set (but the keys in
+    `skip`, which say how to make it); the first that differs is the file's error."""
+    types = await vm.signatures(path)
+    for key, text, number in entries:
+        if key in skip:
+            continue
+        read = await vm.get(path, key)
+        if not same(read, text, types.get(key, "s")):
+            raise ConfigError(number, f"{key} = {text}: the {what} holds {read!r}")
+
+
 async def configure(vm, sections):
     """Applies the file; on the first refusal, undoes what it did and raises."""
     undo = []
@@ -208,13 +220,7 @@ async def configure(vm, sections):
                     raise ConfigError(line, f"[{name}] driver = {driver}: {e}") from None
                 undo.append(("device", ident, None))
                 path = dbus_path(f"/machine/peripheral/{ident}")
-                types = await vm.signatures(path)
-                for key, text, number in entries:
-                    if key in ("driver", "bus"):
-                        continue
-                    read = await vm.get(path, key)
-                    if not same(read, text, types.get(key, "s")):
-                        raise ConfigError(number, f"{key} = {text}: the device holds {read!r}")
+                await read_back(vm, path, entries, ("driver", "bus"), "device")
                 print(f"device {ident}: {driver} at {path}")
             elif name.startswith("netdev "):
                 ident = name.split(None, 1)[1]
@@ -232,13 +238,7 @@ async def configure(vm, sections):
                     raise ConfigError(line, f"[{name}] type = {kind}: {e}") from None
                 undo.append(("netdev", ident, None))
                 path = dbus_path(f"/netdev/{ident}")
-                types = await vm.signatures(path)
-                for key, text, number in entries:
-                    if key == "type":
-                        continue
-                    read = await vm.get(path, key)
-                    if not same(read, text, types.get(key, "s")):
-                        raise ConfigError(number, f"{key} = {text}: the netdev holds {read!r}")
+                await read_back(vm, path, entries, ("type",), "netdev")
                 print(f"netdev {ident}: {kind} at {path}")
             else:
                 raise ConfigError(line, f"unknown section [{name}] (machine, netdev ID or device ID)")
