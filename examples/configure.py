@@ -183,6 +183,47 @@ async def read_back(vm, path, entries, skip, what):
             raise ConfigError(number, f"{key} = {text}: the {what} holds {read!r}")
 
 
+class Kind:
+    """What a [device ID] or [netdev ID] section makes: the key naming its type (with a
+    hint for the error when it is missing), keys passed as options beside `properties`,
+    the machine's method that adds one and the one that removes it, and where it lands."""
+
+    def __init__(self, what, type_key, hint, option_keys, add, remove, root):
+        self.what, self.type_key, self.hint = what, type_key, hint
+        self.option_keys, self.add, self.remove, self.root = option_keys, add, remove, root
+
+    def __str__(self):
+        return self.what
+
+
+DEVICE = Kind("device", "driver", "TYPE", ("bus",), "DeviceAdd", "DeviceDel", "/machine/peripheral")
+NETDEV = Kind("netdev", "type", "stream|tap", (), "NetdevAdd", "NetdevDel", "/netdev")
+
+
+async def add_object(vm, name, line, entries, undo, kind):
+    """Adds the object of section [name] with the machine's `kind.add`, notes how to take
+    it away in `undo`, and checks it holds what the section set."""
+    machine = dbus_path("/machine")
+    ident = name.split(None, 1)[1]
+    props = dict((k, v) for k, v, _ in entries)
+    typename = props.pop(kind.type_key, None)
+    if not typename:
+        raise ConfigError(line, f"[{name}] has no {kind.type_key} = {kind.hint}")
+    options = {"id": Variant("s", ident)}
+    for key in kind.option_keys:
+        if key in props:
+            options[key] = Variant("s", props.pop(key))
+    options["properties"] = Variant("a{sv}", {k: Variant("s", v) for k, v in props.items()})
+    try:
+        await vm.call(machine, MACHINE_IFACE, kind.add, "sa{sv}", [typename, options])
+    except RuntimeError as e:
+        raise ConfigError(line, f"[{name}] {kind.type_key} = {typename}: {e}") from None
+    undo.append((kind, ident, None))
+    path = dbus_path(f"{kind.root}/{ident}")
+    await read_back(vm, path, entries, (kind.type_key,) + kind.option_keys, kind.what)
+    print(f"{kind.what} {ident}: {typename} at {path}")
+
+
 async def configure(vm, sections):
     """Applies the file; on the first refusal, undoes what it did and raises."""
     undo = []
@@ -205,41 +246,9 @@ async def configure(vm, sections):
                         raise ConfigError(number, f"{key} = {text}: the VMM holds {read!r}")
                     print(f"machine {key} = {read!r}")
             elif name.startswith("device "):
-                ident = name.split(None, 1)[1]
-                props = dict((k, v) for k, v, _ in entries)
-                driver = props.pop("driver", None)
-                if not driver:
-                    raise ConfigError(line, f"[{name}] has no driver = TYPE")
-                options = {"id": Variant("s", ident)}
-                if "bus" in props:
-                    options["bus"] = Variant("s", props.pop("bus"))
-                options["properties"] = Variant("a{sv}", {k: Variant("s", v) for k, v in props.items()})
-                try:
-                    await vm.call(machine, MACHINE_IFACE, "DeviceAdd", "sa{sv}", [driver, options])
-                except RuntimeError as e:
-                    raise ConfigError(line, f"[{name}] driver = {driver}: {e}") from None
-                undo.append(("device", ident, None))
-                path = dbus_path(f"/machine/peripheral/{ident}")
-                await read_back(vm, path, entries, ("driver", "bus"), "device")
-                print(f"device {ident}: {driver} at {path}")
+                await add_object(vm, name, line, entries, undo, DEVICE)
             elif name.startswith("netdev "):
-                ident = name.split(None, 1)[1]
-                props = dict((k, v) for k, v, _ in entries)
-                kind = props.pop("type", None)
-                if not kind:
-                    raise ConfigError(line, f"[{name}] has no type = stream|tap")
-                options = {
-                    "id": Variant("s", ident),
-                    "properties": Variant("a{sv}", {k: Variant("s", v) for k, v in props.items()}),
-                }
-                try:
-                    await vm.call(machine, MACHINE_IFACE, "NetdevAdd", "sa{sv}", [kind, options])
-                except RuntimeError as e:
-                    raise ConfigError(line, f"[{name}] type = {kind}: {e}") from None
-                undo.append(("netdev", ident, None))
-                path = dbus_path(f"/netdev/{ident}")
-                await read_back(vm, path, entries, ("type",), "netdev")
-                print(f"netdev {ident}: {kind} at {path}")
+                await add_object(vm, name, line, entries, undo, NETDEV)
             else:
                 raise ConfigError(line, f"unknown section [{name}] (machine, netdev ID or device ID)")
     except ConfigError:
@@ -247,10 +256,8 @@ async def configure(vm, sections):
             try:
                 if kind == "set":
                     await vm.set(machine, what, old)
-                elif kind == "netdev":
-                    await vm.call(machine, MACHINE_IFACE, "NetdevDel", "s", [what])
                 else:
-                    await vm.call(machine, MACHINE_IFACE, "DeviceDel", "s", [what])
+                    await vm.call(machine, MACHINE_IFACE, kind.remove, "s", [what])
             except RuntimeError as e:
                 print(f"configure.py: could not undo {kind} {what}: {e}", file=sys.stderr)
         raise
