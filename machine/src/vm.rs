@@ -819,8 +819,8 @@ fn host_address(
 /// Transparent huge pages for the `len` bytes of guest RAM at `host`, where the host allows
 /// them (as QEMU asks for guest RAM): fewer page faults and TLB misses for the guest, and
 /// RAM restored from a snapshot fills 2 MiB at a time. Off: faults take 4 KiB pages (a live
-/// migration's later passes, where a 2 MiB fault would stall the switch-over). Only
-/// advice: a refusal changes nothing.
+/// migration's last pass, where a 2 MiB fault would lengthen the downtime). Only advice: a
+/// refusal changes nothing.
 fn advise_huge_pages(host: *mut u8, len: u64, on: bool) {
     let advice = if on {
         libc::MADV_HUGEPAGE
