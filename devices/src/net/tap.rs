@@ -184,9 +184,21 @@ impl Tap {
     /// # Errors
     /// The write's error.
     pub fn write_frame(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        let n = bufs.len().min(libc::c_int::MAX as usize) as libc::c_int;
         // SAFETY: `IoSlice` is ABI-compatible with `iovec`; the buffers outlive the call.
-        let r = unsafe { libc::writev(self.file.as_raw_fd(), bufs.as_ptr().cast(), n) };
+        unsafe { self.write_iovecs(bufs.as_ptr().cast(), bufs.len()) }
+    }
+
+    /// [`Tap::write_frame`] from `n` raw pieces at `iov`.
+    ///
+    /// # Safety
+    /// `iov` points at `n` iovecs, each naming memory readable until the call returns.
+    ///
+    /// # Errors
+    /// The write's error.
+    pub unsafe fn write_iovecs(&self, iov: *const libc::iovec, n: usize) -> io::Result<usize> {
+        let n = n.min(libc::c_int::MAX as usize) as libc::c_int;
+        // SAFETY: the caller's promise.
+        let r = unsafe { libc::writev(self.file.as_raw_fd(), iov, n) };
         if r < 0 {
             return Err(io::Error::last_os_error());
         }

@@ -11,10 +11,12 @@
 //! - [`filter`]: the receive filter (RX modes, MAC tables, VLANs) and MAC addresses.
 //! - [`qom`]: the `virtio-net-pci` type.
 //!
-//! Frames are copied once each way, through a buffer of the handler's: a frame the
+//! Frames from the host are copied once, through a buffer of the handler's: a frame the
 //! driver has no room for yet then waits in that buffer (and the backend is not read)
 //! until the driver adds buffers, and the filter sees the whole frame before any of it
-//! reaches guest memory.
+//! reaches guest memory. Frames from the guest go to a tap straight from guest memory
+//! (one gathering write: [`crate::net::backend::Gathered`] says why), to a stream through
+//! the handler's buffer.
 
 pub mod filter;
 mod qom;
@@ -34,13 +36,14 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_S_LINK_UP,
 };
 use virtio_queue::DescriptorChain;
-use vm_memory::Bytes;
+use vm_memory::{Bytes, GuestMemoryBackend};
 
 use self::filter::{Mac, Outcome, RxFilter};
 pub(crate) use self::qom::register;
 pub use self::qom::{TYPE, announce, announcement, rx_filter_info};
 use super::worker::Io;
 use super::{Identity, Interest, QueueHandler, VirtioDevice, feature};
+use crate::net::backend::{Gathered, NetBackend};
 use crate::net::port::{NetCounters, Port};
 use crate::net::tap::VNET_HDR_LEN;
 
@@ -424,8 +427,18 @@ impl NetHandler {
         Delivery::Done
     }
 
-    /// Sends one transmit chain's frame; its used length is 0.
+    /// Sends one transmit chain's frame; its used length is 0. A tap takes it from guest
+    /// memory ([`Gathered`]); a frame in more pieces than that holds, or one crossing a
+    /// memory region, and a stream's frames, go through `tx`.
     fn transmit(&mut self, chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) {
+        if self.header_in_backend {
+            let mut frame = Gathered::new();
+            if gather(&chain, mem, self.tx.len(), &mut frame)
+                && self.send(frame.len(), |b| b.send_gathered(&frame))
+            {
+                return;
+            }
+        }
         let mut len = 0;
         for d in chain.readable() {
             let part = (d.len() as usize).min(self.tx.len() - len);
@@ -438,27 +451,43 @@ impl NetHandler {
             }
             len += part;
         }
-        if len <= VNET_HDR_LEN || !self.link_up() {
-            self.count(|c| &c.tx_dropped, 1);
-            return;
-        }
         let frame = if self.header_in_backend {
             &self.tx[..len]
         } else {
-            &self.tx[VNET_HDR_LEN..len]
+            &self.tx[VNET_HDR_LEN..len.max(VNET_HDR_LEN)]
         };
+        self.send(len, |b| Some(b.send(&[frame])));
+    }
+
+    /// Sends a frame of `len` bytes (its header with it) with `send`, unless it is too
+    /// short to be one or the link is down, and counts what became of it. False if `send`
+    /// could not send it at all (None: a backend that takes no frame from guest memory).
+    fn send(
+        &self,
+        len: usize,
+        send: impl FnOnce(&mut (dyn NetBackend + 'static)) -> Option<std::io::Result<bool>>,
+    ) -> bool {
+        if len <= VNET_HDR_LEN || !self.link_up() {
+            self.count(|c| &c.tx_dropped, 1);
+            return true;
+        }
         // Counted before the backend is let go (Port::settle): a script that reads
         // `tx-packets` after the peer got the frame finds it counted.
         let sent = self.port.as_ref().and_then(|p| {
             p.with_backend(|b| {
-                let sent = b.send(&[frame]);
+                let sent = send(b)?;
                 if let Ok(true) = sent {
                     self.count(|c| &c.tx_packets, 1);
                     self.count(|c| &c.tx_bytes, (len - VNET_HDR_LEN) as u64);
                 }
-                sent
+                Some(sent)
             })
         });
+        let sent = match sent {
+            Some(None) => return false,
+            Some(Some(sent)) => Some(sent),
+            None => None,
+        };
         match sent {
             Some(Ok(true)) => {}
             Some(Err(_)) => {
@@ -469,6 +498,7 @@ impl NetHandler {
             }
             _ => self.count(|c| &c.tx_dropped, 1),
         }
+        true
     }
 
     /// Serves one control command: its ack byte's length (1), or 0 for a chain too short.
@@ -502,6 +532,28 @@ impl NetHandler {
             Err(_) => 0,
         }
     }
+}
+
+/// A chain's readable descriptors as pieces of guest memory, at most `room` bytes in all
+/// (as a copy into a buffer of `room` would take); false if they do not all fit in
+/// `frame`, or one crosses from one memory region into the next.
+fn gather<'m>(
+    chain: &DescriptorChain<&'m GuestMemoryMmap>,
+    mem: &'m GuestMemoryMmap,
+    room: usize,
+    frame: &mut Gathered<'m>,
+) -> bool {
+    for d in chain.clone().readable() {
+        let part = (d.len() as usize).min(room - frame.len());
+        if part == 0 {
+            break;
+        }
+        match mem.get_slice(d.addr(), part) {
+            Ok(slice) if frame.push(&slice) => {}
+            _ => return false,
+        }
+    }
+    true
 }
 
 enum Delivery {
@@ -559,5 +611,77 @@ impl QueueHandler for NetHandler {
         if !self.rx_blocked {
             self.receive(io);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::desc::split::Descriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::{Queue, QueueT};
+    use vm_memory::GuestAddress;
+
+    use super::*;
+    use crate::net::backend::GATHER_MAX;
+
+    const NEXT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+
+    /// Memory of two regions, 0..1 MiB and 1..2 MiB, with one chain of `parts` (address,
+    /// length) readable descriptors made available.
+    fn chain_of(parts: &[(u64, u32)]) -> (GuestMemoryMmap, Queue) {
+        let mem = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x10_0000),
+            (GuestAddress(0x10_0000), 0x10_0000),
+        ])
+        .unwrap();
+        let vq = MockSplitQueue::new(&mem, 32);
+        for (i, &(addr, len)) in parts.iter().enumerate() {
+            let last = i + 1 == parts.len();
+            let flags = if last { 0 } else { NEXT };
+            let desc = Descriptor::new(addr, len, flags, i as u16 + 1);
+            vq.desc_table()
+                .store(i as u16, RawDescriptor::from(desc))
+                .unwrap();
+        }
+        vq.avail().ring().ref_at(0).unwrap().store(0);
+        vq.avail().idx().store(1);
+        let q = vq.create_queue().unwrap();
+        (mem, q)
+    }
+
+    #[test]
+    fn a_chain_is_gathered_as_its_pieces_of_guest_memory() {
+        let (mem, mut q) = chain_of(&[(0x8000, 12), (0x9000, 100), (0xa000, 1414)]);
+        let chain = q.pop_descriptor_chain(&mem).unwrap();
+        let mut frame = Gathered::new();
+        assert!(gather(&chain, &mem, 65536, &mut frame));
+        assert_eq!(frame.len(), 12 + 100 + 1414);
+    }
+
+    #[test]
+    fn a_chain_longer_than_the_room_is_cut_where_a_copy_would_be() {
+        let (mem, mut q) = chain_of(&[(0x8000, 12), (0x9000, 3000)]);
+        let chain = q.pop_descriptor_chain(&mem).unwrap();
+        let mut frame = Gathered::new();
+        assert!(gather(&chain, &mem, 1000, &mut frame));
+        assert_eq!(frame.len(), 1000);
+    }
+
+    #[test]
+    fn a_piece_across_two_regions_or_too_many_pieces_leave_it_to_the_copy() {
+        let (mem, mut q) = chain_of(&[(0x8000, 12), (0x0f_ff00, 0x200)]);
+        let chain = q.pop_descriptor_chain(&mem).unwrap();
+        assert!(!gather(&chain, &mem, 65536, &mut Gathered::new()));
+        // The copy takes the same chain whole.
+        let mut buf = vec![0u8; 0x200];
+        assert!(mem.read_slice(&mut buf, GuestAddress(0x0f_ff00)).is_ok());
+
+        let many: Vec<(u64, u32)> = (0..=GATHER_MAX as u64)
+            .map(|i| (0x8000 + i * 64, 64))
+            .collect();
+        let (mem, mut q) = chain_of(&many);
+        let chain = q.pop_descriptor_chain(&mem).unwrap();
+        assert!(!gather(&chain, &mem, 65536, &mut Gathered::new()));
     }
 }
