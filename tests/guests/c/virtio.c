@@ -38,8 +38,10 @@
  *               for the link to go down and up again (status field and config ISR bit),
  *               turns all-multicast off, and resets the device at the end; `nettraffic=0` skips the traffic.
  *               With `netbench=N` (scripts/bench net), after the echo reply: N frames
- *               sent, frames counted as the host sends them, and the median round trip
- *               of 101 pings, each printed with its time stamp counter ticks.
+ *               sent with the ring's 256 in flight, N/4 with 8, frames counted as the
+ *               host sends them, and the median round trip of 101 pings, each printed
+ *               with its time stamp counter ticks. Its receive and transmit queues have
+ *               256 entries (Linux's and QEMU's default), its other queues 16.
  * With `hotplug=N`, it then serves hotplug as the DSDT's GED _EVT and PCNT methods would,
  * polling the GED: brings up each slot the host adds, ejects each slot the host asks for,
  * and ends after N ejects.
@@ -164,35 +166,52 @@ static int check_window(struct vdev *d) {
     return 0;
 }
 
-/* ---- one split virtqueue of 16 entries ---- */
+/* ---- split virtqueues: 16 entries, 256 for a NIC's receive and transmit queues (as Linux
+ * has them, so that the net bench can keep a full ring in flight) ---- */
 
 #define QSIZE 16
+#define QSIZE_MAX 256
 struct desc { u64 addr; u32 len; u16 flags; u16 next; };
+struct avail { u16 flags, idx, ring[]; };       /* then used_event */
+struct used_elem { u32 id, len; };
+struct used { u16 flags, idx; struct used_elem ring[]; }; /* then avail_event */
 struct queue {
-    struct desc desc[QSIZE] __attribute__((aligned(16)));
-    struct { u16 flags, idx, ring[QSIZE], used_event; } avail __attribute__((aligned(2)));
-    struct { u16 flags, idx; struct { u32 id, len; } ring[QSIZE]; u16 avail_event; } used
-        __attribute__((aligned(4)));
+    struct desc *desc;
+    struct avail *avail;
+    struct used *used;
+    u16 size;
     u16 last_used;
     u64 notify_at;
     int event_idx;
 };
+/* The rings of a queue of QSIZE_MAX: 16 * 256 + 6 + 2 * 256 (+ 2 to align) + 6 + 8 * 256. */
+#define RING_BYTES 8192
 
 static struct queue queues[6];
+static u64 ring_mem[6][RING_BYTES / 8] __attribute__((aligned(4096)));
 
-static int setup_queue(struct vdev *d, u16 index, struct queue *q) {
+static inline volatile u16 *used_event(struct queue *q) { return &q->avail->ring[q->size]; }
+static inline volatile u16 *avail_event(struct queue *q) { return (volatile u16 *)&q->used->ring[q->size]; }
+
+/* Sets up queue `index` of `size` entries (a power of 2, at most QSIZE_MAX) in the rings of
+ * queues[slot]. */
+static int setup_queue(struct vdev *d, u16 index, struct queue *q, u16 size) {
     u64 c = d->common;
     w16(c + COMMON_Q_SELECT, index);
     u16 max = mmio_read16(c + COMMON_Q_SIZE);
-    if (max < QSIZE) return 1;
-    w16(c + COMMON_Q_SIZE, QSIZE);
-    for (u32 i = 0; i < sizeof *q; i++) ((volatile u8 *)q)[i] = 0;
+    if (max < size || size > QSIZE_MAX) return 1;
+    w16(c + COMMON_Q_SIZE, size);
+    volatile u64 *mem = ring_mem[q - queues];
+    for (u32 i = 0; i < RING_BYTES / 8; i++) mem[i] = 0;
+    u64 base = (u64)mem;
+    u64 used = (base + 16 * size + 6 + 2 * size + 3) & ~3ull;
+    *q = (struct queue){(struct desc *)base, (struct avail *)(base + 16 * size), (struct used *)used, size, 0, 0, 0};
     /* 64-bit fields written as two halves, as Linux does. */
     w32(c + COMMON_Q_DESC, (u32)(u64)q->desc);
     w32(c + COMMON_Q_DESC + 4, (u32)((u64)q->desc >> 32));
-    w32(c + COMMON_Q_AVAIL, (u32)(u64)&q->avail);
+    w32(c + COMMON_Q_AVAIL, (u32)(u64)q->avail);
     w32(c + COMMON_Q_AVAIL + 4, 0);
-    w32(c + COMMON_Q_USED, (u32)(u64)&q->used);
+    w32(c + COMMON_Q_USED, (u32)(u64)q->used);
     w32(c + COMMON_Q_USED + 4, 0);
     q->notify_at = d->notify + (u64)mmio_read16(c + COMMON_Q_NOFF) * d->notify_mult;
     q->event_idx = (d->features & F_EVENT_IDX) != 0;
@@ -212,20 +231,20 @@ static int setup_queue(struct vdev *d, u16 index, struct queue *q) {
  * be (Linux's vring_need_event() with EVENT_IDX, the NO_NOTIFY flag without). Returns the
  * time stamp of the notification, or 0 if the device did not want one. */
 static u64 offer_many(struct queue *q, u16 qindex, const u16 *heads, u16 n) {
-    u16 old = q->avail.idx, now = (u16)(old + n);
-    for (u16 i = 0; i < n; i++) q->avail.ring[(u16)(old + i) % QSIZE] = heads[i];
+    u16 old = q->avail->idx, now = (u16)(old + n);
+    for (u16 i = 0; i < n; i++) q->avail->ring[(u16)(old + i) & (q->size - 1)] = heads[i];
     /* With EVENT_IDX, an interrupt for the next used buffer, as Linux asks. */
-    q->avail.used_event = q->last_used;
+    *used_event(q) = q->last_used;
     barrier();
-    q->avail.idx = now;
+    q->avail->idx = now;
     full_barrier();
     int kick;
     if (q->event_idx) {
         /* Kick if the device's avail_event lies in [old, now). */
-        u16 event = *(volatile u16 *)&q->used.avail_event;
+        u16 event = *avail_event(q);
         kick = (u16)(now - event - 1) < (u16)(now - old);
     } else {
-        kick = !(*(volatile u16 *)&q->used.flags & 1);
+        kick = !(*(volatile u16 *)&q->used->flags & 1);
     }
     if (!kick) return 0;
     u64 at = rdtsc();
@@ -238,9 +257,9 @@ static u64 offer(struct queue *q, u16 qindex, u16 head) { return offer_many(q, q
 /* The next used element, if the device has returned one: 1 and its id and length. */
 static int take_used(struct queue *q, u32 *id, u32 *len) {
     barrier();
-    if (*(volatile u16 *)&q->used.idx == q->last_used) return 0;
-    *id = q->used.ring[q->last_used % QSIZE].id;
-    *len = q->used.ring[q->last_used % QSIZE].len;
+    if (*(volatile u16 *)&q->used->idx == q->last_used) return 0;
+    *id = q->used->ring[q->last_used & (q->size - 1)].id;
+    *len = q->used->ring[q->last_used & (q->size - 1)].len;
     q->last_used++;
     return 1;
 }
@@ -327,7 +346,7 @@ static int use_rng(struct vdev *d) {
         int e = setup_msix(d, &m);
         if (e) return e;
     }
-    if (setup_queue(d, 0, q)) return 11;
+    if (setup_queue(d, 0, q, QSIZE)) return 11;
     driver_ok(d);
     for (int round = 0; round < 2; round++) {
         for (int i = 0; i < 32; i++) entropy[round][i] = 0;
@@ -402,7 +421,7 @@ static int use_blk(struct vdev *d) {
     if (negotiate(d, (1u << 5) | (1u << 9))) return 20; /* RO, FLUSH */
     w32(d->common + COMMON_GFSELECT, 0);
     int read_only = (mmio_read32(d->common + COMMON_GF) >> 5) & 1;
-    if (setup_queue(d, 0, q)) return 21;
+    if (setup_queue(d, 0, q, QSIZE)) return 21;
     driver_ok(d);
     u64 capacity = mmio_read64(d->device);
     puts("virtio-blk: ");
@@ -448,7 +467,8 @@ static int use_blk(struct vdev *d) {
 #define NET_F_CTRL_VQ (1u << 17)
 #define NET_F_CTRL_RX (1u << 18)
 #define NET_HDR 12
-#define NET_BUFS 8
+#define NET_QSIZE 256 /* Linux's default for both queues, and QEMU's */
+#define NET_BUFS NET_QSIZE
 #define NET_BUF 2048
 #define NET_TIMEOUT_TSC 30000000000ULL /* about 10 s at 3 GHz */
 
@@ -577,31 +597,34 @@ static int net_rx_mode(struct queue *ctrl, u8 cmd, u8 on) {
 #define BENCH_FRAME 1514
 
 /* N frames of BENCH_FRAME bytes to a MAC nobody has (the host's kernel drops them at
- * once), 8 in flight, offered in batches as slots free up; the time stamp counter ticks
- * from the first to the last. */
-static int bench_tx(struct queue *tx, u64 n, u64 *ticks) {
+ * once), `depth` in flight (at most the ring's size), the slots the device returned offered
+ * again in one batch (as Linux offers a backlog under load: xmit_more, one notify at its
+ * end); the time stamp counter ticks from the first to the last. */
+static int bench_tx(struct queue *tx, u64 n, u16 depth, u64 *ticks) {
     static const u8 nobody[6] = {0x02, 0, 0, 0, 0, 0x01};
     u8 *payload = eth(nobody, BENCH_TYPE);
     for (int i = 0; i < BENCH_FRAME - 14; i++) payload[i] = (u8)i;
     for (int i = 0; i < NET_HDR; i++) net_tx[i] = 0;
-    for (u16 i = 0; i < 8; i++) tx->desc[i] = (struct desc){(u64)net_tx, NET_HDR + BENCH_FRAME, 0, 0};
+    /* Every slot's descriptor points at the same frame. */
+    static u16 heads[NET_QSIZE], free_heads[NET_QSIZE];
+    for (u16 i = 0; i < tx->size; i++) tx->desc[i] = (struct desc){(u64)net_tx, NET_HDR + BENCH_FRAME, 0, 0};
+    if (depth > tx->size) depth = tx->size;
+    for (u16 i = 0; i < depth; i++) free_heads[i] = i;
     u64 sent = 0, done = 0, start = rdtsc();
-    u32 free_slots = 0xff;
-    u16 heads[8];
+    u16 free_count = depth;
     while (done < n) {
         u16 k = 0;
-        while (sent < n && free_slots) {
-            u16 slot = (u16)__builtin_ctz(free_slots);
-            free_slots &= ~(1u << slot);
-            heads[k++] = slot;
+        while (sent < n && free_count) {
+            heads[k++] = free_heads[--free_count];
             sent++;
         }
-        if (k) offer_many(tx, 1, heads, k); /* batched, as Linux under load (xmit_more) */
+        if (k) offer_many(tx, 1, heads, k);
         u32 id, len;
         for (u64 t = rdtsc(); !take_used(tx, &id, &len);)
             if (rdtsc() - t > REQUEST_TIMEOUT_TSC) return 90;
         do {
-            free_slots |= 1u << (id & 7);
+            if (id >= tx->size) return 93;
+            free_heads[free_count++] = (u16)id;
             done++;
         } while (take_used(tx, &id, &len));
     }
@@ -677,10 +700,18 @@ static int bench_rtt(struct queue *rx, struct queue *tx, u64 k, u64 *median) {
 static int run_net_bench(struct queue *rx, struct queue *tx) {
     u64 ticks, count;
     puts("netbench: tx start\n");
-    int failed = bench_tx(tx, net_bench, &ticks);
+    int failed = bench_tx(tx, net_bench, tx->size, &ticks);
     if (failed) return failed;
     puts("netbench: tx done ");
     putu(net_bench);
+    puts(" frames in ");
+    putu(ticks);
+    puts(" tsc\n");
+    /* A quarter as many with 8 in flight: how a shallow queue costs the device. */
+    puts("netbench: tx8 start\n");
+    if ((failed = bench_tx(tx, net_bench / 4, 8, &ticks))) return failed;
+    puts("netbench: tx8 done ");
+    putu(net_bench / 4);
     puts(" frames in ");
     putu(ticks);
     puts(" tsc\n");
@@ -706,12 +737,19 @@ static int use_net(struct vdev *d) {
         (NET_F_MAC | NET_F_STATUS | NET_F_CTRL_VQ | NET_F_CTRL_RX))
         return 71;
     for (int i = 0; i < 6; i++) net_mac[i] = mmio_read8(d->device + i);
-    if (setup_queue(d, 0, rx) || setup_queue(d, 1, tx) || setup_queue(d, 2, ctrl)) return 72;
+    if (setup_queue(d, 0, rx, NET_QSIZE) || setup_queue(d, 1, tx, NET_QSIZE) || setup_queue(d, 2, ctrl, QSIZE))
+        return 72;
     driver_ok(d);
     puts("virtio-net: mac ");
     putmac(net_mac);
     puts(net_status(d) & 1 ? " link up\n" : " link down\n");
-    for (u16 i = 0; i < NET_BUFS; i++) net_offer_rx(rx, i);
+    /* Every receive buffer at once, as Linux fills its ring when it opens the device. */
+    static u16 all[NET_BUFS];
+    for (u16 i = 0; i < NET_BUFS; i++) {
+        rx->desc[i] = (struct desc){(u64)net_rx[i], NET_BUF, 2, 0};
+        all[i] = i;
+    }
+    offer_many(rx, 0, all, NET_BUFS);
     /* As Linux does when it opens the device: promiscuous mode off; then all-multicast
      * on (a second change of the filter). */
     if (net_rx_mode(ctrl, 0, 0)) return 73;
