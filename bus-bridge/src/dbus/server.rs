@@ -383,28 +383,44 @@ where
 /// lanes; on the bus, a client that leaves has its subscriptions dropped behind its calls.
 async fn serve(bridge: &Arc<Bridge>, peer: &Peer, mut stream: MessageStream) {
     while let Some(msg) = stream.next().await {
-        let msg = match msg {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::debug!("D-Bus: bad message: {e}");
-                continue;
-            }
-        };
-        match msg.message_type() {
-            MessageType::MethodCall => {
-                let caller = Bridge::caller(peer, &msg.header());
-                bridge.enqueue(
-                    caller,
-                    Work::Call {
-                        peer: peer.clone(),
-                        msg,
-                    },
-                );
-            }
-            MessageType::Signal if peer.kind == PeerKind::Bus => name_owner_changed(bridge, &msg),
-            _ => {}
-        }
+        take(bridge, peer, msg);
     }
+}
+
+/// One message read from `peer`'s connection.
+fn take(bridge: &Arc<Bridge>, peer: &Peer, msg: zbus::Result<Message>) {
+    let msg = match msg {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::debug!("D-Bus: bad message: {e}");
+            return;
+        }
+    };
+    match msg.message_type() {
+        MessageType::MethodCall => {
+            let caller = Bridge::caller(peer, &msg.header());
+            bridge.enqueue(
+                caller,
+                Work::Call {
+                    peer: peer.clone(),
+                    msg,
+                },
+            );
+        }
+        MessageType::Signal if peer.kind == PeerKind::Bus => name_owner_changed(bridge, &msg),
+        _ => {}
+    }
+}
+
+/// Whether `msg` is a call of the bus's `Hello`, which a client that takes the
+/// connection for a bus sends first.
+fn is_hello(msg: &Message) -> bool {
+    let hdr = msg.header();
+    msg.message_type() == MessageType::MethodCall
+        && hdr
+            .path()
+            .is_some_and(|p| p.as_str() == "/org/freedesktop/DBus")
+        && hdr.member().is_some_and(|m| m.as_str() == "Hello")
 }
 
 fn name_owner_changed(bridge: &Arc<Bridge>, msg: &Message) {
@@ -447,8 +463,25 @@ async fn serve_p2p(
         conn: Connection::from(&stream),
         kind: PeerKind::P2p(label),
     };
-    bridge.peers.lock().push(peer.clone());
-    serve(&bridge, &peer, stream).await;
+    // The peer hears the tree's signals from its first message on, and a first `Hello`
+    // is answered before it does: busctl and gdbus with `--address` take the connection
+    // for a bus, and sd-bus fails it (EIO) when the first message it gets is not Hello's
+    // reply, as a signal sent meanwhile would be. A client hears nothing before it has
+    // said anything, as a bus client hears nothing before its AddMatch.
+    let mut stream = stream;
+    if let Some(first) = stream.next().await {
+        match first {
+            Ok(msg) if is_hello(&msg) => {
+                bridge.answer(&peer, msg).await;
+                bridge.peers.lock().push(peer.clone());
+            }
+            other => {
+                bridge.peers.lock().push(peer.clone());
+                take(&bridge, &peer, other);
+            }
+        }
+        serve(&bridge, &peer, stream).await;
+    }
     forget_peer(&bridge, &peer).await;
 }
 
