@@ -251,6 +251,19 @@ fn notifications(c: &mut Client) -> u64 {
         .expect("notifications")
 }
 
+/// The guest's transmit pass `name`, from its start line to its done line: the I/O
+/// thread's CPU, the notifications, the frames sent and the seconds they took.
+fn tx_pass(c: &mut Client, pid: u32, name: &str, hz: f64) -> (Duration, u64, u64, f64) {
+    line(c, &format!("netbench: {name} start"));
+    let cpu = thread_cpu_of(pid, "io-nic0");
+    let kicks = notifications(c);
+    let (l, _) = line(c, &format!("netbench: {name} done"));
+    let cpu = thread_cpu_of(pid, "io-nic0") - cpu;
+    let kicks = notifications(c) - kicks;
+    let (sent, ticks) = ticks_of(&l);
+    (cpu, kicks, sent, ticks as f64 / hz)
+}
+
 fn ticks_of(l: &str) -> (u64, u64) {
     // "netbench: tx done N frames in T tsc"
     let words: Vec<&str> = l.split_whitespace().collect();
@@ -301,23 +314,8 @@ fn main() {
         .as_f64()
         .expect("tsc-frequency");
 
-    line(&mut c, "netbench: tx start");
-    let cpu = thread_cpu_of(pid, "io-nic0");
-    let kicks = notifications(&mut c);
-    let (l, _) = line(&mut c, "netbench: tx done");
-    let tx_cpu = thread_cpu_of(pid, "io-nic0") - cpu;
-    let tx_kicks = notifications(&mut c) - kicks;
-    let (sent, ticks) = ticks_of(&l);
-    let tx_s = ticks as f64 / hz;
-
-    line(&mut c, "netbench: tx8 start");
-    let cpu = thread_cpu_of(pid, "io-nic0");
-    let kicks = notifications(&mut c);
-    let (l, _) = line(&mut c, "netbench: tx8 done");
-    let tx8_cpu = thread_cpu_of(pid, "io-nic0") - cpu;
-    let tx8_kicks = notifications(&mut c) - kicks;
-    let (sent8, ticks) = ticks_of(&l);
-    let tx8_s = ticks as f64 / hz;
+    let (tx_cpu, tx_kicks, sent, tx_s) = tx_pass(&mut c, pid, "tx", hz);
+    let (tx8_cpu, tx8_kicks, sent8, tx8_s) = tx_pass(&mut c, pid, "tx8", hz);
 
     line(&mut c, "netbench: rx ready");
     let cpu = thread_cpu_of(pid, "io-nic0");

@@ -658,10 +658,8 @@ fn busctl_no_reply(bus: &SessionBus) {
     assert!(out.status.success());
 }
 
-#[test]
-fn peer_to_peer_clients() {
-    require_dbus!();
-    let dir = TempDir::new("dbus-p2p");
+/// A qomu with `-S`, no bus and a peer-to-peer socket in `dir`, once the socket is there.
+fn p2p_only(dir: &TempDir) -> (Qomu, std::path::PathBuf) {
     let socket = dir.path("p2p.sock");
     let p2p = format!("unix:{}", socket.display());
     let q = Qomu::spawn(&["-S", "--dbus", "none", "--dbus-p2p", &p2p]);
@@ -670,6 +668,14 @@ fn peer_to_peer_clients() {
         assert!(std::time::Instant::now() < deadline, "no p2p socket");
         std::thread::sleep(Duration::from_millis(10));
     }
+    (q, socket)
+}
+
+#[test]
+fn peer_to_peer_clients() {
+    require_dbus!();
+    let dir = TempDir::new("dbus-p2p");
+    let (q, socket) = p2p_only(&dir);
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(
         std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777,
@@ -744,19 +750,7 @@ fn peer_to_peer_clients() {
 fn a_p2p_client_hears_signals_from_its_first_message_on_hellos_reply_first() {
     require_dbus!();
     let dir = TempDir::new("dbus-p2p-hello");
-    let socket = dir.path("p2p.sock");
-    let q = Qomu::spawn(&[
-        "-S",
-        "--dbus",
-        "none",
-        "--dbus-p2p",
-        &format!("unix:{}", socket.display()),
-    ]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !socket.exists() {
-        assert!(std::time::Instant::now() < deadline, "no p2p socket");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let (q, socket) = p2p_only(&dir);
     let mut qmp = q.connect();
     qmp.negotiate();
     let set_cpus = |qmp: &mut qomu_tests::QmpRaw, n: u32| {
