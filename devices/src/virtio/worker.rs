@@ -484,7 +484,7 @@ impl Thread {
     ///
     /// The queue's lock is held for the whole turn: only this thread takes it while the
     /// thread runs (a snapshot reads the queues once the thread is paused), and taking it
-    /// per chain was a tenth of a NIC's work per frame.
+    /// three times per chain cost a NIC atomics on every frame (docs/benchmarks.md, `net`).
     fn serve(&mut self, index: usize) {
         let mem = &self.memory;
         let mut queues = self.queues.lock();
