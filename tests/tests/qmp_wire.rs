@@ -355,6 +355,81 @@ fn a_client_that_never_reads_loses_events_and_blocks_nobody() {
     assert_eq!(q.wait_exit(Duration::from_secs(30)), Some(1));
 }
 
+/// Events for a client that stops reading for a while wait, and reach it whole and in
+/// order once it reads again: the event writer leaves what the full socket did not take to
+/// the connection's own thread, which sends it before anything newer; another client's
+/// commands are answered meanwhile.
+#[test]
+fn a_client_that_stops_reading_for_a_while_gets_every_event_in_order() {
+    require_kvm!();
+    const LINES: u64 = 5000;
+    // One line of output per iteration, about 1.5 MB of events: many socket buffers full.
+    let q = Qomu::spawn(&[
+        "--kernel",
+        &guest("spin"),
+        "--append",
+        &format!("iters={LINES} step=1"),
+        "-S",
+    ]);
+    let mut reader = q.connect();
+    reader.negotiate();
+    let r = reader.cmd(r#"{"execute": "__org.qomu_subscribe", "arguments": {"path": "serial0", "notifier": "line", "queue-limit": 1048576}}"#);
+    let sub = r["return"]["subscription"].as_str().unwrap().to_owned();
+    let mut other = q.connect();
+    other.negotiate();
+    other.cmd(r#"{"execute": "cont"}"#);
+    // The reader reads nothing until the guest has printed every line.
+    let matched = |c: &mut QmpRaw| {
+        c.cmd(&format!(
+            r#"{{"execute": "qom-get", "arguments": {{"path": "{sub}", "property": "matched"}}}}"#
+        ))["return"]
+            .as_u64()
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut worst = Duration::ZERO;
+    loop {
+        let t = Instant::now();
+        let n = matched(&mut other);
+        worst = worst.max(t.elapsed());
+        if n > LINES {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the guest printed {n} lines");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        worst < Duration::from_secs(5),
+        "the other client waited {worst:?}"
+    );
+    // Every progress line, in order, each event whole, numbered one after the other.
+    let mut next_line = 1;
+    let mut last_sequence = None;
+    while next_line <= LINES {
+        let m = reader.read_message();
+        if m["event"] != "__org.qomu_NOTIFY" {
+            // The run states' own events (RESUME) come to every client.
+            continue;
+        }
+        let sequence = m["data"]["sequence"].as_u64().unwrap();
+        if let Some(last) = last_sequence {
+            assert_eq!(sequence, last + 1, "{m}");
+        }
+        last_sequence = Some(sequence);
+        let text = m["data"]["data"]["line"].as_str().unwrap_or_default();
+        if let Some(i) = text.strip_prefix("spin guest: ")
+            && let Ok(i) = i.trim().parse::<u64>()
+        {
+            assert_eq!(i, next_line, "{m}");
+            next_line += 1;
+        }
+    }
+    let r = reader.cmd(&format!(
+        r#"{{"execute": "qom-get", "arguments": {{"path": "{sub}", "property": "dropped"}}}}"#
+    ));
+    assert_eq!(r["return"], 0, "nothing dropped");
+}
+
 #[test]
 fn closed_stdout_and_stderr_stop_nothing() {
     require_kvm!();

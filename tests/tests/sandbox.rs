@@ -205,6 +205,7 @@ fn known_thread(name: &str) -> bool {
             "qomu-signals",
             "qomu-spawner",
             "qmp-accept",
+            "qmp-events",
             "qomu-dbus",
             "qomu-migrate",
             "qom-timer",

@@ -1,17 +1,28 @@
 //! The QMP server: Unix sockets (mode 0600), many clients at once, each with its own
 //! session.
 //!
-//! One thread per connection waits (`poll`) on the client's socket and on an eventfd
-//! registered as the waker of its subscriptions, so both commands and events are handled
-//! without handing anything between threads. The eventfd is registered only while the thread
-//! waits: an event emitted while it runs a command costs its emitter no system call, and it
-//! goes out with that command's reply. A client that stops reading blocks only its own
-//! thread: its events wait in its subscriptions' bounded queues and, beyond their limits,
-//! are dropped and counted, so no vCPU, tree operation or other client waits for it.
+//! One thread per connection waits (`poll`) on the client's socket and reads and answers
+//! its commands. Events go out from one thread for all connections, the event writer
+//! (`qmp-events`): a connection's subscriptions wake it, and it writes each idle
+//! connection's waiting events without waiting on any socket. One event for a hundred
+//! clients is then one wake-up and a hundred short writes on one thread, where it was a
+//! hundred threads each woken to write its own (the last of them got a core milliseconds
+//! later on a 2-core machine: `event_fanout_100_max`, docs/benchmarks.md). The emitter's
+//! part, whatever thread emits (a vCPU among them), is a push to the writer's list and, for
+//! the first, one eventfd write.
+//!
+//! A connection is written by one thread at a time, its own or the writer, which take its
+//! `busy` flag. While its thread runs a command, the writer leaves it: events emitted
+//! meanwhile go out with the command's reply (QEMU sends the events a command causes
+//! before its reply), or right after. A client that stops reading blocks only its own
+//! thread: the writer sends without waiting and leaves what the socket did not take to the
+//! connection's thread, woken for it, and events wait in the subscriptions' bounded queues
+//! and, beyond their limits, are dropped and counted, so no vCPU, tree operation or other
+//! client waits for it.
 
 use std::future::Future;
 use std::io::{self, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::pin::pin;
@@ -29,11 +40,11 @@ use super::session::{EventSink, Session, greeting};
 /// Most clients connected at once; more are closed right after accepting.
 pub const MAX_CONNECTIONS: usize = 1024;
 
-/// The connection's wake-up: an eventfd its thread polls beside the socket. Signalling it
-/// is one non-blocking 8-byte write, whatever thread emits (a vCPU among them), and costs
-/// the emitter less than a socket's write would (no buffer to allocate), which counts when
-/// one event goes to hundreds of connections.
-struct EventWaker(EventFd);
+/// A connection's subscriptions' waker: puts the connection on the event writer's list.
+struct EventWaker {
+    conn: Weak<Connection>,
+    writer: Arc<EventWriter>,
+}
 
 impl Wake for EventWaker {
     fn wake(self: Arc<Self>) {
@@ -41,17 +52,84 @@ impl Wake for EventWaker {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        // Non-blocking: a counter near its limit fails, and a wake-up is pending then.
-        let _ = self.0.write(1);
+        // A connection being written to, or running a command, looks for events once it
+        // is let go (its thread at the top of its loop, the writer after its write): an
+        // event emitted meanwhile costs its emitter nothing more.
+        if let Some(conn) = self.conn.upgrade()
+            && !conn.busy.load(Ordering::Acquire)
+        {
+            self.writer.enqueue(conn);
+        }
+    }
+}
+
+/// The thread that writes events to idle connections.
+struct EventWriter {
+    /// Its wake-up: one non-blocking 8-byte write, whatever thread emits.
+    wake: EventFd,
+    /// Connections with events waiting, each once.
+    queue: Mutex<Vec<Arc<Connection>>>,
+    stopping: AtomicBool,
+}
+
+impl EventWriter {
+    fn enqueue(&self, conn: Arc<Connection>) {
+        if conn.queued.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let first = {
+            let mut queue = self.queue.lock();
+            queue.push(conn);
+            queue.len() == 1
+        };
+        if first {
+            // Non-blocking: a counter near its limit fails, and a wake-up is pending then.
+            let _ = self.wake.write(1);
+        }
+    }
+
+    fn run(&self) {
+        while !self.stopping.load(Ordering::Acquire) {
+            if !wait_readable(self.wake.as_raw_fd(), None).0 {
+                continue;
+            }
+            let _ = self.wake.read();
+            let conns = std::mem::take(&mut *self.queue.lock());
+            for conn in conns {
+                conn.queued.store(false, Ordering::Release);
+                if conn.closed.load(Ordering::Acquire) || !conn.try_hold() {
+                    // Its thread runs a command: the events go out with the reply.
+                    continue;
+                }
+                conn.send_without_waiting();
+                conn.release();
+                // Events that came while it wrote: the next round (and the waker is
+                // registered again when there are none).
+                if conn.events_waiting() {
+                    self.enqueue(conn);
+                }
+            }
+        }
+        // The connections left hold their wakers, which hold the writer.
+        self.queue.lock().clear();
     }
 }
 
 struct Connection {
     stream: UnixStream,
-    /// A command or events are being handled.
+    /// Its thread or the event writer is writing to the client (or its thread runs a
+    /// command): taken by one at a time.
     busy: AtomicBool,
     closed: AtomicBool,
     events: Arc<EventSink>,
+    /// What the event writer could not send without waiting: its thread sends it first.
+    unsent: Mutex<Vec<u8>>,
+    /// Its thread's wake-up (polled beside the socket), for what the writer left.
+    wake: EventFd,
+    /// On the event writer's list.
+    queued: AtomicBool,
+    /// Its subscriptions' waker.
+    waker: Waker,
 }
 
 impl Connection {
@@ -61,25 +139,105 @@ impl Connection {
     }
 
     fn idle(&self) -> bool {
-        !self.busy.load(Ordering::Acquire) && !self.events.subscriber().has_pending()
+        !self.busy.load(Ordering::Acquire)
+            && !self.events.subscriber().has_pending()
+            && self.unsent.lock().is_empty()
     }
 
-    /// Writes waiting events, then `reply` if any, in one write (QEMU sends the events a
-    /// command causes before its reply).
-    fn send(&self, mut out: &UnixStream, reply: Option<&str>) {
-        let mut text = String::new();
+    fn try_hold(&self) -> bool {
+        self.busy
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Takes the connection for its thread, once the event writer is done with it (it
+    /// holds it for one write that does not wait).
+    fn hold(&self) {
+        while !self.try_hold() {
+            std::thread::yield_now();
+        }
+    }
+
+    fn release(&self) {
+        self.busy.store(false, Ordering::Release);
+    }
+
+    /// Whether events wait; if none, registers the waker for the next.
+    fn events_waiting(&self) -> bool {
+        let ready = pin!(self.events.subscriber().ready());
+        ready.poll(&mut Context::from_waker(&self.waker)) == Poll::Ready(())
+    }
+
+    fn take_events(&self, text: &mut Vec<u8>) {
         if self.events.subscriber().has_pending() {
             for line in self.events.drain() {
-                text.push_str(&line);
-                text.push_str("\r\n");
+                text.extend_from_slice(line.as_bytes());
+                text.extend_from_slice(b"\r\n");
             }
         }
+    }
+
+    /// From its thread, holding it: writes what the writer left, waiting events, then
+    /// `reply` if any, in one write (QEMU sends the events a command causes before its
+    /// reply).
+    fn send(&self, reply: Option<&str>) {
+        let mut text = std::mem::take(&mut *self.unsent.lock());
+        self.take_events(&mut text);
         if let Some(reply) = reply {
-            text.push_str(reply);
-            text.push_str("\r\n");
+            text.extend_from_slice(reply.as_bytes());
+            text.extend_from_slice(b"\r\n");
         }
-        if !text.is_empty() && out.write_all(text.as_bytes()).is_err() {
+        if !text.is_empty() && (&self.stream).write_all(&text).is_err() {
             self.close();
+        }
+    }
+
+    /// From the event writer, holding it: writes waiting events as far as the socket
+    /// takes them now; the rest goes to its thread, woken for it.
+    fn send_without_waiting(&self) {
+        let mut unsent = self.unsent.lock();
+        let mut text = Vec::new();
+        self.take_events(&mut text);
+        if text.is_empty() {
+            return;
+        }
+        // Behind bytes not sent yet, or to a client that is not reading: its thread's.
+        let sent = if unsent.is_empty() {
+            send_now(&self.stream, &text)
+        } else {
+            Ok(0)
+        };
+        match sent {
+            Ok(n) if n == text.len() => {}
+            Ok(n) => {
+                unsent.extend_from_slice(&text[n..]);
+                let _ = self.wake.write(1);
+            }
+            Err(_) => self.close(),
+        }
+    }
+}
+
+/// Sends what the socket takes without waiting: the bytes sent (0 when it is full).
+fn send_now(stream: &UnixStream, text: &[u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `text` is valid for its length for the duration of the call.
+        let n = unsafe {
+            libc::send(
+                stream.as_raw_fd(),
+                text.as_ptr().cast(),
+                text.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => {}
+            io::ErrorKind::WouldBlock => return Ok(0),
+            _ => return Err(e),
         }
     }
 }
@@ -89,6 +247,29 @@ struct Shared {
     stopping: AtomicBool,
     next_id: AtomicU64,
     connections: Mutex<Vec<Weak<Connection>>>,
+    writer: Arc<EventWriter>,
+    /// The event writer's thread, started with the first client (a qomu no client
+    /// connects to has none).
+    writer_thread: Mutex<Option<sandbox::Thread<()>>>,
+}
+
+impl Shared {
+    /// Starts the event writer unless it runs.
+    ///
+    /// # Errors
+    /// The thread could not be started.
+    fn start_writer(&self) -> io::Result<()> {
+        let mut thread = self.writer_thread.lock();
+        if thread.is_none() {
+            let writer = self.writer.clone();
+            *thread = Some(sandbox::spawn(
+                sandbox::Class::QmpClient,
+                "qmp-events".into(),
+                move || writer.run(),
+            )?);
+        }
+        Ok(())
+    }
 }
 
 /// A running QMP server.
@@ -104,11 +285,18 @@ impl QmpServer {
     /// A path cannot be bound (in use, not a socket, no permission, a group it cannot be
     /// given to).
     pub fn start(tree: Tree, sockets: &[crate::socket::Listen]) -> io::Result<QmpServer> {
+        let writer = Arc::new(EventWriter {
+            wake: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?,
+            queue: Mutex::new(Vec::new()),
+            stopping: AtomicBool::new(false),
+        });
         let shared = Arc::new(Shared {
             tree,
             stopping: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             connections: Mutex::new(Vec::new()),
+            writer,
+            writer_thread: Mutex::new(None),
         });
         let mut listeners = Vec::new();
         for socket in sockets {
@@ -169,6 +357,11 @@ impl QmpServer {
         for c in live() {
             c.close();
         }
+        self.shared.writer.stopping.store(true, Ordering::Release);
+        let _ = self.shared.writer.wake.write(1);
+        if let Some(t) = self.shared.writer_thread.lock().take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -194,6 +387,11 @@ fn accept_loop(shared: &Arc<Shared>, listener: &UnixListener) {
             tracing::warn!("QMP: refusing a client: {MAX_CONNECTIONS} are connected");
             continue;
         }
+        // Without the event writer a client would get no events while it is idle.
+        if let Err(e) = shared.start_writer() {
+            tracing::warn!("QMP: refusing a client: cannot start the event writer: {e}");
+            continue;
+        }
         let s = shared.clone();
         let spawned = sandbox::spawn(sandbox::Class::QmpClient, format!("qmp{id}"), move || {
             if let Err(e) = serve(&s, stream, id) {
@@ -206,16 +404,17 @@ fn accept_loop(shared: &Arc<Shared>, listener: &UnixListener) {
     }
 }
 
-/// Waits until the socket or the wake-up is readable (or the connection is closed).
-fn wait_readable(socket: &UnixStream, wake: std::os::fd::RawFd) -> (bool, bool) {
+/// Waits up to a second until `first` or `second` is readable (or closed): which are.
+fn wait_readable(first: RawFd, second: Option<RawFd>) -> (bool, bool) {
     let mut fds = [
         libc::pollfd {
-            fd: socket.as_raw_fd(),
+            fd: first,
             events: libc::POLLIN,
             revents: 0,
         },
         libc::pollfd {
-            fd: wake,
+            // A negative descriptor is left out.
+            fd: second.unwrap_or(-1),
             events: libc::POLLIN,
             revents: 0,
         },
@@ -283,34 +482,39 @@ fn recv_with_fds(
 }
 
 fn serve(shared: &Shared, stream: UnixStream, id: u64) -> io::Result<()> {
-    let wake = Arc::new(EventWaker(EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?));
-    let waker = Waker::from(wake.clone());
     let mut session = Session::new(shared.tree.clone(), id);
-    let conn = Arc::new(Connection {
-        stream: stream.try_clone()?,
+    let wake = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?;
+    let writer_stream = stream.try_clone()?;
+    let conn = Arc::new_cyclic(|conn: &Weak<Connection>| Connection {
+        stream: writer_stream,
         busy: AtomicBool::new(false),
         closed: AtomicBool::new(false),
         events: session.event_sink(),
+        unsent: Mutex::new(Vec::new()),
+        wake,
+        queued: AtomicBool::new(false),
+        waker: Waker::from(Arc::new(EventWaker {
+            conn: conn.clone(),
+            writer: shared.writer.clone(),
+        })),
     });
     shared.connections.lock().push(Arc::downgrade(&conn));
-    let out = stream.try_clone()?;
-    conn.send(&out, Some(&greeting()));
+    conn.hold();
+    conn.send(Some(&greeting()));
+    conn.release();
     let mut buf = vec![0u8; 64 << 10];
     while !conn.closed.load(Ordering::Acquire) {
-        // Register the wake-up for new events, unless some are already waiting.
-        let registered = {
-            let ready = pin!(conn.events.subscriber().ready());
-            ready.poll(&mut Context::from_waker(&waker)) == Poll::Pending
-        };
-        if !registered {
-            conn.busy.store(true, Ordering::Release);
-            conn.send(&out, None);
-            conn.busy.store(false, Ordering::Release);
+        // Events emitted while it ran a command, or what the writer left: sent from here;
+        // with none, the waker is registered and the writer sends the next.
+        if !conn.unsent.lock().is_empty() || conn.events_waiting() {
+            conn.hold();
+            conn.send(None);
+            conn.release();
             continue;
         }
-        let (input, woken) = wait_readable(&stream, wake.0.as_raw_fd());
+        let (input, woken) = wait_readable(stream.as_raw_fd(), Some(conn.wake.as_raw_fd()));
         if woken {
-            let _ = wake.0.read();
+            let _ = conn.wake.read();
         }
         if !input {
             continue;
@@ -322,11 +526,11 @@ fn serve(shared: &Shared, stream: UnixStream, id: u64) -> io::Result<()> {
                 n
             }
         };
-        conn.busy.store(true, Ordering::Release);
+        conn.hold();
         for reply in session.feed(&buf[..n]) {
-            conn.send(&out, Some(&reply));
+            conn.send(Some(&reply));
         }
-        conn.busy.store(false, Ordering::Release);
+        conn.release();
     }
     conn.close();
     // Dropping the session ends the client's subscriptions.
