@@ -305,27 +305,33 @@ fn many_clients_come_and_go_while_another_subscribes() {
     main.cmd(r#"{"execute": "quit"}"#);
 }
 
+/// The spin guest printing a line per iteration for `iters` (with `extra` options), a client
+/// subscribed to its lines with `queue_limit` and the subscription's path, and a second
+/// client, which has started the guest.
+fn flood(iters: u64, extra: &[&str], queue_limit: u32) -> (Qomu, QmpRaw, String, QmpRaw) {
+    let guest = guest("spin");
+    let append = format!("iters={iters} step=1");
+    let mut args = vec!["--kernel", &guest, "--append", &append, "-S"];
+    args.extend_from_slice(extra);
+    let q = Qomu::spawn(&args);
+    let mut subscriber = q.connect();
+    subscriber.negotiate();
+    let r = subscriber.cmd(&format!(
+        r#"{{"execute": "__org.qomu_subscribe", "arguments": {{"path": "serial0", "notifier": "line", "queue-limit": {queue_limit}}}}}"#
+    ));
+    let sub = r["return"]["subscription"].as_str().unwrap().to_owned();
+    let mut other = q.connect();
+    other.negotiate();
+    other.cmd(r#"{"execute": "cont"}"#);
+    (q, subscriber, sub, other)
+}
+
 #[test]
 fn a_client_that_never_reads_loses_events_and_blocks_nobody() {
     require_kvm!();
     // step=1: one line of output per iteration, a flood.
-    let mut q = Qomu::spawn(&[
-        "--kernel",
-        &guest("spin"),
-        "--append",
-        "iters=20000 step=1",
-        "--device",
-        "isa-debug-exit",
-        "-S",
-    ]);
-    let mut sleeper = q.connect();
-    sleeper.negotiate();
-    let r = sleeper.cmd(r#"{"execute": "__org.qomu_subscribe", "arguments": {"path": "serial0", "notifier": "line", "queue-limit": 8}}"#);
-    let sub = r["return"]["subscription"].as_str().unwrap().to_owned();
+    let (mut q, _sleeper, sub, mut busy) = flood(20000, &["--device", "isa-debug-exit"], 8);
     // From here on the sleeper never reads again.
-    let mut busy = q.connect();
-    busy.negotiate();
-    busy.cmd(r#"{"execute": "cont"}"#);
     let mut worst = Duration::ZERO;
     let mut dropped = 0;
     while q.is_running() {
@@ -363,21 +369,8 @@ fn a_client_that_never_reads_loses_events_and_blocks_nobody() {
 fn a_client_that_stops_reading_for_a_while_gets_every_event_in_order() {
     require_kvm!();
     const LINES: u64 = 5000;
-    // One line of output per iteration, about 1.5 MB of events: many socket buffers full.
-    let q = Qomu::spawn(&[
-        "--kernel",
-        &guest("spin"),
-        "--append",
-        &format!("iters={LINES} step=1"),
-        "-S",
-    ]);
-    let mut reader = q.connect();
-    reader.negotiate();
-    let r = reader.cmd(r#"{"execute": "__org.qomu_subscribe", "arguments": {"path": "serial0", "notifier": "line", "queue-limit": 1048576}}"#);
-    let sub = r["return"]["subscription"].as_str().unwrap().to_owned();
-    let mut other = q.connect();
-    other.negotiate();
-    other.cmd(r#"{"execute": "cont"}"#);
+    // About 1.5 MB of events: many socket buffers full.
+    let (_q, mut reader, sub, mut other) = flood(LINES, &[], 1048576);
     // The reader reads nothing until the guest has printed every line.
     let matched = |c: &mut QmpRaw| {
         c.cmd(&format!(
