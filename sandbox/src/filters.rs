@@ -270,13 +270,13 @@ fn class_list(class: Class) -> Vec<Allow> {
         }
         Class::Vcpu => {
             // A device the guest starts (virtio DRIVER_OK) gets its eventfds and epoll
-            // here, and its tap the offloads the guest acked; events wake QMP clients.
+            // here, and its tap the offloads the guest acked. Events a vCPU emits wake the
+            // front ends with eventfd writes (`write`, in the common list).
             list.push(arg_in(libc::SYS_ioctl, 1, &vcpu_ioctls()));
             list.extend(any(&[
                 libc::SYS_eventfd2,
                 libc::SYS_epoll_create1,
                 libc::SYS_epoll_ctl,
-                libc::SYS_sendto,
             ]));
         }
         Class::DeviceIo => {

@@ -141,6 +141,13 @@ fn a_vcpu_thread_may_not_open_files_sockets_or_start_threads() {
     // KVM_RUN: allowed by the filter, EBADF from the kernel.
     let run = under(Class::Vcpu, || ioctl_errno(0xae80));
     assert_eq!(run, libc::EBADF);
+    // Nor send on a socket (it wakes the front ends with eventfd writes): refused before
+    // the kernel could say EBADF.
+    let send = under(Class::Vcpu, || {
+        // SAFETY: sendto on a descriptor that is not open reads nothing.
+        errno_of(unsafe { libc::syscall(libc::SYS_sendto, -1, 0, 0, 0, 0, 0) })
+    });
+    assert_eq!(send, libc::EPERM);
 }
 
 #[test]
