@@ -30,7 +30,7 @@ use super::schema::{
 };
 use super::values::{Codec, TypeMismatch, signature};
 
-const BUS_PATH: &str = "/org/freedesktop/DBus";
+pub(crate) const BUS_PATH: &str = "/org/freedesktop/DBus";
 const BUS_NAME: &str = "org.freedesktop.DBus";
 
 /// Owner label of the bridge's own subscriptions (object lifecycle and property changes).

@@ -25,7 +25,7 @@ use zbus::{Connection, Guid, Message, MessageStream, connection};
 use zruntime::net::unix::UnixListener;
 use zruntime::{Event, Shared, SharedRuntime, Task};
 
-use super::bridge::{Bridge, Peer, PeerKind};
+use super::bridge::{BUS_PATH, Bridge, Peer, PeerKind};
 use super::lanes::Work;
 use super::names::DEFAULT_ROOT;
 
@@ -417,9 +417,7 @@ fn take(bridge: &Arc<Bridge>, peer: &Peer, msg: zbus::Result<Message>) {
 fn is_hello(msg: &Message) -> bool {
     let hdr = msg.header();
     msg.message_type() == MessageType::MethodCall
-        && hdr
-            .path()
-            .is_some_and(|p| p.as_str() == "/org/freedesktop/DBus")
+        && hdr.path().is_some_and(|p| p.as_str() == BUS_PATH)
         && hdr.member().is_some_and(|m| m.as_str() == "Hello")
 }
 
